@@ -1,0 +1,108 @@
+"""SamplingParams: how one request turns logits into tokens, and when it stops.
+
+Validated once, when built, so a bad value fails at the API boundary with a message naming the
+field instead of surfacing later as a NaN or an index error inside a batched step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit; also bounds the per-step top-k over the vocabulary
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16                  # most tokens to generate per sample ("length" when reached)
+    temperature: float = 1.0              # 0 = greedy (argmax); > 0 divides the logits
+    top_p: float = 1.0                    # nucleus: keep the smallest set of tokens with mass >= top_p
+    top_k: int = 0                        # keep the k most likely tokens; 0 (or -1) = all
+    min_p: float = 0.0                    # drop tokens with prob < min_p * max prob
+    presence_penalty: float = 0.0         # subtract once from tokens already generated (OpenAI)
+    frequency_penalty: float = 0.0        # subtract per occurrence in the generated tokens (OpenAI)
+    repetition_penalty: float = 1.0       # divide (>0 logits) / multiply (<0) for prompt+output tokens
+    seed: int | None = None               # per-request RNG: same seed -> same tokens, whatever the batch
+    stop: tuple[str, ...] = ()            # stop strings; the text is cut before the first one
+    stop_token_ids: tuple[int, ...] = ()  # extra token ids that end the sample
+    ignore_eos: bool = False              # keep going past the tokenizer's eos/end-of-turn tokens
+    n: int = 1                            # independent samples of the same prompt (share its KV pages)
+    logprobs: bool = False                # return the log-prob of every generated token
+    top_logprobs: int = 0                 # with logprobs: also the this-many most likely alternatives
+    skip_special_tokens: bool = True      # leave special tokens out of the returned text
+
+    def __post_init__(self) -> None:
+        # Accept a single string / list for the tuple fields, as OpenAI clients send either.
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif not isinstance(self.stop, tuple):
+            object.__setattr__(self, "stop", tuple(self.stop or ()))
+        if not isinstance(self.stop_token_ids, tuple):
+            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        if self.top_k == -1:
+            object.__setattr__(self, "top_k", 0)
+        self._validate()
+
+    def _validate(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"invalid sampling parameter {name}={getattr(self, name)!r}: {why}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: Any) -> bool:
+            return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+        if not is_int(self.max_tokens) or self.max_tokens < 1:
+            raise bad("max_tokens", "must be an integer >= 1")
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty"):
+            if not is_num(getattr(self, name)):
+                raise bad(name, "must be a finite number")
+        if self.temperature < 0:
+            raise bad("temperature", "must be >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise bad("top_p", "must be in (0, 1]")
+        if not is_int(self.top_k) or self.top_k < 0:
+            raise bad("top_k", "must be an integer >= 0 (0 or -1 = no limit)")
+        if not 0 <= self.min_p <= 1:
+            raise bad("min_p", "must be in [0, 1]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise bad(name, "must be in [-2, 2]")
+        if self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", "must be > 0 (1 = off)")
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**63):
+            raise bad("seed", "must be an integer in [0, 2**63) or None")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise bad("stop", "must be non-empty strings")
+        if not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "must be non-negative integers")
+        if not is_int(self.n) or self.n < 1:
+            raise bad("n", "must be an integer >= 1")
+        if not isinstance(self.logprobs, bool):
+            raise bad("logprobs", "must be true or false")
+        if not is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise bad("top_logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}]")
+        if self.top_logprobs and not self.logprobs:
+            raise bad("top_logprobs", "needs logprobs=True")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def uses_penalties(self) -> bool:
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SamplingParams":
+        """Build from a plain dict, rejecting unknown keys with a message that names the key."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown sampling parameter {unknown[0]!r} "
+                             f"(known: {', '.join(sorted(known))})")
+        return cls(**data)

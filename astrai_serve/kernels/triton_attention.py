@@ -1,0 +1,259 @@
+"""Paged attention in Triton: one flash-attention kernel for decode and prefill, plus a split-K reduce.
+
+Same contract as `reference.paged_attention` (read its docstring). One kernel serves both cases:
+
+- A program owns one kv head of one "tile" of query rows. The rows of a tile are
+  (token, head-in-group) pairs packed into the M dimension of the matmuls, so the query heads
+  that share a kv head (GQA, or all heads for MLA) share every K/V load. A tile holds
+  `BLOCK_M // group` query tokens of one sequence.
+- The program walks its sequence's context in BLOCK_N-token steps; each key's page comes from the
+  page table (so BLOCK_N need not equal the page size), and the causal limit of each row is its
+  own position `context_len - q_len + i`.
+- Decode (every sequence has one query, N == S): one tile per sequence, and when sequences x kv
+  heads are too few to fill the GPU the context is split into NUM_SPLITS chunks (flash-decoding)
+  whose partial outputs and log-sum-exps a second kernel merges. The split count depends on
+  shapes only and each chunk's length on the device-side context length, so a step launches the
+  same grid whatever the lengths are: no host sync, and CUDA-graph capturable.
+- Prefill / mixed batches (N > S): tiles are enumerated on the device (a cumsum and a
+  searchsorted over tokens-per-tile), under a grid bound taken from shapes; surplus programs find
+  no rows and exit without work.
+- MLA (value_in_key): the key is [latent, rope]; the latent part is loaded once and used both
+  as key (with the rope part) and as value, which is the point of MLA's absorbed form.
+
+Softmax runs in base 2 (scale folded with log2 e) in fp32; matmul operands stay bf16/fp16.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from astrai_serve.kernels.reference import check_paged_args
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _paged_attn_kernel(
+    Q, K, V, Out, PartOut, PartLse, PageTable, CuQ, CtxLens, TileSeq, TileBlk,
+    scale_log2, n_seqs,
+    stride_qn, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+    stride_on, stride_oh, stride_pn, stride_ph, stride_ps, stride_ln, stride_lh, stride_pt,
+    G: tl.constexpr, PAGE: tl.constexpr, KD1: tl.constexpr, KD2: tl.constexpr, DV: tl.constexpr,
+    BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TPT: tl.constexpr,
+    VALUE_IN_KEY: tl.constexpr, DECODE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    if DECODE:
+        seq = tile
+        qblk = 0
+    else:
+        seq = tl.load(TileSeq + tile)
+        qblk = tl.load(TileBlk + tile)
+    live = seq < n_seqs                     # surplus prefill programs: no rows, no keys
+    seq = tl.minimum(seq, n_seqs - 1)
+    q_start = tl.load(CuQ + seq)
+    q_len = tl.where(live, tl.load(CuQ + seq + 1) - q_start, 0)
+    ctx = tl.load(CtxLens + seq)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    tok = qblk * TPT + offs_m // G          # query index within the sequence
+    head = kvh * G + offs_m % G
+    row_ok = (offs_m < TPT * G) & (tok < q_len)
+    pos = ctx - q_len + tok                 # each row's own position: its causal limit
+    n_tok = tl.minimum(q_len - qblk * TPT, TPT)
+    kv_hi = tl.where(n_tok > 0, ctx - q_len + qblk * TPT + n_tok, 0)
+    if NUM_SPLITS > 1:
+        chunk = tl.cdiv(tl.cdiv(kv_hi, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        kv_lo = split * chunk
+        kv_hi = tl.minimum(kv_lo + chunk, kv_hi)
+    else:
+        kv_lo = 0
+
+    d1 = tl.arange(0, BLOCK_D1)
+    q_rows = Q + (q_start + tok).to(tl.int64)[:, None] * stride_qn + head[:, None] * stride_qh
+    q1 = tl.load(q_rows + d1[None, :], mask=row_ok[:, None] & (d1 < KD1)[None, :], other=0.0)
+    if KD2 > 0:
+        d2 = tl.arange(0, BLOCK_D2)
+        q2 = tl.load(q_rows + KD1 + d2[None, :], mask=row_ok[:, None] & (d2 < KD2)[None, :],
+                     other=0.0)
+    dv = tl.arange(0, BLOCK_DV)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    pt_row = PageTable + seq.to(tl.int64) * stride_pt
+    for start in range(kv_lo, kv_hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < kv_hi
+        page = tl.load(pt_row + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
+        slot = offs_n % PAGE
+        k_off = page * stride_kp + slot * stride_ks + kvh * stride_kh
+        k1 = tl.load(K + k_off[:, None] + d1[None, :], mask=n_ok[:, None] & (d1 < KD1)[None, :],
+                     other=0.0)
+        qk = tl.dot(q1, tl.trans(k1))
+        if KD2 > 0:
+            k2 = tl.load(K + k_off[:, None] + KD1 + d2[None, :],
+                         mask=n_ok[:, None] & (d2 < KD2)[None, :], other=0.0)
+            qk += tl.dot(q2, tl.trans(k2))
+        visible = n_ok[None, :] & (offs_n[None, :] <= pos[:, None])
+        qk = tl.where(visible, qk * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # a row with nothing visible yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(qk - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if VALUE_IN_KEY:
+            v = k1                                               # the latent is the value
+        else:
+            v_off = page * stride_vp + slot * stride_vs + kvh * stride_vh
+            v = tl.load(V + v_off[:, None] + dv[None, :], mask=n_ok[:, None] & (dv < DV)[None, :],
+                        other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    out_mask = row_ok[:, None] & (dv < DV)[None, :]
+    rows = (q_start + tok).to(tl.int64)
+    if NUM_SPLITS > 1:
+        p_ptr = PartOut + rows[:, None] * stride_pn + head[:, None] * stride_ph + split * stride_ps
+        tl.store(p_ptr + dv[None, :], o, mask=out_mask)
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
+        tl.store(PartLse + rows * stride_ln + head * stride_lh + split, lse, mask=row_ok)
+    else:
+        o_ptr = Out + rows[:, None] * stride_on + head[:, None] * stride_oh + dv[None, :]
+        tl.store(o_ptr, o.to(Out.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    PartOut, PartLse, Out, stride_pn, stride_ph, stride_ps, stride_ln, stride_lh,
+    stride_on, stride_oh,
+    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    lse = tl.load(PartLse + row * stride_ln + head * stride_lh + s, mask=s < NUM_SPLITS,
+                  other=float("-inf"))
+    used = lse > float("-inf")              # empty chunks wrote no partial output
+    w = tl.where(used, tl.exp2(lse - tl.max(lse, 0)), 0.0)
+    dv = tl.arange(0, BLOCK_DV)
+    part = tl.load(PartOut + row * stride_pn + head * stride_ph + s[:, None] * stride_ps
+                   + dv[None, :], mask=used[:, None] & (dv < DV)[None, :], other=0.0)
+    o = tl.sum(part * w[:, None], 0) / tl.sum(w, 0)
+    tl.store(Out + row * stride_on + head * stride_oh + dv, o.to(Out.dtype.element_ty),
+             mask=dv < DV)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Block shape and launch knobs of one kernel specialisation."""
+
+    block_m: int      # query rows (tokens x heads-in-group) per program
+    block_n: int      # keys per loop step
+    num_warps: int    # warps per program
+    num_stages: int   # software-pipelining depth of the key loop
+
+
+def pick_config(decode: bool, group: int, k_dim: int) -> TileConfig:
+    """Block sizes from the head shape: wide MLA keys get fewer keys per step and fewer rows."""
+    rows = max(16, triton.next_power_of_2(group))
+    wide = k_dim > 256
+    if decode:
+        return TileConfig(rows, 32 if wide else 64, 8 if wide else 4, 2)
+    return TileConfig(max(rows, 32 if wide else 64), 32 if wide else 64, 8 if wide else 4,
+                      1 if wide else 2)
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def decode_splits(n_programs: int, device: torch.device) -> int:
+    """How many KV chunks each decode program's context is cut into: enough to fill the GPU twice."""
+    if device.type != "cuda":
+        return 1 if n_programs >= 8 else 4      # the interpreter: still exercise the merge path
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return max(1, min(32, math.ceil(2 * _SM_COUNT[index] / n_programs)))
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | None,
+                    page_table: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                    context_lens: torch.Tensor, scale: float, v_dim: int,
+                    num_splits: int | None = None) -> torch.Tensor:
+    """out[N, Hq, v_dim]; see the module docstring. num_splits overrides the decode split count."""
+    check_paged_args(q, k_cache, v_cache, page_table, cu_seqlens_q, context_lens, v_dim)
+    if k_cache.dtype != q.dtype or (v_cache is not None and v_cache.dtype != q.dtype):
+        raise ValueError(f"q, k_cache and v_cache must share a dtype; got {q.dtype}, "
+                         f"{k_cache.dtype}, {None if v_cache is None else v_cache.dtype}")
+    q, k_cache = _last_dim_contiguous(q), _last_dim_contiguous(k_cache)
+    page_table = _last_dim_contiguous(page_table)
+    value_in_key = v_cache is None
+    v = k_cache if value_in_key else _last_dim_contiguous(v_cache)
+    n_tokens, n_heads, k_dim = q.shape
+    n_seqs, n_kv, page_size = context_lens.shape[0], k_cache.shape[2], k_cache.shape[1]
+    group = n_heads // n_kv
+    out = torch.empty(n_tokens, n_heads, v_dim, dtype=q.dtype, device=q.device)
+    if n_tokens == 0 or n_seqs == 0:
+        return out
+    # MLA: the first v_dim key channels double as the value, the rest (rope part) is extra.
+    kd1 = v_dim if value_in_key else k_dim
+    kd2 = k_dim - kd1
+    decode = n_tokens == n_seqs             # every sequence contributes >= 1 query, so each has 1
+    cfg = pick_config(decode, group, k_dim)
+    if cfg.block_m < group:
+        raise ValueError(f"group of {group} query heads per kv head exceeds block_m={cfg.block_m}")
+    tpt = cfg.block_m // group
+    if decode:
+        splits = num_splits or decode_splits(n_seqs * n_kv, q.device)
+        n_tiles, tile_seq, tile_blk = n_seqs, cu_seqlens_q, cu_seqlens_q   # tile = sequence
+    else:
+        splits = 1
+        tiles = (cu_seqlens_q[1:] - cu_seqlens_q[:-1] + tpt - 1) // tpt
+        ends = torch.cumsum(tiles, 0)
+        n_tiles = (n_tokens + tpt - 1) // tpt + n_seqs          # shape-only bound on the tile count
+        ids = torch.arange(n_tiles, device=q.device, dtype=ends.dtype)
+        tile_seq = torch.searchsorted(ends, ids, right=True).to(torch.int32)
+        first = ends - tiles
+        tile_blk = (ids - first[tile_seq.clamp(max=n_seqs - 1).long()]).to(torch.int32)
+    if splits > 1:
+        part = torch.empty(n_tokens, n_heads, splits, v_dim, dtype=torch.float32, device=q.device)
+        lse = torch.empty(n_tokens, n_heads, splits, dtype=torch.float32, device=q.device)
+    else:
+        part, lse = out, out                # unused by the kernel
+    _paged_attn_kernel[(n_tiles, n_kv, splits)](
+        q, k_cache, v, out, part, lse, page_table, cu_seqlens_q, context_lens, tile_seq, tile_blk,
+        scale * LOG2E, n_seqs,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
+        part.stride(0), part.stride(1), part.stride(2) if splits > 1 else 0,
+        lse.stride(0), lse.stride(1), page_table.stride(0),
+        G=group, PAGE=page_size, KD1=kd1, KD2=kd2, DV=v_dim,
+        BLOCK_D1=max(16, triton.next_power_of_2(kd1)),
+        BLOCK_D2=max(16, triton.next_power_of_2(max(kd2, 1))),
+        BLOCK_DV=max(16, triton.next_power_of_2(v_dim)),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TPT=tpt,
+        VALUE_IN_KEY=value_in_key, DECODE=decode, NUM_SPLITS=splits,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if splits > 1:
+        _merge_splits_kernel[(n_tokens, n_heads)](
+            part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0),
+            lse.stride(1), out.stride(0), out.stride(1),
+            NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), DV=v_dim,
+            BLOCK_DV=max(16, triton.next_power_of_2(v_dim)), num_warps=4,
+        )
+    return out

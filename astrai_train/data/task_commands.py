@@ -1,0 +1,40 @@
+"""`astrai tasks`: derive seq/sft/dpo/grpo task files from the Shakespeare corpus."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .tasks import EVAL_PLAYS, TaskConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = TaskConfig()
+    parser.add_argument("--corpus", type=Path, default=Path("data/shakespeare"),
+                        help="corpus directory of *.txt.gz works and metadata.txt.gz (default: %(default)s)")
+    parser.add_argument("--out", type=Path, required=True, help="directory to write the task files into")
+    parser.add_argument("--train-size", type=int, default=d.train_size,
+                        help="examples per *_train.jsonl (default: %(default)s)")
+    parser.add_argument("--eval-size", type=int, default=d.eval_size,
+                        help=f"examples per *_eval.jsonl, from the held-out plays {', '.join(EVAL_PLAYS)} "
+                             "(default: %(default)s)")
+    parser.add_argument("--choices", type=int, default=d.choices,
+                        help="speakers offered per speaker question (default: %(default)s)")
+    parser.add_argument("--max-line-chars", type=int, default=d.max_line_chars,
+                        help="longest line used in a question or answer (default: %(default)s)")
+    parser.add_argument("--max-operand", type=int, default=d.max_operand,
+                        help="arithmetic adds integers in [0, N] (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of every random choice (default: %(default)s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .tasks import derive_tasks
+
+    cfg = TaskConfig(train_size=args.train_size, eval_size=args.eval_size, choices=args.choices,
+                     max_line_chars=args.max_line_chars, max_operand=args.max_operand, seed=args.seed)
+    counts = derive_tasks(args.corpus, args.out, cfg)
+    width = max(len(k) for k in counts)
+    print(f"wrote {args.out}/ (held out for eval: {', '.join(EVAL_PLAYS)})")
+    for name, n in counts.items():
+        unit = "characters" if name.endswith(".txt") else "examples"
+        print(f"  {name:<{width}}  {n:>9,} {unit}")
+    return 0

@@ -1,0 +1,13 @@
+"""The model: config, Transformer (GQA/MLA), KV-cache backends, generation and HF interop.
+
+Pure PyTorch: imports neither Lightning nor astrai_serve.
+"""
+from .attention import kv_layout
+from .backend import AttentionBackend, KVLayout
+from .config import ConfigError, ModelConfig, presets
+from .generate import generate
+from .kv_cache import ContiguousKVCache
+from .transformer import Transformer
+
+__all__ = ["AttentionBackend", "ConfigError", "ContiguousKVCache", "KVLayout", "ModelConfig",
+           "Transformer", "generate", "kv_layout", "presets"]

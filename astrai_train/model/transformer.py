@@ -1,0 +1,129 @@
+"""The decoder-only Transformer: embedding, pre-norm blocks (attention + SwiGLU), final norm, LM head.
+
+Parameter names follow Hugging Face's Qwen3/Llama layout (minus the `model.` prefix), so the
+model directory maps onto `transformers` checkpoints name for name.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import GQAAttention, MLAAttention
+from .backend import AttentionBackend
+from .config import ModelConfig
+from .layers import RMSNorm, SwiGLU, rope_tables
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.self_attn = MLAAttention(config) if config.attention == "mla" else GQAAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = SwiGLU(config.dim, config.dim_ffn)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_flat(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     attn: AttentionBackend, layer: int) -> torch.Tensor:
+        x = x + self.self_attn.forward_flat(self.input_layernorm(x), cos, sin, attn, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = None if config.tie_weight else nn.Linear(config.dim, config.vocab_size, bias=False)
+        self._build_rope()
+        self.reset_parameters()
+
+    # ---- setup -------------------------------------------------------------------------------
+    def _build_rope(self, device: torch.device | str | None = None) -> None:
+        c = self.config
+        device = self.embed_tokens.weight.device if device is None else device
+        cos, sin = rope_tables(c.rope_dim, c.max_len, c.rope_theta, device=device)
+        # Non-persistent: derived from the config, never stored in checkpoints. Computed in fp32;
+        # a cast of the model to bf16 rounds the tables exactly as HF rounds its cos/sin.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        # Scaled init of the projections that write into the residual stream keeps its
+        # variance flat with depth (GPT-2 / LLaMA practice).
+        out_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                s = out_std if name.endswith(("o_proj", "down_proj")) else std
+                nn.init.normal_(module.weight, mean=0.0, std=s)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    @property
+    def lm_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.embed_tokens.weight.numel()
+        return n
+
+    # ---- training forward --------------------------------------------------------------------
+    def forward_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] token ids -> final-norm hidden states [B, T, dim] (causal)."""
+        T = input_ids.shape[1]
+        if T > self.config.max_len:
+            raise ValueError(f"sequence length {T} exceeds max_len={self.config.max_len}")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.embed_tokens(input_ids)
+        for block in self.layers:
+            x = block(x, cos, sin)
+        return self.norm(x)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] token ids -> logits [B, T, vocab]."""
+        return self.compute_logits(self.forward_hidden(input_ids))
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_weight)
+
+    # ---- inference forward -------------------------------------------------------------------
+    def forward_flat(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                     attn: AttentionBackend) -> torch.Tensor:
+        """A flattened batch of new tokens [N] at `positions` [N] -> hidden states [N, dim].
+
+        `attn` owns the KV storage and this step's metadata (see backend.py); the caller picks
+        which rows to turn into logits with `compute_logits`.
+        """
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        x = self.embed_tokens(input_ids)
+        for i, block in enumerate(self.layers):
+            x = block.forward_flat(x, cos, sin, attn, i)
+        return self.norm(x)
+
+    # ---- model directory ---------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: torch.device | str | None = None,
+                        dtype: torch.dtype | None = None) -> "Transformer":
+        from .io import load_pretrained
+
+        return load_pretrained(cls, directory, device=device, dtype=dtype)
+
+    def save_pretrained(self, directory: str | Path, max_shard_bytes: int = 4 << 30) -> Path:
+        from .io import save_pretrained
+
+        return save_pretrained(self, directory, max_shard_bytes=max_shard_bytes)
