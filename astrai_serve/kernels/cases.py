@@ -58,10 +58,11 @@ def make_case(ctx_lens: list[int], q_lens: list[int], n_heads: int, n_kv: int, k
         page_table[s, :len(mine)] = torch.tensor(mine, dtype=torch.int32)
         k = rand(ctx, n_kv, k_dim)
         v = k[..., :v_dim] if value_in_key else rand(ctx, n_kv, v_dim)
-        for t in range(ctx):
-            k_cache[mine[t // page_size], t % page_size] = k[t]
-            if v_cache is not None:
-                v_cache[mine[t // page_size], t % page_size] = v[t]
+        t = torch.arange(ctx)
+        page_of = torch.tensor(mine, dtype=torch.long)[t // page_size]
+        k_cache[page_of, t % page_size] = k
+        if v_cache is not None:
+            v_cache[page_of, t % page_size] = v
         keys.append(k.to(device))
         values.append(v.to(device))
     cu = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
@@ -87,3 +88,24 @@ def dense_attention(case: PagedCase) -> torch.Tensor:
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=case.scale)
         outs.append(o.transpose(0, 1))
     return torch.cat(outs, 0)
+
+
+def patch_triton_interpreter() -> None:
+    """Let TRITON_INTERPRET=1 run loops whose bounds were loaded from memory, under numpy >= 2.
+
+    The interpreter turns a scalar into a Python int with `int(array)`, but its scalars are
+    1-element arrays and numpy 2 refuses that conversion. Compiled (GPU) runs never take this
+    path; this only matters for developing and testing the kernels on a CPU.
+    """
+    import triton.runtime.interpreter as interpreter
+
+    if getattr(interpreter, "_astrai_patched", False):
+        return
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):  # type: ignore[no-untyped-def]
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+    interpreter._astrai_patched = True

@@ -193,9 +193,15 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | None,
                     page_table: torch.Tensor, cu_seqlens_q: torch.Tensor,
                     context_lens: torch.Tensor, scale: float, v_dim: int,
-                    num_splits: int | None = None) -> torch.Tensor:
-    """out[N, Hq, v_dim]; see the module docstring. num_splits overrides the decode split count."""
+                    num_splits: int | None = None, config: TileConfig | None = None) -> torch.Tensor:
+    """out[N, Hq, v_dim]; see the module docstring.
+
+    num_splits and config override the decode split count and the block shape (for tests and
+    benchmarks; the defaults come from `decode_splits` and `pick_config`).
+    """
     check_paged_args(q, k_cache, v_cache, page_table, cu_seqlens_q, context_lens, v_dim)
+    if num_splits is not None and not 1 <= num_splits <= 256:
+        raise ValueError(f"num_splits={num_splits} must be in 1..256")
     if k_cache.dtype != q.dtype or (v_cache is not None and v_cache.dtype != q.dtype):
         raise ValueError(f"q, k_cache and v_cache must share a dtype; got {q.dtype}, "
                          f"{k_cache.dtype}, {None if v_cache is None else v_cache.dtype}")
@@ -213,9 +219,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     kd1 = v_dim if value_in_key else k_dim
     kd2 = k_dim - kd1
     decode = n_tokens == n_seqs             # every sequence contributes >= 1 query, so each has 1
-    cfg = pick_config(decode, group, k_dim)
+    cfg = config or pick_config(decode, group, k_dim)
     if cfg.block_m < group:
-        raise ValueError(f"group of {group} query heads per kv head exceeds block_m={cfg.block_m}")
+        raise ValueError(f"a group of {group} query heads per kv head needs block_m >= {group}, "
+                         f"got {cfg.block_m}")
     tpt = cfg.block_m // group
     if decode:
         splits = num_splits or decode_splits(n_seqs * n_kv, q.device)

@@ -1,0 +1,144 @@
+"""`astrai serve`: the gRPC core and the OpenAI REST facade in one process.
+
+    astrai serve --model DIR [--host 127.0.0.1] [--grpc-port 50051] [--http-port 8000] [--no-http]
+                 [--api-key KEY | env ASTRAI_API_KEY] [--served-model-name NAME]
+                 [--shutdown-timeout S] [engine options]
+
+The engine steps on its own thread (EngineLoop); the gRPC core runs on the main thread's event
+loop; the facade runs under uvicorn on a third thread and reaches the core over gRPC like any
+other client. Once both listen, one line goes to stdout:
+
+    astrai serve: ready grpc=127.0.0.1:50051 http=http://127.0.0.1:8000 model=NAME
+
+SIGTERM or SIGINT: stop admitting (health turns NOT_SERVING, new calls get UNAVAILABLE/503),
+let in-flight requests finish for up to --shutdown-timeout seconds, abort the rest, exit 0.
+A second signal skips the wait.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from astrai_serve.auth import API_KEY_ENV, resolve_api_key
+from astrai_serve.engine_args import add_engine_arguments, engine_overrides
+
+log = logging.getLogger("astrai.serve")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, type=Path, help="model directory (config.json, model.safetensors, tokenizer)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind both servers to (default: loopback only)")
+    parser.add_argument("--grpc-port", type=int, default=50051, help="gRPC core port; 0 picks a free one (default 50051)")
+    parser.add_argument("--http-port", type=int, default=8000, help="REST facade port; 0 picks a free one (default 8000)")
+    parser.add_argument("--no-http", action="store_true", help="run the gRPC core alone, without the REST facade")
+    parser.add_argument("--api-key", default=None,
+                        help=f"require this key from clients (HTTP 'Authorization: Bearer', gRPC 'authorization' "
+                             f"metadata); default: ${API_KEY_ENV}, else no key")
+    parser.add_argument("--served-model-name", default=None, help="model name clients send and see (default: the directory's name)")
+    parser.add_argument("--shutdown-timeout", type=float, default=30.0,
+                        help="seconds in-flight requests may keep running after SIGTERM before they are aborted (default 30)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log verbosity")
+    add_engine_arguments(parser)
+
+
+def _connect_host(host: str) -> str:
+    """Where the in-process facade dials the core: loopback when bound to every address."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host in ("::", "[::]"):
+        return "[::1]"
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if not args.model.is_dir():
+        raise FileNotFoundError(f"--model {args.model}: no such model directory")
+    for name in ("grpc_port", "http_port"):
+        port = getattr(args, name)
+        if not 0 <= port <= 65535:
+            raise ValueError(f"--{name.replace('_', '-')} {port}: a port must be in [0, 65535]")
+    if args.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown-timeout {args.shutdown_timeout}: must be >= 0 seconds")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise ValueError("--served-model-name must not be empty")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        _check_args(args)
+        overrides = engine_overrides(args)
+        from astrai_serve.engine.llm_engine import LLMEngine  # heavy (torch): after the cheap checks
+
+        engine = LLMEngine(args.model, **overrides)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        print(f"astrai serve: error: {exc}", file=sys.stderr)
+        return 2
+    api_key = resolve_api_key(args.api_key)
+    if not _is_loopback(args.host) and not api_key:
+        log.warning("binding %s without an API key: anyone who can reach it may generate", args.host)
+    name = args.served_model_name or args.model.resolve().name
+    try:
+        return asyncio.run(_serve(args, engine, name, api_key))
+    except OSError as exc:
+        print(f"astrai serve: error: {exc}", file=sys.stderr)
+        return 2
+
+
+async def _serve(args: argparse.Namespace, engine: Any, name: str, api_key: str | None) -> int:
+    from astrai_serve.engine_loop import EngineLoop
+    from astrai_serve.grpc_server import CoreServer, GenerationServicer
+
+    engine_loop = EngineLoop(engine)
+    core = CoreServer(GenerationServicer(engine_loop, name), args.host, args.grpc_port, api_key)
+    facade = None
+    if not args.no_http:
+        from astrai_serve.facade_server import FacadeServer
+        from astrai_serve.openai_api import FacadeConfig
+
+        config = FacadeConfig(grpc_target=f"{_connect_host(args.host)}:{core.port}", api_key=api_key, core_api_key=api_key)
+        facade = FacadeServer(config, args.host, args.http_port, log_level="warning")
+    engine_loop.start()
+    await core.start()
+    if facade is not None:
+        facade.start_in_thread()
+        deadline = time.monotonic() + 30
+        while not facade.started and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+    signals = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, signals.put_nowait, sig)
+    http = f" http={facade.url}" if facade is not None else ""
+    print(f"astrai serve: ready grpc={_connect_host(args.host)}:{core.port}{http} model={name}", flush=True)
+
+    sig = await signals.get()
+    log.info("received %s: draining for up to %.1fs", signal.Signals(sig).name, args.shutdown_timeout)
+    drain = asyncio.create_task(core.drain(args.shutdown_timeout))
+    second = asyncio.create_task(signals.get())
+    await asyncio.wait({drain, second}, return_when=asyncio.FIRST_COMPLETED)
+    second.cancel()
+    if not drain.done():
+        drain.cancel()
+        log.info("second signal: aborting in-flight requests now")
+    # Abort whatever is left; each open stream then ends with finish_reason "abort".
+    await asyncio.to_thread(engine_loop.stop, 10.0)
+    await core.stop(grace=2.0)
+    if facade is not None:
+        await asyncio.to_thread(facade.stop, 10.0)
+    log.info("stopped")
+    return 0

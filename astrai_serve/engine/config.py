@@ -1,0 +1,90 @@
+"""EngineConfig: the serving engine's knobs (batching, KV cache size, device, attention kernel).
+
+Every field is also an `astrai serve` / `astrai generate` flag (astrai_serve/engine_args.py reads
+the fields and their comments), so each field keeps its one-line comment on the same line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:   # torch is imported only when a device or dtype is resolved: CLI flags stay cheap
+    import torch
+
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16",
+           "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+_DEVICE = re.compile(r"^(cpu|cuda|mps)(:\d+)?$")
+_IMPLS = ("torch", "triton")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    page_size: int = 16                      # tokens per KV-cache page (prefix-cache granularity)
+    max_num_seqs: int = 64                   # most sequences running at once
+    max_num_batched_tokens: int = 2048       # tokens computed per step; longer prompts are prefilled in chunks
+    max_model_len: int | None = None         # longest prompt+output; default the model's max_len
+    kv_cache_memory_bytes: int = 256 << 20   # CPU: bytes of KV cache to preallocate
+    gpu_memory_utilization: float = 0.85     # GPU: fraction of the memory free after loading the model to use for KV
+    num_pages: int | None = None             # exact KV pages to allocate (overrides both memory budgets)
+    enable_prefix_cache: bool = True        # reuse KV pages of shared prompt prefixes (radix tree)
+    dtype: str | None = None                 # float32 | bfloat16 | float16; default bfloat16 on CUDA, float32 on CPU
+    device: str | None = None                # e.g. cuda, cuda:1, cpu; default cuda when available
+    seed: int = 0                            # RNG seed for requests that give no seed of their own
+    attention_impl: str | None = None        # torch | triton; default triton on CUDA, torch on CPU
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"invalid engine config {name}={getattr(self, name)!r}: {why}")
+
+        for name in ("page_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_bytes"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise bad(name, "must be a positive integer")
+        for name in ("max_model_len", "num_pages"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise bad(name, "must be a positive integer or None")
+        if not isinstance(self.gpu_memory_utilization, (int, float)) or not 0 < self.gpu_memory_utilization <= 1:
+            raise bad("gpu_memory_utilization", "must be in (0, 1]")
+        if self.dtype is not None and self.dtype not in _DTYPES:
+            raise bad("dtype", f"choose one of {', '.join(_DTYPES)}")
+        if self.attention_impl is not None and self.attention_impl not in _IMPLS:
+            raise bad("attention_impl", f"choose one of {', '.join(_IMPLS)}")
+        if self.device is not None and not (isinstance(self.device, str) and _DEVICE.match(self.device)):
+            raise bad("device", "must look like cpu, cuda or cuda:N")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise bad("seed", "must be an integer")
+
+    @classmethod
+    def build(cls, config: "EngineConfig | None" = None, **overrides: Any) -> "EngineConfig":
+        """`config` (or the defaults) with keyword overrides; an unknown key is an error naming it."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown engine setting {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        return dataclasses.replace(config or cls(), **overrides)
+
+    # ---- resolved defaults -------------------------------------------------------------------
+    def torch_device(self) -> "torch.device":
+        import torch
+
+        if self.device is not None:
+            dev = torch.device(self.device)
+            if dev.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"engine device={self.device!r} but CUDA is not available")
+            return dev
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def torch_dtype(self) -> "torch.dtype":
+        import torch
+
+        if self.dtype is not None:
+            return getattr(torch, _DTYPES[self.dtype])
+        return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
+
+    def resolved_attention_impl(self) -> str:
+        if self.attention_impl is not None:
+            return self.attention_impl
+        return "triton" if self.torch_device().type == "cuda" else "torch"

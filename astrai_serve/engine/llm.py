@@ -1,0 +1,119 @@
+"""LLM: the offline API. Give it prompts, get every completion back, batched by the engine.
+
+    from astrai_serve import LLM, SamplingParams
+    llm = LLM("path/to/model", max_num_seqs=32)
+    results = llm.generate(["To be, or not", "Once more unto"], SamplingParams(max_tokens=32))
+    print(results[0].text)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .llm_engine import LLMEngine, Prompt
+from .sampler import Logprob
+from .sampling_params import SamplingParams
+
+
+@dataclass
+class CompletionOutput:
+    index: int                            # sample index (0..n-1)
+    token_ids: list[int]                  # generated tokens
+    text: str                             # generated text ("" without a tokenizer)
+    finish_reason: str | None             # "stop" | "length"
+    logprobs: list[Logprob] | None = None  # per token, when asked for
+
+
+@dataclass
+class GenerationResult:
+    request_id: str
+    prompt_tokens: int                    # tokens in the prompt
+    cached_tokens: int                    # of which served by the prefix cache
+    outputs: list[CompletionOutput] = field(default_factory=list)  # one per sample
+
+    # The first sample, for the common n=1 case.
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.outputs[0].token_ids)
+
+
+def _as_prompt_list(prompts: Any) -> list[Prompt]:
+    """One prompt (text, a chat, token ids) or a list of them -> a list of prompts."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], (int, dict)):
+        return [list(prompts)]
+    if not isinstance(prompts, (list, tuple)):
+        raise ValueError(f"prompts must be a string, a chat, token ids or a list of those; "
+                         f"got {type(prompts).__name__}")
+    return list(prompts)
+
+
+class LLM:
+    def __init__(self, model_dir: str | Path, **engine_args: Any) -> None:
+        self.engine = LLMEngine(model_dir, **engine_args)
+
+    @classmethod
+    def from_model(cls, model: Any, tokenizer: Any = None, **engine_args: Any) -> "LLM":
+        llm = cls.__new__(cls)
+        llm.engine = LLMEngine.from_model(model, tokenizer, **engine_args)
+        return llm
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Any, params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[GenerationResult]:
+        """Complete every prompt; results come back in the order of the prompts."""
+        prompts = _as_prompt_list(prompts)
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        engine = self.engine
+        base = f"llm-{id(self):x}-{engine._next_id}-"
+        results: dict[str, GenerationResult] = {}
+        try:
+            for i, (prompt, p) in enumerate(zip(prompts, params)):
+                rid = base + str(i)
+                engine.add_request(rid, prompt, p)
+                results[rid] = GenerationResult(rid, 0, 0, [None] * p.n)  # type: ignore[list-item]
+            bar = None
+            if use_tqdm:
+                from tqdm import tqdm
+                bar = tqdm(total=sum(p.n for p in params), desc="generate", unit="sample")
+            logprobs: dict[tuple[str, int], list] = {}
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.logprobs is not None:
+                        logprobs.setdefault((out.request_id, out.index), []).extend(out.logprobs)
+                    if not out.finished:
+                        continue
+                    res = results[out.request_id]
+                    res.prompt_tokens, res.cached_tokens = out.prompt_tokens, max(res.cached_tokens, out.cached_tokens)
+                    res.outputs[out.index] = CompletionOutput(out.index, out.token_ids, out.text,
+                                                              out.finish_reason,
+                                                              logprobs.pop((out.request_id, out.index), None))
+                    if bar is not None:
+                        bar.update(1)
+            if bar is not None:
+                bar.close()
+        except BaseException:
+            for rid in results:
+                engine.abort_request(rid)
+            raise
+        return list(results.values())

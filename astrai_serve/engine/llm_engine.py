@@ -1,0 +1,201 @@
+"""LLMEngine: requests in, incremental outputs out, one `step()` at a time.
+
+    step = Scheduler.schedule() -> ModelRunner.execute(plan) -> Sampler -> Scheduler.update()
+           -> stop checks + text deltas -> list[RequestOutput]
+
+The engine is single-threaded: add_request / abort_request / step must be called from one
+thread (the daemon's engine loop does exactly that). abort_request frees the pages at once and
+emits nothing: the caller that aborts already knows the request ended.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from astrai_serve.kernels import get_attention_impl
+from astrai_train.model import Transformer, kv_layout
+
+from .config import EngineConfig
+from .kv_manager import KVCacheManager
+from .model_runner import ModelRunner
+from .outputs import RequestOutput, check_stop, make_output, new_state
+from .paged_attention import PagedKVCache
+from .sampler import SampleResult, Sampler
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+Prompt = str | list[dict] | list[int]
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    pages_total: int                     # KV pages in the pool
+    pages_in_use: int                    # pages held by running sequences
+    pages_cached: int                    # pages held only by the prefix cache (reclaimable)
+    num_running: int                     # sequences being computed
+    num_waiting: int                     # sequences queued (new, preempted or waiting for a sibling's prefill)
+    prefix_cache_hit_tokens_total: int   # prompt tokens served from the prefix cache
+    prompt_tokens_total: int             # prompt tokens of all accepted requests
+    generation_tokens_total: int         # tokens generated
+    num_preemptions_total: int           # sequences preempted for lack of pages (recomputed later)
+
+
+class LLMEngine:
+    def __init__(self, model_dir: str | Path, config: EngineConfig | None = None, **overrides: Any) -> None:
+        from astrai_train.tokenizer import Tokenizer
+
+        config = EngineConfig.build(config, **overrides)
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise FileNotFoundError(f"model directory not found: {model_dir}")
+        model = Transformer.from_pretrained(model_dir, device=config.torch_device(), dtype=config.torch_dtype())
+        self._setup(model, Tokenizer.from_pretrained(model_dir), config)
+
+    @classmethod
+    def from_model(cls, model: Transformer, tokenizer: Any = None, config: EngineConfig | None = None,
+                   **overrides: Any) -> "LLMEngine":
+        """Serve `model` in place (no copy): updating its weights updates what the engine runs;
+        call reset_prefix_cache() afterwards, as cached K/V were computed by the old weights.
+        Without a tokenizer, prompts must be token ids and outputs carry no text."""
+        config = EngineConfig.build(config, **overrides)
+        weight = next(model.parameters())
+        if config.device is not None and torch.device(config.device) != weight.device:
+            raise ValueError(f"engine device={config.device!r} but the model lives on {weight.device}")
+        dtype_name = str(weight.dtype).removeprefix("torch.")
+        config = EngineConfig.build(config, device=str(weight.device), dtype=dtype_name)
+        engine = cls.__new__(cls)
+        engine._setup(model, tokenizer, config)
+        return engine
+
+    def _setup(self, model: Transformer, tokenizer: Any, config: EngineConfig) -> None:
+        self.config = config
+        self.model_config = mc = model.config
+        self.tokenizer = tokenizer
+        device, dtype = config.torch_device(), config.torch_dtype()
+        max_len = config.max_model_len or mc.max_len
+        if max_len > mc.max_len:
+            raise ValueError(f"max_model_len={max_len} exceeds the model's max_len={mc.max_len}")
+        layout = kv_layout(mc)
+        num_pages = config.num_pages
+        if num_pages is None:
+            if device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(device)
+                budget = int(free * config.gpu_memory_utilization)
+            else:
+                budget = config.kv_cache_memory_bytes
+            num_pages = PagedKVCache.pages_for_budget(budget, layout, mc.n_layers, config.page_size, dtype)
+            if num_pages < 1:
+                raise ValueError(f"a KV budget of {budget} bytes holds no page of {config.page_size} tokens "
+                                 f"({layout.bytes_per_token(mc.n_layers, dtype)} bytes per token)")
+        cache = PagedKVCache(layout, mc.n_layers, num_pages, config.page_size, dtype, device)
+        kernel = get_attention_impl(config.resolved_attention_impl())
+        self.kv = KVCacheManager(num_pages, config.page_size, config.enable_prefix_cache)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, max_len)
+        self.runner = ModelRunner(model.eval(), cache, kernel, device)
+        self.sampler = Sampler(device, config.seed)
+        self._requests: dict[str, list[Sequence]] = {}
+        self._next_id = 0
+        self._prompt_tokens_total = 0
+        self._generation_tokens_total = 0
+
+    # ---- requests ----------------------------------------------------------------------------
+    def _encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer; this engine has none (give token ids)")
+            return self.tokenizer.encode(prompt)
+        if not isinstance(prompt, (list, tuple)) or not prompt:
+            raise ValueError(f"prompt must be a non-empty string, chat message list or token-id list; "
+                             f"got {type(prompt).__name__} {prompt!r:.60}")
+        if all(isinstance(m, dict) for m in prompt):
+            if self.tokenizer is None:
+                raise ValueError("chat messages need a tokenizer; this engine has none (give token ids)")
+            return list(self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True))
+        vocab = self.model_config.vocab_size
+        for i, t in enumerate(prompt):
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+                raise ValueError(f"prompt token {i} is {t!r}: token ids must be integers in [0, {vocab})")
+        return list(prompt)
+
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> None:
+        params = SamplingParams() if params is None else params
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
+        if request_id in self._requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
+        ids = self._encode(prompt)
+        self.scheduler.check_prompt(len(ids))
+        samples = []
+        for i in range(params.n):
+            seq = Sequence(seq_id=self._next_id, request_id=request_id, index=i, token_ids=list(ids),
+                           num_prompt_tokens=len(ids), params=params, arrival=self._next_id)
+            self._next_id += 1
+            # Sample i of a seeded request uses seed + i: reproducible, and the samples differ.
+            gen = None if params.seed is None else self.sampler.request_generator(params.seed + i)
+            seq.state = new_state(seq, self.tokenizer, gen)
+            samples.append(seq)
+        self.scheduler.add(samples)
+        self._requests[request_id] = samples
+        self._prompt_tokens_total += len(ids)
+
+    def abort_request(self, request_id: str) -> None:
+        for seq in self._requests.pop(request_id, []):
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if not plan.chunks:
+            return []
+        logits = self.runner.execute(plan)
+        seqs = [c.seq for c in plan.sampling]
+        if seqs:
+            result = self.sampler(logits, [s.params for s in seqs], [s.state.generator for s in seqs],
+                                  [(s.token_ids, s.num_prompt_tokens) for s in seqs])
+        else:
+            result = SampleResult([], [])
+        for seq, lp in zip(seqs, result.logprobs):
+            if lp is not None:
+                seq.state.logprobs.append(lp)
+        outputs = []
+        for seq in self.scheduler.update(plan, result.token_ids):
+            self._generation_tokens_total += 1
+            reason = check_stop(seq, self.scheduler.max_seq_len)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+            outputs.append(make_output(seq, finished=reason is not None))
+            if reason is not None and all(s.is_finished for s in self._requests.get(seq.request_id, [])):
+                self._requests.pop(seq.request_id, None)
+        return outputs
+
+    # ---- state -------------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        cached = self.kv.num_cached_only()
+        return EngineStats(
+            pages_total=self.kv.num_pages, pages_in_use=self.kv.pool.num_used - cached, pages_cached=cached,
+            num_running=len(self.scheduler.running), num_waiting=self.scheduler.num_waiting,
+            prefix_cache_hit_tokens_total=self.scheduler.prefix_cache_hit_tokens_total,
+            prompt_tokens_total=self._prompt_tokens_total,
+            generation_tokens_total=self._generation_tokens_total,
+            num_preemptions_total=self.scheduler.num_preemptions_total)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget all cached prefixes (call after the model's weights changed)."""
+        self.kv.reset_prefix_cache()
+
+    @property
+    def max_seq_len(self) -> int:
+        """Longest prompt + output a request can reach (model context, capped by the KV pool)."""
+        return self.scheduler.max_seq_len

@@ -1,0 +1,143 @@
+"""Sampler: logits of a batch -> next tokens (+ log-probs), vectorized on the device.
+
+Order per row: penalties (repetition on prompt+output tokens; presence and frequency on output
+tokens, as OpenAI defines them) -> greedy argmax when temperature is 0 -> otherwise temperature,
+top-k, top-p and min-p (one sort for all three) -> a draw. Greedy and sampled rows share the batch.
+
+The draw is the exponential race: argmax(p / E) with E ~ Exp(1) i.i.d. picks token i with
+probability p_i. The noise of rows without a seed comes from the engine's generator in one call;
+a row with a seed draws its own noise row from its request's generator, so the same seed gives
+the same tokens whatever else is in the batch (seeded requests are drawn per request: one small
+device call each).
+
+Log-probs are those of the model's distribution (log_softmax of the raw logits, before
+penalties and temperature), as vLLM reports them. The only host sync is the `.tolist()` that
+brings the sampled ids (and the log-probs, packed into the same transfer) back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .sampling_params import SamplingParams
+
+Logprob = tuple[int, float, list[tuple[int, float]]]  # (token, logprob, [(top token, logprob), ...])
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]                 # one per row
+    logprobs: list[Logprob | None]       # one per row; None where the request did not ask
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int = 0) -> None:
+        self.device = device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def request_generator(self, seed: int) -> torch.Generator:
+        g = torch.Generator(device=self.device)
+        g.manual_seed(seed)
+        return g
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
+                 generators: list[torch.Generator | None],
+                 histories: list[tuple[list[int], int]]) -> SampleResult:
+        """logits [S, V] float32; per row: its params, its own generator (or None) and
+        (token_ids, num_prompt_tokens) for the penalties."""
+        want_lp = any(p.logprobs for p in params)
+        raw_logprobs = logits.log_softmax(-1) if want_lp else None
+        if any(p.uses_penalties for p in params):
+            logits = self._penalize(logits, params, histories)
+        greedy_ids = logits.argmax(-1)
+        if all(p.greedy for p in params):
+            tokens = greedy_ids
+        else:
+            tokens = self._draw(logits, params, generators, greedy_ids)
+        return self._to_host(tokens, raw_logprobs, params)
+
+    def _penalize(self, logits: torch.Tensor, params: list[SamplingParams],
+                  histories: list[tuple[list[int], int]]) -> torch.Tensor:
+        rows = [i for i, p in enumerate(params) if p.uses_penalties]
+        n, vocab, dev = len(rows), logits.shape[1], logits.device
+
+        def counts(lists: list[list[int]]) -> torch.Tensor:
+            width = max(1, max(len(x) for x in lists))
+            # pad with an extra column `vocab`, dropped after the scatter
+            ids = torch.tensor([x + [vocab] * (width - len(x)) for x in lists], device=dev)
+            out = torch.zeros(n, vocab + 1, device=dev)
+            return out.scatter_add_(1, ids, torch.ones(ids.shape, device=dev))[:, :vocab]
+
+        outputs = counts([histories[i][0][histories[i][1]:] for i in rows])
+        prompts = counts([histories[i][0][:histories[i][1]] for i in rows])
+        col = lambda name: torch.tensor([getattr(params[i], name) for i in rows], device=dev)[:, None]  # noqa: E731
+        idx = torch.tensor(rows, device=dev)
+        sub = logits[idx]
+        rep = col("repetition_penalty")
+        seen = (outputs > 0) | (prompts > 0)
+        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+        sub = sub - col("frequency_penalty") * outputs - col("presence_penalty") * (outputs > 0)
+        logits = logits.clone()
+        logits[idx] = sub
+        return logits
+
+    def _draw(self, logits: torch.Tensor, params: list[SamplingParams],
+              generators: list[torch.Generator | None], greedy_ids: torch.Tensor) -> torch.Tensor:
+        dev, vocab = logits.device, logits.shape[1]
+        temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)
+        x = logits / temps[:, None]
+        if any(p.top_k or p.top_p < 1 or p.min_p > 0 for p in params):
+            x = self._filter(x, params)
+        probs = x.softmax(-1)
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for i, g in enumerate(generators):
+            if g is not None and not params[i].greedy:
+                noise[i].exponential_(generator=g)
+        sampled = (probs / noise.clamp_(min=1e-20)).argmax(-1)
+        is_greedy = torch.tensor([p.greedy for p in params], device=dev)
+        return torch.where(is_greedy, greedy_ids, sampled)
+
+    @staticmethod
+    def _filter(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        dev, vocab = x.device, x.shape[1]
+        sorted_x, order = x.sort(-1, descending=True)
+        k = torch.tensor([min(p.top_k, vocab) if p.top_k else vocab for p in params], device=dev)
+        drop = torch.arange(vocab, device=dev)[None, :] >= k[:, None]
+        sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+        probs = sorted_x.softmax(-1)
+        top_p = torch.tensor([p.top_p for p in params], device=dev)[:, None]
+        min_p = torch.tensor([p.min_p for p in params], device=dev)[:, None]
+        drop |= (probs.cumsum(-1) - probs) >= top_p          # the mass before it already reached top_p
+        drop |= probs < min_p * probs[:, :1]
+        drop[:, 0] = False                                   # always keep the most likely token
+        sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+        return torch.empty_like(x).scatter_(1, order, sorted_x)
+
+    @staticmethod
+    def _to_host(tokens: torch.Tensor, raw_logprobs: torch.Tensor | None,
+                 params: list[SamplingParams]) -> SampleResult:
+        n = tokens.shape[0]
+        if raw_logprobs is None:
+            return SampleResult(tokens.tolist(), [None] * n)
+        top = max(p.top_logprobs for p in params)
+        parts = [tokens.double(), raw_logprobs.gather(1, tokens[:, None])[:, 0].double()]
+        if top:
+            top_v, top_i = raw_logprobs.topk(top, dim=-1)
+            parts += [top_i.double().flatten(), top_v.double().flatten()]
+        host = torch.cat(parts).tolist()   # one transfer for ids and log-probs
+        ids = [int(t) for t in host[:n]]
+        chosen = host[n:2 * n]
+        out: list[Logprob | None] = []
+        for i, p in enumerate(params):
+            if not p.logprobs:
+                out.append(None)
+                continue
+            alts = []
+            if p.top_logprobs:
+                base_i, base_v = 2 * n + i * top, 2 * n + n * top + i * top
+                alts = [(int(host[base_i + j]), host[base_v + j]) for j in range(p.top_logprobs)]
+            out.append((ids[i], chosen[i], alts))
+        return SampleResult(ids, out)

@@ -1,0 +1,143 @@
+"""Check a paged-attention implementation against the torch reference on a table of random cases.
+
+    python -m astrai_serve.kernels.selfcheck --suite gpu --dtype bfloat16          # on a GPU
+    TRITON_INTERPRET=1 python -m astrai_serve.kernels.selfcheck --suite cpu --json  # Triton's interpreter
+
+Each case is drawn fresh (make_case), run through the implementation, and compared by relative
+error ||out - ref|| / ||ref|| with the reference computed in fp32 from the same inputs, and with
+dense SDPA over the contiguous K/V. Output rows left unwritten or NaN fail the `finite` check.
+The CPU tests run this in a subprocess because Triton's interpreter must be switched on before
+Triton is first imported; the GPU tests call `run_checks` in-process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+from astrai_serve.kernels import reference
+from astrai_serve.kernels.cases import dense_attention, make_case
+
+
+@dataclass(frozen=True)
+class Check:
+    """One random case: sequences of ctx_lens cached tokens whose last q_lens are queried."""
+
+    name: str                       # unique, used as the test id
+    ctx_lens: tuple[int, ...]       # context length of each sequence (new tokens included)
+    q_lens: tuple[int, ...]         # queries per sequence (1 everywhere = a decode batch)
+    n_heads: int                    # query heads
+    n_kv: int                       # kv heads
+    k_dim: int                      # key channels (MLA: latent + rope)
+    v_dim: int                      # value channels
+    page_size: int = 16             # token slots per page
+    value_in_key: bool = False      # MLA: value = key[..., :v_dim], no value cache
+    num_splits: int | None = None   # force the decode split count (None: the implementation picks)
+    dtype: str | None = None        # override the suite's dtype
+
+
+CPU_CHECKS = [
+    Check("decode_split4_g1", (1, 150, 40), (1, 1, 1), 2, 2, 16, 16, 16, num_splits=4),
+    Check("decode_split3_g4_page1", (1, 150, 40), (1, 1, 1), 4, 1, 16, 16, 1, num_splits=3),
+    Check("decode_nosplit_g6", (1, 150, 40), (1, 1, 1), 12, 2, 16, 16, 16, num_splits=1),
+    Check("mixed_g1", (70, 90, 1, 20), (70, 17, 1, 1), 1, 1, 16, 16, 16),
+    Check("mixed_g6_page1", (70, 90, 1, 20), (70, 17, 1, 1), 6, 1, 16, 16, 1),
+    Check("mla_decode", (75, 9, 200), (1, 1, 1), 4, 1, 40, 32, 16, True, num_splits=3),
+    Check("mla_prefill", (75, 40), (30, 40), 4, 1, 40, 32, 16, True),
+    Check("decode_fp16", (40, 70), (1, 1), 4, 2, 32, 32, 16, num_splits=2, dtype="float16"),
+]
+
+GPU_CHECKS = [
+    # qwen3-0.6b (16/8 heads of 128), 1b (24/4 heads of 64: a group of 6), decode at several sizes
+    Check("decode_q06b_b1", (2000,), (1,), 16, 8, 128, 128),
+    Check("decode_q06b_b7", (1, 17, 300, 513, 1024, 2048, 4000), (1,) * 7, 16, 8, 128, 128),
+    Check("decode_q06b_b64_nosplit", tuple(range(3, 64 * 37, 37)), (1,) * 64, 16, 8, 128, 128,
+          num_splits=1),
+    Check("decode_1b_b5", (5, 100, 700, 1500, 3000), (1,) * 5, 24, 4, 64, 64),
+    Check("decode_1b_b5_split7", (5, 100, 700, 1500, 3000), (1,) * 5, 24, 4, 64, 64, num_splits=7),
+    # prefill: whole prompts, chunks over a cached prefix, mixed with decodes
+    Check("prefill_q06b", (1000, 333, 64), (1000, 333, 64), 16, 8, 128, 128),
+    Check("mixed_q06b", (1500, 700, 40, 2), (512, 100, 1, 1), 16, 8, 128, 128),
+    Check("mixed_1b", (900, 260, 33), (256, 260, 1), 24, 4, 64, 64),
+    Check("prefill_g1_d64", (300, 129), (300, 2), 8, 8, 64, 64),
+    # MLA absorbed shape (DeepSeek-V2-Lite: 16 heads, latent 512 + rope 64) and mla-tiny
+    Check("mla_decode_b1", (1800,), (1,), 16, 1, 576, 512, value_in_key=True),
+    Check("mla_decode_b9", (1, 50, 128, 129, 640, 1000, 1400, 2047, 3000), (1,) * 9, 16, 1, 576, 512,
+          value_in_key=True),
+    Check("mla_prefill", (600, 300, 5), (200, 300, 1), 16, 1, 576, 512, value_in_key=True),
+    Check("mla_tiny_mixed", (600, 30, 5), (200, 30, 1), 4, 1, 80, 64, value_in_key=True),
+    Check("decode_fp16_q06b", (700, 1200), (1, 1), 16, 8, 128, 128, dtype="float16"),
+]
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def run_checks(checks: list[Check], impl: Callable[..., torch.Tensor], dtype: str,
+               device: str, seed: int = 0) -> list[dict]:
+    """Run every check through impl; one dict per check with its errors against both oracles."""
+    results = []
+    for i, c in enumerate(checks):
+        dt = DTYPES[c.dtype or dtype]
+        case = make_case(list(c.ctx_lens), list(c.q_lens), c.n_heads, c.n_kv, c.k_dim, c.v_dim,
+                         c.page_size, c.value_in_key, dt, device, seed=seed * 1000 + i)
+        kwargs = {} if c.num_splits is None else {"num_splits": c.num_splits}
+        out = impl(*case.args(), **kwargs)
+        up = case.args()
+        ref = reference.paged_attention(up[0].float(), up[1].float(),
+                                        None if up[2] is None else up[2].float(), *up[3:])
+        dense = dense_attention(case)
+        results.append({
+            **asdict(c), "dtype": str(dt).removeprefix("torch."),
+            "out_dtype_ok": out.dtype == dt,
+            "shape_ok": tuple(out.shape) == (case.q.shape[0], c.n_heads, c.v_dim),
+            "finite": bool(torch.isfinite(out).all()),
+            "rel_err_ref": rel_err(out, ref), "rel_err_dense": rel_err(out, dense),
+            "max_abs_err": float((out.float() - ref).abs().max()),
+        })
+    return results
+
+
+def tolerance(dtype: str) -> float:
+    """Relative-error bound per storage dtype (bf16 operands land between 1e-3 and 1e-2)."""
+    return {"float32": 1e-5, "float16": 3e-3, "bfloat16": 1e-2}[dtype]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", choices=["cpu", "gpu"], default="cpu", help="which case table")
+    parser.add_argument("--impl", default="triton", help="implementation name (torch|triton)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="storage dtype (default float32 on cpu, bfloat16 on gpu)")
+    parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
+    args = parser.parse_args(argv)
+    from astrai_serve.kernels import get_attention_impl
+    from astrai_serve.kernels.cases import patch_triton_interpreter
+
+    device = "cuda" if args.suite == "gpu" else "cpu"
+    if device == "cpu" and args.impl == "triton":
+        patch_triton_interpreter()          # CPU tensors only run under TRITON_INTERPRET=1
+    dtype = args.dtype or ("bfloat16" if args.suite == "gpu" else "float32")
+    results = run_checks(GPU_CHECKS if args.suite == "gpu" else CPU_CHECKS,
+                         get_attention_impl(args.impl), dtype, device)
+    if args.json:
+        print(json.dumps(results))
+    else:
+        print(f"{'check':28} {'dtype':9} {'rel_err_ref':>11} {'rel_err_dense':>13} ok")
+        for r in results:
+            ok = r["finite"] and r["shape_ok"] and r["rel_err_ref"] <= tolerance(r["dtype"])
+            print(f"{r['name']:28} {r['dtype']:9} {r['rel_err_ref']:11.2e} {r['rel_err_dense']:13.2e} "
+                  f"{'yes' if ok else 'NO'}")
+    bad = [r for r in results if not (r["finite"] and r["shape_ok"] and r["out_dtype_ok"]
+                                      and r["rel_err_ref"] <= tolerance(r["dtype"]))]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

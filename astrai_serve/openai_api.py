@@ -1,0 +1,228 @@
+"""The OpenAI-compatible REST facade: a FastAPI app that is only a gRPC client of the core.
+
+It holds no model state — the served name and context length come from the core's ModelInfo,
+metrics from its GetStats — so it can run in the daemon's process (`astrai serve`) or beside a
+remote core (`astrai gateway`). Request validation and the status codes chosen are documented in
+openai_protocol.py (400 for every malformed request, as OpenAI does).
+
+A client that disconnects — mid-stream or while waiting for a whole response — has its gRPC
+call cancelled, which aborts the request in the engine and frees its pages.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, TypeVar
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from astrai_serve.auth import bearer_matches
+from astrai_serve.core_client import CoreClient, api_error
+from astrai_serve.metrics import render_prometheus
+from astrai_serve.openai_protocol import ApiError, ParsedRequest, parse_request
+from astrai_serve.openai_responses import Assembler
+
+log = logging.getLogger("astrai.serve.openai")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class FacadeConfig:
+    grpc_target: str                     # HOST:PORT of the gRPC core
+    api_key: str | None = None           # HTTP clients must send `Authorization: Bearer <key>` on /v1 routes
+    core_api_key: str | None = None      # sent to the core as `authorization` metadata
+    max_body_bytes: int = 4 * 1024 * 1024  # larger request bodies get 413
+
+    def __post_init__(self) -> None:
+        if ":" not in self.grpc_target:
+            raise ValueError(f"grpc_target must be HOST:PORT, got {self.grpc_target!r}")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected while we waited for the core."""
+
+
+async def _wait_disconnect(request: Request) -> None:
+    # After the body is read, the next ASGI receive() only returns on disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _until_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
+    work = asyncio.ensure_future(awaitable)
+    watch = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if work.done():
+        return work.result()
+    work.cancel()
+    raise ClientGone()
+
+
+def _sse(data: Any) -> str:
+    return f"data: {json.dumps(data, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+def create_app(config: FacadeConfig) -> FastAPI:
+    state: dict[str, CoreClient] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state["core"] = CoreClient(config.grpc_target, config.core_api_key)
+        try:
+            yield
+        finally:
+            await state["core"].close()
+
+    app = FastAPI(title="astrai OpenAI-compatible API", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return JSONResponse(ApiError(exc.status_code, message).body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        body = ApiError(500, f"internal error: {type(exc).__name__}", type="server_error").body()
+        return JSONResponse(body, status_code=500)
+
+    def check_auth(request: Request) -> None:
+        if config.api_key and not bearer_matches(request.headers.get("authorization"), config.api_key):
+            present = "authorization" in request.headers
+            raise ApiError(401, ("Incorrect API key provided" if present else "Missing API key") +
+                           ": send 'Authorization: Bearer <key>'", code="invalid_api_key")
+
+    async def read_json(request: Request) -> Any:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > config.max_body_bytes:
+            raise ApiError(413, f"the request body is {declared} bytes; the limit is {config.max_body_bytes}",
+                           code="request_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > config.max_body_bytes:
+                raise ApiError(413, f"the request body exceeds the limit of {config.max_body_bytes} bytes",
+                               code="request_too_large")
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        if not raw.strip():
+            raise ApiError(400, "the request body is empty; send a JSON object")
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+
+    async def model_info() -> Any:
+        try:
+            return await state["core"].model_info()
+        except grpc.aio.AioRpcError as err:
+            raise api_error(err) from None
+
+    async def generate(request: Request, kind: str) -> Response:
+        check_auth(request)
+        body = await read_json(request)
+        info = await model_info()
+        parsed = parse_request(kind, body, info.name, info.context_length)
+        assembler = Assembler(parsed, info.name)
+        call = state["core"].generate(parsed.request)
+        try:
+            first = await _until_disconnect(request, call.read())  # errors surface here, before any byte is sent
+            if parsed.stream:
+                return StreamingResponse(stream(parsed, assembler, call, first), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            await _until_disconnect(request, collect(assembler, call, first))
+            return JSONResponse(assembler.result())
+        except grpc.aio.AioRpcError as err:
+            call.cancel()
+            raise api_error(err) from None
+        except ClientGone:
+            call.cancel()
+            return Response(status_code=499)
+
+    async def collect(assembler: Assembler, call: Any, first: Any) -> None:
+        response = first
+        while response is not grpc.aio.EOF:
+            assembler.add(response)
+            response = await call.read()
+
+    async def stream(parsed: ParsedRequest, assembler: Assembler, call: Any, first: Any) -> AsyncIterator[str]:
+        try:
+            response = first
+            while response is not grpc.aio.EOF:
+                for chunk in assembler.chunks(response):
+                    yield _sse(chunk)
+                response = await call.read()
+            if parsed.include_usage:
+                yield _sse(assembler.usage_chunk())
+        except grpc.aio.AioRpcError as err:  # after the 200 went out, errors travel in the stream
+            yield _sse(api_error(err).body())
+        finally:
+            call.cancel()  # a no-op when finished; on disconnect it aborts the request in the core
+        yield "data: [DONE]\n\n"
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await generate(request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await generate(request, "completion")
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict[str, Any]:
+        check_auth(request)
+        info = await model_info()
+        return {"object": "list", "data": [_model_card(info)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+        check_auth(request)
+        info = await model_info()
+        if model_id != info.name:
+            raise ApiError(404, f"The model '{model_id}' does not exist; this server serves '{info.name}'",
+                           param="model", code="model_not_found")
+        return _model_card(info)
+
+    @app.get("/health")
+    async def health() -> Response:
+        try:
+            stats = await state["core"].stats()
+        except grpc.aio.AioRpcError as err:
+            return JSONResponse({"status": "unavailable", "reason": f"gRPC core: {err.code().name}"}, status_code=503)
+        if not stats.engine_alive:
+            return JSONResponse({"status": "unhealthy", "reason": "the engine loop is dead"}, status_code=503)
+        if not stats.accepting:
+            return JSONResponse({"status": "draining", "reason": "shutting down"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        try:
+            stats = await state["core"].stats()
+            info = await state["core"].model_info()
+        except grpc.aio.AioRpcError as err:
+            return PlainTextResponse(f"# gRPC core unavailable: {err.code().name}\n", status_code=503)
+        return PlainTextResponse(render_prometheus(stats, info.name),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+def _model_card(info: Any) -> dict[str, Any]:
+    return {"id": info.name, "object": "model", "created": 0, "owned_by": "astrai",
+            "max_model_len": info.context_length}

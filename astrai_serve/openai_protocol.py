@@ -1,0 +1,264 @@
+"""OpenAI request bodies -> astrai.v1.GenerateRequest, with OpenAI's error shape for bad input.
+
+Status codes: OpenAI answers every malformed request — invalid JSON, a missing field, a field of
+the wrong type, a value out of range, an unrecognized argument, a prompt longer than the
+context — with **400** `invalid_request_error`, so this facade does too rather than FastAPI's
+default 422: OpenAI clients and SDKs expect 400 and read `error.param` to name the bad field.
+Unknown model -> 404 `model_not_found`; wrong API key -> 401; body over the limit -> 413.
+
+Extensions beyond OpenAI (as vLLM spells them): top_k, min_p, repetition_penalty, ignore_eos,
+stop_token_ids, skip_special_tokens. Arguments OpenAI has but this server cannot honour (tools,
+logit_bias, echo, ...) are refused with 400 instead of being silently ignored.
+"""
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from astrai_serve.proto import generate_pb2 as pb
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    kind: str                    # "chat" | "completion"
+    request: pb.GenerateRequest  # what goes to the core
+    stream: bool
+    include_usage: bool          # stream_options.include_usage
+    n: int
+    logprobs: bool
+    top_logprobs: int
+    input_param: str             # "messages" | "prompt": the field an over-long prompt is blamed on
+
+
+MAX_N = 128
+MAX_STOP = 16
+MAX_SEED = 2**63 - 1
+# Accepted and ignored: they change nothing about the generated text.
+IGNORED = {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"}
+# Accepted only with their default (neutral) value.
+NEUTRAL = {"tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
+           "function_call": (None, "none", "auto"), "logit_bias": (None, {}), "parallel_tool_calls": (None, True, False),
+           "response_format": (None, {"type": "text"}), "modalities": (None, ["text"]), "audio": (None,),
+           "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1), "prediction": (None,),
+           "reasoning_effort": (None,), "web_search_options": (None,)}
+COMMON = {"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "n", "stop", "seed",
+          "presence_penalty", "frequency_penalty", "logprobs",
+          "top_k", "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids", "skip_special_tokens"}
+CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
+COMPLETION_FIELDS = COMMON | {"prompt"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
+            dict: "object", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _bad(param: str, message: str) -> ApiError:
+    return ApiError(400, message, param=param)
+
+
+def _get_bool(body: dict, name: str) -> bool | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise _bad(name, f"'{name}' must be a boolean, got {_type_name(value)} {value!r}")
+    return value
+
+
+def _get_int(body: dict, name: str, lo: int, hi: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # 16.0 is a fine integer in JSON
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(name, f"'{name}' must be an integer, got {_type_name(value)} {value!r}")
+    if not lo <= value <= hi:
+        raise _bad(name, f"'{name}' must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _get_float(body: dict, name: str, lo: float, hi: float, lo_open: bool = False) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _bad(name, f"'{name}' must be a finite number, got {_type_name(value)} {value!r}")
+    if value < lo or value > hi or (lo_open and value == lo):
+        lo_s = f"({lo}" if lo_open else f"[{lo}"
+        raise _bad(name, f"'{name}' must be in {lo_s}, {hi}], got {value}")
+    return float(value)
+
+
+def _get_stop(body: dict) -> list[str]:
+    value = body.get("stop")
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise _bad("stop", f"'stop' must be a string or an array of strings, got {_type_name(value)}")
+    if len(stops) > MAX_STOP:
+        raise _bad("stop", f"'stop' may hold at most {MAX_STOP} sequences, got {len(stops)}")
+    if any(s == "" for s in stops):
+        raise _bad("stop", "'stop' sequences must not be empty strings")
+    return stops
+
+
+def _token_id_list(value: Any, param: str) -> list[int] | None:
+    if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        if any(t < 0 for t in value):
+            raise _bad(param, f"'{param}' token ids must be non-negative")
+        return value
+    return None
+
+
+def _content(message: dict, i: int) -> str:
+    content = message.get("content")
+    if content is None and message.get("role") == "assistant":
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts: only text
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise _bad(f"messages[{i}].content[{j}]",
+                           f"messages[{i}].content[{j}] must be a text part {{'type': 'text', 'text': ...}}; "
+                           "this model reads text only")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise _bad(f"messages[{i}].content",
+               f"messages[{i}].content must be a string or an array of text parts, got {_type_name(content)}")
+
+
+def _messages(body: dict) -> pb.ChatMessages:
+    messages = body.get("messages")
+    if messages is None:
+        raise _bad("messages", "'messages' is required")
+    if not isinstance(messages, list):
+        raise _bad("messages", f"'messages' must be an array, got {_type_name(messages)}")
+    if not messages:
+        raise _bad("messages", "'messages' must contain at least one message")
+    out = pb.ChatMessages()
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise _bad(f"messages[{i}]", f"messages[{i}] must be an object, got {_type_name(m)}")
+        role = m.get("role")
+        if role not in ROLES:
+            raise _bad(f"messages[{i}].role",
+                       f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
+        out.messages.add(role=ROLES[role], content=_content(m, i))
+    return out
+
+
+def _prompt(body: dict, request: pb.GenerateRequest) -> None:
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise _bad("prompt", "'prompt' is required")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        if not prompt:
+            raise _bad("prompt", "'prompt' must not be empty")
+        request.text = prompt
+        return
+    ids = _token_id_list(prompt, "prompt")
+    if ids is not None:
+        request.token_ids.ids.extend(ids)
+        return
+    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
+        raise _bad("prompt", f"batched prompts are not supported ({len(prompt)} given); send one prompt per request")
+    raise _bad("prompt", "'prompt' must be a string, an array of one string, or an array of token ids")
+
+
+def parse_request(kind: str, body: Any, model_name: str, context_length: int) -> ParsedRequest:
+    """Validate an OpenAI chat ("chat") or completions ("completion") body. Raises ApiError."""
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {_type_name(body)}")
+    allowed = CHAT_FIELDS if kind == "chat" else COMPLETION_FIELDS
+    for key, value in body.items():
+        if key in allowed or key in IGNORED:
+            continue
+        if key in NEUTRAL:
+            if value not in NEUTRAL[key]:
+                raise _bad(key, f"'{key}' is not supported by this server")
+            continue
+        raise _bad(key, f"Unrecognized request argument supplied: {key}")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _bad("model", f"'model' must be a string, got {_type_name(model)}")
+    if model is not None and model != model_name:
+        raise ApiError(404, f"The model '{model}' does not exist; this server serves '{model_name}'",
+                       param="model", code="model_not_found")
+    stream = bool(_get_bool(body, "stream"))
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not stream:
+            raise _bad("stream_options", "'stream_options' is only allowed when 'stream' is true")
+        if not isinstance(options, dict) or set(options) - {"include_usage", "continuous_usage_stats"}:
+            raise _bad("stream_options", "'stream_options' must be an object like {\"include_usage\": true}")
+        include_usage = bool(_get_bool(options, "include_usage"))
+
+    request = pb.GenerateRequest(request_id=f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}")
+    p = request.params
+    if kind == "chat":
+        request.messages.CopyFrom(_messages(body))
+        max_tokens = _get_int(body, "max_completion_tokens", 1, context_length)
+        if max_tokens is None:
+            max_tokens = _get_int(body, "max_tokens", 1, context_length)
+        logprobs = bool(_get_bool(body, "logprobs"))
+        top_logprobs = _get_int(body, "top_logprobs", 0, 20) or 0
+        if top_logprobs and not logprobs:
+            raise _bad("top_logprobs", "'top_logprobs' requires 'logprobs' to be true")
+    else:
+        _prompt(body, request)
+        max_tokens = _get_int(body, "max_tokens", 1, context_length)
+        n_logprobs = _get_int(body, "logprobs", 0, 5)
+        logprobs, top_logprobs = n_logprobs is not None, n_logprobs or 0
+    if max_tokens is not None:
+        p.max_tokens = max_tokens
+    elif kind == "completion":
+        p.max_tokens = min(16, context_length)  # OpenAI's completions default; chat runs to the context's end
+    n = _get_int(body, "n", 1, MAX_N) or 1
+    p.n = n
+    for name, lo, hi, lo_open in (("temperature", 0.0, 2.0, False), ("top_p", 0.0, 1.0, True),
+                                  ("presence_penalty", -2.0, 2.0, False), ("frequency_penalty", -2.0, 2.0, False),
+                                  ("min_p", 0.0, 1.0, False), ("repetition_penalty", 0.0, 10.0, True)):
+        value = _get_float(body, name, lo, hi, lo_open)
+        if value is not None:
+            setattr(p, name, value)
+    top_k = _get_int(body, "top_k", -1, 1 << 30)
+    if top_k is not None:
+        p.top_k = top_k
+    seed = _get_int(body, "seed", 0, MAX_SEED)
+    if seed is not None:
+        p.seed = seed
+    p.stop.extend(_get_stop(body))
+    stop_ids = body.get("stop_token_ids")
+    if stop_ids is not None:
+        if stop_ids != [] and _token_id_list(stop_ids, "stop_token_ids") is None:
+            raise _bad("stop_token_ids", "'stop_token_ids' must be an array of token ids")
+        p.stop_token_ids.extend(stop_ids)
+    p.ignore_eos = bool(_get_bool(body, "ignore_eos"))
+    skip = _get_bool(body, "skip_special_tokens")
+    if skip is not None:
+        p.skip_special_tokens = skip
+    p.logprobs, p.top_logprobs = logprobs, top_logprobs
+    return ParsedRequest(kind=kind, request=request, stream=stream, include_usage=include_usage, n=n,
+                         logprobs=logprobs, top_logprobs=top_logprobs,
+                         input_param="messages" if kind == "chat" else "prompt")

@@ -1,0 +1,129 @@
+"""GenerateResponse messages -> OpenAI response JSON: whole responses and streaming chunks.
+
+Mirrors OpenAI's shapes: a chat stream opens each choice with a `{"role": "assistant",
+"content": ""}` delta and closes it with an empty delta carrying finish_reason; with
+stream_options.include_usage every chunk has `"usage": null` and one last chunk with no
+choices carries the usage.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from astrai_serve.openai_protocol import ParsedRequest
+from astrai_serve.proto import generate_pb2 as pb
+
+
+def _bytes(token: str) -> list[int]:
+    return list(token.encode("utf-8"))
+
+
+class Assembler:
+    """Accumulates one request's GenerateResponse stream; emits chunks or the whole response."""
+
+    def __init__(self, parsed: ParsedRequest, model: str):
+        self.parsed = parsed
+        self.model = model
+        self.id = parsed.request.request_id
+        self.created = int(time.time())
+        self.text: dict[int, list[str]] = {i: [] for i in range(parsed.n)}
+        self.finish: dict[int, str | None] = {i: None for i in range(parsed.n)}
+        self.chat_logprobs: dict[int, list[dict]] = {i: [] for i in range(parsed.n)}
+        self.legacy_logprobs: dict[int, dict[str, list]] = {
+            i: {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []} for i in range(parsed.n)}
+        self.offset: dict[int, int] = {i: 0 for i in range(parsed.n)}
+        self.started: set[int] = set()
+        self.usage: dict[str, Any] | None = None
+
+    # ---- shared ----------------------------------------------------------------------------
+    def _absorb(self, r: pb.GenerateResponse) -> tuple[list[dict] | None, dict | None]:
+        """Record r; return its logprobs in chat and legacy shapes (None when not requested)."""
+        i = r.index
+        self.text.setdefault(i, []).append(r.text)
+        if r.finish_reason:
+            self.finish[i] = r.finish_reason
+        if r.HasField("usage"):
+            u = r.usage
+            self.usage = {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                          "total_tokens": u.prompt_tokens + u.completion_tokens,
+                          "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
+        if not self.parsed.logprobs:
+            return None, None
+        chat = [{"token": lp.token, "logprob": lp.logprob, "bytes": _bytes(lp.token),
+                 "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": _bytes(t.token)}
+                                  for t in lp.top_logprobs[: self.parsed.top_logprobs]]}
+                for lp in r.logprobs]
+        legacy: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for lp in r.logprobs:
+            legacy["tokens"].append(lp.token)
+            legacy["token_logprobs"].append(lp.logprob)
+            legacy["top_logprobs"].append({t.token: t.logprob for t in lp.top_logprobs[: self.parsed.top_logprobs]})
+            legacy["text_offset"].append(self.offset.get(i, 0))
+            self.offset[i] = self.offset.get(i, 0) + len(lp.token)
+        self.chat_logprobs.setdefault(i, []).extend(chat)
+        for key, values in legacy.items():
+            self.legacy_logprobs.setdefault(i, {k: [] for k in legacy})[key].extend(values)
+        return chat, legacy
+
+    def usage_or_empty(self) -> dict[str, Any]:
+        return self.usage or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
+                              "prompt_tokens_details": {"cached_tokens": 0}}
+
+    # ---- streaming -------------------------------------------------------------------------
+    def _chunk(self, choices: list[dict]) -> dict[str, Any]:
+        obj = "chat.completion.chunk" if self.parsed.kind == "chat" else "text_completion"
+        chunk: dict[str, Any] = {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                                 "choices": choices}
+        if self.parsed.kind == "chat":
+            chunk["system_fingerprint"] = None
+        if self.parsed.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def chunks(self, r: pb.GenerateResponse) -> list[dict[str, Any]]:
+        chat_lp, legacy_lp = self._absorb(r)
+        i, out = r.index, []
+        if self.parsed.kind == "chat":
+            if i not in self.started:
+                self.started.add(i)
+                out.append(self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                                         "logprobs": None, "finish_reason": None}]))
+            if r.text or chat_lp:
+                out.append(self._chunk([{"index": i, "delta": {"content": r.text},
+                                         "logprobs": {"content": chat_lp} if chat_lp is not None else None,
+                                         "finish_reason": None}]))
+            if r.finish_reason:
+                out.append(self._chunk([{"index": i, "delta": {}, "logprobs": None,
+                                         "finish_reason": r.finish_reason}]))
+        elif r.text or legacy_lp or r.finish_reason:
+            out.append(self._chunk([{"index": i, "text": r.text, "logprobs": legacy_lp,
+                                     "finish_reason": r.finish_reason or None}]))
+        return out
+
+    def usage_chunk(self) -> dict[str, Any]:
+        chunk = self._chunk([])
+        chunk["usage"] = self.usage_or_empty()
+        return chunk
+
+    # ---- whole response --------------------------------------------------------------------
+    def add(self, r: pb.GenerateResponse) -> None:
+        self._absorb(r)
+
+    def result(self) -> dict[str, Any]:
+        choices = []
+        for i in sorted(self.text):
+            text = "".join(self.text[i])
+            if self.parsed.kind == "chat":
+                choices.append({"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
+                                "logprobs": {"content": self.chat_logprobs[i]} if self.parsed.logprobs else None,
+                                "finish_reason": self.finish[i]})
+            else:
+                choices.append({"index": i, "text": text,
+                                "logprobs": self.legacy_logprobs[i] if self.parsed.logprobs else None,
+                                "finish_reason": self.finish[i]})
+        obj = "chat.completion" if self.parsed.kind == "chat" else "text_completion"
+        result = {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                  "choices": choices, "usage": self.usage_or_empty()}
+        if self.parsed.kind == "chat":
+            result["system_fingerprint"] = None
+        return result

@@ -1,0 +1,166 @@
+"""What every objective shares: the model, AdamW with decay groups, the LR schedule, grad-norm
+logging, and the extra state an exact resume needs (RNG of every rank, the recipe).
+
+Subclasses implement `compute_loss(batch) -> (loss, metrics, n_tokens)`; this class logs it.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from astrai_train.model import ModelConfig, Transformer
+from astrai_train.objectives.config import ModelSection, Recipe, RecipeError
+from astrai_train.objectives.schedules import make_schedule
+
+CKPT_KEY = "astrai"  # our entry in the Lightning checkpoint: recipe, model config, tokenizer dir, RNG
+
+
+def model_config_for(section: ModelSection, vocab_size: int | None) -> ModelConfig:
+    """The ModelConfig a recipe asks for; vocab_size follows the tokenizer when one is given."""
+    extra = dict(section.overrides)
+    if vocab_size is not None:
+        extra.setdefault("vocab_size", vocab_size)
+    if section.init_from is not None:
+        config = ModelConfig.from_json(section.init_from)
+        if section.overrides:
+            raise RecipeError(f"model.overrides={section.overrides} cannot change a pretrained model "
+                              f"(model.init_from={section.init_from}); drop the overrides")
+        if vocab_size is not None and vocab_size > config.vocab_size:
+            raise RecipeError(f"the tokenizer has {vocab_size} tokens but the model in {section.init_from} "
+                              f"only {config.vocab_size}; use the tokenizer the model was trained with")
+        return config
+    if section.config is not None:
+        return ModelConfig.from_json(section.config).replace(**extra)
+    return ModelConfig.from_preset(section.preset, **extra)
+
+
+def build_model(section: ModelSection, config: ModelConfig) -> Transformer:
+    if section.init_from is not None:
+        return Transformer.from_pretrained(section.init_from)
+    return Transformer(config)
+
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only: norms, biases and embeddings keep their scale (decaying an embedding
+    row that a rare token rarely updates just erases it)."""
+    decay, no_decay = [], []
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    seen: set[int] = set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.ndim >= 2 and id(p) not in embedding_ids else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class ObjectiveModule(L.LightningModule):
+    """Base LightningModule. `model_config` is resolved by the caller (it may depend on the tokenizer)."""
+
+    def __init__(self, recipe: Recipe, model_config: ModelConfig, tokenizer_dir: str | None = None,
+                 model: Transformer | None = None) -> None:
+        super().__init__()
+        self.recipe = recipe
+        self.model_config = model_config
+        self.tokenizer_dir = tokenizer_dir
+        self.model = model if model is not None else build_model(recipe.model, model_config)
+        if recipe.model.activation_checkpointing:
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+            from astrai_train.model.transformer import Block
+
+            apply_activation_checkpointing(self.model, check_fn=lambda m: isinstance(m, Block))
+        if recipe.model.compile:
+            # Compile block by block, in place: parameter names (and so checkpoints) stay unchanged.
+            for block in self.model.layers:
+                block.compile()
+
+    # ---- the objective ---------------------------------------------------------------------
+    def compute_loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        """(loss, extra metrics, tokens processed on this rank) for one micro-batch."""
+        raise NotImplementedError
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss, metrics, n_tokens = self.compute_loss(batch)
+        self.tokens_seen_in_step = n_tokens  # read by the throughput callback, a host int: no sync
+        self.log("train/loss", loss, prog_bar=True, sync_dist=False)
+        for name, value in metrics.items():
+            self.log(f"train/{name}", value, sync_dist=False)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        loss, metrics, _ = self.compute_loss(batch)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        for name, value in metrics.items():
+            self.log(f"val/{name}", value, sync_dist=True)
+
+    # ---- optimisation ----------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        o = self.recipe.optim
+        # Fused AdamW on CUDA: one kernel for the whole update instead of a few per parameter.
+        fused = True if self.device.type == "cuda" else None
+        optimizer = torch.optim.AdamW(decay_groups(self.model, o.weight_decay), lr=o.lr, betas=o.betas,
+                                      eps=o.eps, fused=fused)
+        total = o.total_steps or self.recipe.trainer.max_steps
+        schedule = make_schedule(o.schedule, o.warmup_steps, total, o.min_lr_ratio, o.decay_fraction)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # The pre-clip global norm, computed only on logging steps (it is an extra pass over grads).
+        if self.trainer.global_step % self.trainer.log_every_n_steps:
+            return
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+        self.log("train/lr", optimizer.param_groups[0]["lr"])
+
+    # ---- exact resume ----------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Every rank's RNG: the state of rank 0 alone would replay rank 0's stream on all ranks.
+        states = [_rng_state()]
+        if dist.is_available() and dist.is_initialized():
+            states = [None] * dist.get_world_size()
+            dist.all_gather_object(states, _rng_state())
+        checkpoint[CKPT_KEY] = {
+            "recipe": self.recipe.to_dict(),
+            "model_config": self.model_config.to_dict(),
+            "tokenizer_dir": self.tokenizer_dir,
+            "rng": states,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get(CKPT_KEY, {}).get("rng")
+        if states:
+            rank = self.global_rank
+            if rank < len(states):
+                _set_rng_state(states[rank])
+
+    def state_dict_for_export(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    @property
+    def run_dir(self) -> Path:
+        return self.recipe.run_dir

@@ -1,0 +1,246 @@
+"""The gRPC core as an outside client sees it: stubs compiled from the .proto alone, a real
+`astrai serve --no-http` process, health, reflection, cancellation, bad input, a gateway in
+front of it, and SIGTERM (the module's last test)."""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from daemon_support import Process, proto_stubs, start_serve, wait_for
+
+from astrai_serve import protogen
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def stubs(tmp_path_factory):
+    return proto_stubs(tmp_path_factory.mktemp("grpc_stubs"))
+
+
+@pytest.fixture(scope="module")
+def daemon(tiny_model_dir, tmp_path_factory):
+    proc = start_serve(tiny_model_dir, tmp_path_factory.mktemp("logs") / "serve.log", "--no-http",
+                       "--served-model-name", "tiny")
+    yield proc
+    proc.kill()
+
+
+@pytest.fixture(scope="module")
+def channel(daemon):
+    with grpc.insecure_channel(daemon.ready["grpc"]) as ch:
+        yield ch
+
+
+@pytest.fixture(scope="module")
+def stub(stubs, channel):
+    return stubs[1].GenerationServiceStub(channel)
+
+
+def _collect(responses):
+    texts, ids, finish, usage = {}, {}, {}, None
+    for r in responses:
+        texts[r.index] = texts.get(r.index, "") + r.text
+        ids.setdefault(r.index, []).extend(r.token_ids)
+        if r.finish_reason:
+            finish[r.index] = r.finish_reason
+        if r.HasField("usage"):
+            assert usage is None, "usage must come once, on the last message"
+            usage = r.usage
+    return texts, ids, finish, usage
+
+
+def test_committed_stubs_match_the_proto(tmp_path):
+    generated = protogen.generate(tmp_path)
+    assert [p.name for p in generated] == list(protogen.GENERATED)
+    for path in generated:
+        committed = protogen.STUB_DIR / path.name
+        assert committed.read_text() == path.read_text(), f"{committed} drifted from the .proto: run `make proto`"
+
+
+def test_generate_streams_text_ids_finish_and_usage(stubs, stub):
+    pb2 = stubs[0]
+    request = pb2.GenerateRequest(request_id="g-1", text="To be, or not to be",
+                                  params=pb2.SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    responses = list(stub.Generate(request, timeout=60))
+    assert len(responses) >= 2, "tokens must stream, not arrive in one message"
+    assert all(r.request_id == "g-1" for r in responses)
+    texts, ids, finish, usage = _collect(responses)
+    assert finish == {0: "length"} and responses[-1].finish_reason == "length"
+    assert len(ids[0]) == 12 and usage.completion_tokens == 12
+    assert usage.prompt_tokens == stub.Tokenize(pb2.TokenizeRequest(text="To be, or not to be")).count
+    # Greedy is deterministic, and the deltas add up to the decoded text.
+    again = _collect(stub.Generate(request, timeout=60))
+    assert again[1] == ids and again[0] == texts
+
+
+def test_generate_chat_n2_seed_and_stop(stubs, stub):
+    pb2 = stubs[0]
+    messages = pb2.ChatMessages(messages=[pb2.ChatMessage(role="user", content="Speak, Horatio.")])
+    params = pb2.SamplingParams(max_tokens=10, temperature=1.0, seed=7, n=2, ignore_eos=True)
+    texts, ids, finish, usage = _collect(stub.Generate(pb2.GenerateRequest(messages=messages, params=params), timeout=60))
+    assert set(finish) == {0, 1} and usage.completion_tokens == len(ids[0]) + len(ids[1]) == 20
+    same = _collect(stub.Generate(pb2.GenerateRequest(messages=messages, params=params), timeout=60))
+    assert same[1] == ids, "the same seed must give the same samples"
+    # A stop string taken from the greedy text ends the sample with "stop" and is cut from it.
+    greedy = pb2.SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    full = _collect(stub.Generate(pb2.GenerateRequest(text="Horatio", params=greedy), timeout=60))[0][0]
+    stop = full.strip()[2:6] if len(full.strip()) > 6 else full.strip()[:2]
+    params = pb2.SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, stop=[stop])
+    texts, _, finish, _ = _collect(stub.Generate(pb2.GenerateRequest(text="Horatio", params=params), timeout=60))
+    assert finish[0] == "stop" and stop not in texts[0] and full.startswith(texts[0])
+
+
+def test_generate_token_ids_and_logprobs(stubs, stub):
+    pb2 = stubs[0]
+    params = pb2.SamplingParams(max_tokens=4, temperature=0.0, logprobs=True, top_logprobs=3, ignore_eos=True)
+    responses = list(stub.Generate(pb2.GenerateRequest(token_ids=pb2.TokenIds(ids=[5, 6, 7, 8]), params=params), timeout=60))
+    lps = [lp for r in responses for lp in r.logprobs]
+    assert len(lps) == 4
+    for lp in lps:
+        assert lp.logprob <= 0 and len(lp.top_logprobs) == 3
+        # greedy: the sampled token is the most likely one
+        assert lp.token_id == lp.top_logprobs[0].token_id and lp.logprob == pytest.approx(lp.top_logprobs[0].logprob, abs=1e-4)
+
+
+def test_tokenize_and_model_info(stubs, stub, tiny_model_dir):
+    pb2 = stubs[0]
+    info = stub.ModelInfo(pb2.ModelInfoRequest())
+    assert info.name == "tiny" and info.context_length == 512 and info.vocab_size > 0 and info.eos_id in info.stop_token_ids
+    from astrai_train.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(tiny_model_dir)
+    reply = stub.Tokenize(pb2.TokenizeRequest(text="Good night, sweet prince"))
+    assert list(reply.token_ids) == tok.encode("Good night, sweet prince") and reply.max_len == 512
+    chat = pb2.ChatMessages(messages=[pb2.ChatMessage(role="user", content="hi")])
+    reply = stub.Tokenize(pb2.TokenizeRequest(messages=chat, add_generation_prompt=True))
+    assert list(reply.token_ids) == tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+
+
+def test_health_and_reflection(channel):
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "astrai.v1.GenerationService"):
+        assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == health_pb2.HealthCheckResponse.SERVING
+    refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+    requests = [reflection_pb2.ServerReflectionRequest(list_services=""),
+                reflection_pb2.ServerReflectionRequest(file_containing_symbol="astrai.v1.GenerationService")]
+    replies = list(refl.ServerReflectionInfo(iter(requests)))
+    names = {s.name for s in replies[0].list_services_response.service}
+    assert {"astrai.v1.GenerationService", "grpc.health.v1.Health"} <= names
+    from google.protobuf import descriptor_pb2
+
+    fd = descriptor_pb2.FileDescriptorProto.FromString(replies[1].file_descriptor_response.file_descriptor_proto[0])
+    assert fd.package == "astrai.v1" and [m.name for m in fd.service[0].method] == ["Generate", "Tokenize", "ModelInfo", "GetStats"]
+
+
+BAD = [  # (description, request kwargs, words the message must contain)
+    ("no input", dict(), "input"),
+    ("empty text", dict(text=""), "empty"),
+    ("token id outside the vocabulary", dict(token_ids={"ids": [1, 10**6]}), "1000000"),
+    ("negative max_tokens", dict(text="hi", params={"max_tokens": -1}), "max_tokens"),
+    ("max_tokens beyond the context", dict(text="hi", params={"max_tokens": 100000}), "context length"),
+    ("negative temperature", dict(text="hi", params={"temperature": -1.0}), "temperature"),
+    ("top_p zero", dict(text="hi", params={"top_p": 0.0}), "top_p"),
+    ("n zero", dict(text="hi", params={"n": 0}), "n="),
+    ("unknown role", dict(messages={"messages": [{"role": "wizard", "content": "x"}]}), "wizard"),
+    ("prompt longer than the context", dict(text="word " * 3000), "context length"),
+]
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_bad_requests_are_invalid_argument(stubs, stub, case):
+    pb2 = stubs[0]
+    _, kwargs, words = case
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Generate(pb2.GenerateRequest(**kwargs), timeout=30))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert words in info.value.details(), info.value.details()
+
+
+def test_server_survives_bad_requests_and_duplicate_ids(stubs, stub):
+    pb2 = stubs[0]
+    params = pb2.SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+    first = stub.Generate(pb2.GenerateRequest(request_id="dup", text="Once more", params=params), timeout=60)
+    head = next(first)  # running now
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Generate(pb2.GenerateRequest(request_id="dup", text="again", params=params), timeout=30))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "dup" in info.value.details()
+    _, ids, finish, _ = _collect(first)  # the original is unharmed by the rejected duplicate
+    assert finish == {0: "length"} and len(head.token_ids) + len(ids[0]) == 200
+    ok = _collect(stub.Generate(pb2.GenerateRequest(text="hi", params=pb2.SamplingParams(max_tokens=2)), timeout=30))
+    assert ok[2] == {0: "length"}
+
+
+def test_cancel_aborts_and_frees_pages(stubs, stub):
+    pb2 = stubs[0]
+    params = pb2.SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+    before = stub.GetStats(pb2.GetStatsRequest())
+    call = stub.Generate(pb2.GenerateRequest(text="Now is the winter", params=params), timeout=60)
+    next(call)
+    assert stub.GetStats(pb2.GetStatsRequest()).kv_pages_in_use > 0
+    call.cancel()
+    stats = wait_for(lambda: (s := stub.GetStats(pb2.GetStatsRequest())).kv_pages_in_use == 0 and s)
+    assert stats, "cancelling the stream must free its pages"
+    time.sleep(0.2)
+    generated = stub.GetStats(pb2.GetStatsRequest()).generation_tokens_total - before.generation_tokens_total
+    assert generated < 200, f"the cancelled request went on generating ({generated} tokens) for nobody"
+    assert stats.requests_finished_total["cancelled"] >= 1
+
+
+def test_wrong_api_key_refused_on_grpc(stubs, tiny_model_dir, tmp_path):
+    pb2, pb2_grpc = stubs
+    proc = start_serve(tiny_model_dir, tmp_path / "keyed.log", "--no-http", env={"ASTRAI_API_KEY": "s3cret"})
+    try:
+        with grpc.insecure_channel(proc.ready["grpc"]) as ch:
+            keyed = pb2_grpc.GenerationServiceStub(ch)
+            request = pb2.GenerateRequest(text="hi", params=pb2.SamplingParams(max_tokens=2))
+            for metadata in ((), (("authorization", "Bearer wrong"),)):
+                with pytest.raises(grpc.RpcError) as info:
+                    list(keyed.Generate(request, metadata=metadata, timeout=30))
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                with pytest.raises(grpc.RpcError) as info:
+                    keyed.ModelInfo(pb2.ModelInfoRequest(), metadata=metadata, timeout=30)
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            good = (("authorization", "Bearer s3cret"),)
+            assert _collect(keyed.Generate(request, metadata=good, timeout=30))[2] == {0: "length"}
+            # Health stays open for probes.
+            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        assert proc.terminate() == 0
+
+
+def test_gateway_in_front_of_the_core(daemon, tmp_path):
+    import openai
+
+    gateway = Process(["gateway", "--grpc-target", daemon.ready["grpc"], "--http-port", "0", "--log-level", "warning"],
+                      tmp_path / "gateway.log")
+    try:
+        client = openai.OpenAI(base_url=gateway.ready["http"] + "/v1", api_key="unused", max_retries=0)
+        reply = client.completions.create(model="tiny", prompt="Friends, Romans", max_tokens=3)
+        assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 3
+        assert [m.id for m in client.models.list()] == ["tiny"]
+    finally:
+        assert gateway.terminate() == 0, gateway.stderr()
+
+
+def test_sigterm_finishes_in_flight_and_exits_zero(stubs, stub, daemon):
+    """Last in the module: it stops the module's daemon."""
+    pb2 = stubs[0]
+    params = pb2.SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    call = stub.Generate(pb2.GenerateRequest(text="The rest is silence", params=params), timeout=60)
+    next(call)
+    result: dict = {}
+    reader = threading.Thread(target=lambda: result.update(out=_collect(call)))
+    reader.start()
+    time.sleep(0.05)
+    code = daemon.terminate(timeout=60)
+    reader.join(30)
+    assert code == 0, daemon.stderr()
+    assert result["out"][2] == {0: "length"}, "an in-flight request must finish within the shutdown timeout"

@@ -1,0 +1,213 @@
+"""The REST facade through the official `openai` client and raw HTTP, against a real
+`astrai serve` process started with an API key: completions, chat, streaming, n=2, stop strings,
+usage, logprobs, models, health, metrics, the API key, and a table of bad requests."""
+from __future__ import annotations
+
+import json
+
+import grpc
+import httpx
+import openai
+import pytest
+
+from daemon_support import proto_stubs, start_serve
+
+pytestmark = pytest.mark.timeout(120)
+KEY = "test-key-123"
+MODEL = "tiny-chat"
+
+
+@pytest.fixture(scope="module")
+def daemon(tiny_model_dir, tmp_path_factory):
+    proc = start_serve(tiny_model_dir, tmp_path_factory.mktemp("logs") / "serve.log",
+                       "--served-model-name", MODEL, "--api-key", KEY)
+    yield proc
+    assert proc.terminate() == 0, proc.stderr()
+
+
+@pytest.fixture(scope="module")
+def client(daemon):
+    return openai.OpenAI(base_url=daemon.ready["http"] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def http(daemon):
+    with httpx.Client(base_url=daemon.ready["http"], headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
+        yield c
+
+
+USER = [{"role": "user", "content": "What say you, Horatio?"}]
+
+
+def test_chat_completion(client):
+    reply = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=8, temperature=0)
+    assert reply.object == "chat.completion" and reply.model == MODEL and reply.id.startswith("chatcmpl-")
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    usage = reply.usage
+    assert usage.prompt_tokens > 5 and 1 <= usage.completion_tokens <= 8
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert usage.prompt_tokens_details.cached_tokens >= 0
+    # The same greedy request again: same text, and its prompt now comes from the prefix cache.
+    again = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=8, temperature=0)
+    assert again.choices[0].message.content == choice.message.content
+    assert again.usage.prompt_tokens_details.cached_tokens > 0
+
+
+def test_chat_stream_matches_whole_and_reports_usage(client):
+    kwargs = dict(model=MODEL, messages=USER, max_completion_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"] == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_completions_n2_seed_logprobs(client):
+    reply = client.completions.create(model=MODEL, prompt="Friends, Romans, countrymen", max_tokens=6, n=2,
+                                      temperature=1.0, seed=11, logprobs=2, extra_body={"ignore_eos": True})
+    assert reply.object == "text_completion" and sorted(c.index for c in reply.choices) == [0, 1]
+    assert all(c.finish_reason == "length" for c in reply.choices)
+    assert reply.usage.completion_tokens == 12
+    for c in reply.choices:
+        lp = c.logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+        assert "".join(lp.tokens) == c.text and lp.text_offset[0] == 0
+        assert all(len(top) <= 2 for top in lp.top_logprobs) and all(x <= 0 for x in lp.token_logprobs)
+    same = client.completions.create(model=MODEL, prompt="Friends, Romans, countrymen", max_tokens=6, n=2,
+                                     temperature=1.0, seed=11, extra_body={"ignore_eos": True})
+    assert [c.text for c in same.choices] == [c.text for c in reply.choices]
+
+
+def test_completions_default_max_tokens_and_token_prompt(client, http):
+    reply = client.completions.create(model=MODEL, prompt="Alas", extra_body={"ignore_eos": True})
+    assert reply.usage.completion_tokens == 16 and reply.choices[0].finish_reason == "length"  # OpenAI's default
+    ids = http.post("/v1/completions", json={"prompt": [[11, 12, 13]], "max_tokens": 2}).json()
+    assert ids["usage"]["prompt_tokens"] == 3
+
+
+def test_stop_string_finishes_with_stop(client):
+    base = dict(model=MODEL, prompt="O Romeo, Romeo", max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+    full = client.completions.create(**base).choices[0].text
+    stop = full[3:6]
+    assert stop.strip(), f"need a visible stop string from {full!r}"
+    cut = client.completions.create(**base, stop=[stop, "zzzz-never"])
+    assert cut.choices[0].finish_reason == "stop" and stop not in cut.choices[0].text
+    assert full.startswith(cut.choices[0].text)
+    streamed = list(client.completions.create(**base, stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
+    assert streamed[-1].choices[0].finish_reason == "stop"
+
+
+def test_chat_logprobs(client):
+    reply = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=3, temperature=0, logprobs=True,
+                                           top_logprobs=2, extra_body={"ignore_eos": True})
+    content = reply.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+    assert "".join(t.token for t in content) == reply.choices[0].message.content
+
+
+def test_models_health_metrics(client, http, daemon):
+    assert [m.id for m in client.models.list()] == [MODEL]
+    assert http.get(f"/v1/models/{MODEL}").json()["max_model_len"] == 512
+    assert http.get("/health").json() == {"status": "ok"}
+    r = http.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    for name in ("astrai_kv_pages_total", "astrai_kv_pages_in_use", "astrai_prefix_cache_hit_tokens_total",
+                 "astrai_num_requests_running", "astrai_num_requests_waiting"):
+        assert f"# TYPE {name} " in text and f'{name}{{model_name="{MODEL}"}} ' in text
+    for name in ("astrai_time_to_first_token_seconds", "astrai_time_per_output_token_seconds"):
+        assert f"# TYPE {name} histogram" in text
+        count = next(line for line in text.splitlines() if line.startswith(f"{name}_count"))
+        assert int(count.split()[-1]) > 0, "earlier requests must have been observed"
+        inf = next(line for line in text.splitlines() if line.startswith(f'{name}_bucket') and 'le="+Inf"' in line)
+        assert inf.split()[-1] == count.split()[-1]
+
+
+def test_wrong_api_key_refused_on_both_protocols(daemon, tmp_path):
+    base = daemon.ready["http"]
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": f"Basic {KEY}"}):
+        r = httpx.post(base + "/v1/chat/completions", json={"messages": USER}, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=base + "/v1", api_key="nope", max_retries=0).models.list()
+    assert httpx.get(base + "/health").status_code == 200  # probes need no key
+    pb2, pb2_grpc = proto_stubs(tmp_path)
+    with grpc.insecure_channel(daemon.ready["grpc"]) as ch:
+        with pytest.raises(grpc.RpcError) as info:
+            list(pb2_grpc.GenerationServiceStub(ch).Generate(pb2.GenerateRequest(text="hi"),
+                                                             metadata=(("authorization", "Bearer nope"),)))
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+CHAT = "/v1/chat/completions"
+COMP = "/v1/completions"
+OK_CHAT = {"model": MODEL, "messages": USER, "max_tokens": 2}
+BAD = [  # (id, path, body (dict -> JSON, bytes -> raw), status, param)
+    ("invalid json", CHAT, b'{"messages": [', 400, None),
+    ("not an object", CHAT, b"[1, 2]", 400, None),
+    ("empty body", CHAT, b"", 400, None),
+    ("missing messages", CHAT, {"model": MODEL}, 400, "messages"),
+    ("messages not a list", CHAT, {"messages": "hi"}, 400, "messages"),
+    ("empty messages", CHAT, {"messages": []}, 400, "messages"),
+    ("bad role", CHAT, {"messages": [{"role": "god", "content": "x"}]}, 400, "messages[0].role"),
+    ("content wrong type", CHAT, {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    ("image content", CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400, "messages[0].content[0]"),
+    ("missing prompt", COMP, {"model": MODEL}, 400, "prompt"),
+    ("prompt wrong type", COMP, {"prompt": 12}, 400, "prompt"),
+    ("batched prompts", COMP, {"prompt": ["a", "b"]}, 400, "prompt"),
+    ("max_tokens string", CHAT, {**OK_CHAT, "max_tokens": "ten"}, 400, "max_tokens"),
+    ("max_tokens negative", CHAT, {**OK_CHAT, "max_tokens": -5}, 400, "max_tokens"),
+    ("max_tokens absurd", COMP, {"prompt": "hi", "max_tokens": 10**12}, 400, "max_tokens"),
+    ("temperature too high", CHAT, {**OK_CHAT, "temperature": 7}, 400, "temperature"),
+    ("temperature bool", CHAT, {**OK_CHAT, "temperature": True}, 400, "temperature"),
+    ("top_p zero", CHAT, {**OK_CHAT, "top_p": 0}, 400, "top_p"),
+    ("n zero", CHAT, {**OK_CHAT, "n": 0}, 400, "n"),
+    ("n absurd", CHAT, {**OK_CHAT, "n": 100000}, 400, "n"),
+    ("presence_penalty", CHAT, {**OK_CHAT, "presence_penalty": 3}, 400, "presence_penalty"),
+    ("frequency_penalty", CHAT, {**OK_CHAT, "frequency_penalty": -9}, 400, "frequency_penalty"),
+    ("stop wrong type", CHAT, {**OK_CHAT, "stop": 5}, 400, "stop"),
+    ("seed negative", CHAT, {**OK_CHAT, "seed": -1}, 400, "seed"),
+    ("top_logprobs without logprobs", CHAT, {**OK_CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
+    ("completion logprobs too many", COMP, {"prompt": "hi", "logprobs": 50}, 400, "logprobs"),
+    ("stream_options without stream", CHAT, {**OK_CHAT, "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ("unrecognized argument", CHAT, {**OK_CHAT, "frobnicate": 1}, 400, "frobnicate"),
+    ("unsupported tools", CHAT, {**OK_CHAT, "tools": [{"type": "function"}]}, 400, "tools"),
+    ("token id outside vocabulary", COMP, {"prompt": [1, 2, 99999999]}, 400, "prompt"),
+    ("prompt longer than the context", COMP, {"prompt": "word " * 3000}, 400, "prompt"),
+    ("prompt + max_tokens beyond context", COMP, {"prompt": "word " * 100, "max_tokens": 500}, 400, "prompt"),
+    ("unknown model", CHAT, {**OK_CHAT, "model": "gpt-9"}, 404, "model"),
+    ("unknown model stream", CHAT, {**OK_CHAT, "model": "gpt-9", "stream": True}, 404, "model"),
+    ("oversized body", COMP, {"prompt": "x" * (5 * 1024 * 1024)}, 413, None),
+]
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_bad_requests_get_openai_errors_and_server_stays_up(http, case):
+    _, path, body, status, param = case
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = http.post(path, content=content, headers={"Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param, error
+    if "context" in case[0]:
+        assert error["code"] == "context_length_exceeded"
+    good = http.post(CHAT, json=OK_CHAT)
+    assert good.status_code == 200 and good.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_oversized_chunked_body_is_413(http):
+    def chunks():
+        for _ in range(6):
+            yield b"x" * (1024 * 1024)
+
+    r = http.post(COMP, content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert http.get("/health").status_code == 200
