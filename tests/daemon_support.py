@@ -73,6 +73,8 @@ def proto_stubs(out_dir: Path):
     code = protoc.main(["protoc", f"-I{PROTO_ROOT}", f"--python_out={out_dir}", f"--grpc_python_out={out_dir}",
                         "astrai/v1/generate.proto"])
     assert code == 0, "protoc failed on the .proto"
+    for name in ("astrai.v1.generate_pb2_grpc", "astrai.v1.generate_pb2", "astrai.v1", "astrai"):
+        sys.modules.pop(name, None)  # an earlier call's modules, compiled into another directory
     sys.path.insert(0, str(out_dir))
     try:
         pb2 = importlib.import_module("astrai.v1.generate_pb2")

@@ -1,9 +1,9 @@
 """Exact mid-epoch resume: the sampler alone, then a real 2-process DDP Trainer (gloo on CPU).
 
 Run as a script, this file is the training program the DDP test launches:
-    python tests/test_data_resume.py DATA.h5 OUT_DIR MAX_STEPS [CKPT]
-It trains a tiny module that records the windows it sees on each rank, checkpoints at step
-MAX_STEPS // 2 (ModelCheckpoint), and, given CKPT, resumes from it.
+    python tests/test_data_resume.py DATA.h5 OUT_DIR MAX_STEPS
+It trains a tiny module that records the windows it sees on each rank, checkpointing at step
+MAX_STEPS // 2 (ModelCheckpoint), then resumes from that checkpoint in a fresh Trainer.
 """
 from __future__ import annotations
 
@@ -88,41 +88,36 @@ def test_sampler_rejects_other_data():
 
 # ---- the real thing: Lightning DDP on CPU, two processes -----------------------------------------
 
-def _run(data: Path, out: Path, max_steps: int, ckpt: Path | None = None) -> None:
-    cmd = [sys.executable, __file__, str(data), str(out), str(max_steps)] + ([str(ckpt)] if ckpt else [])
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-
-def _seen(out: Path) -> dict[int, dict[int, list[int]]]:
+def _seen(out: Path, run: str) -> dict[int, dict[int, list[int]]]:
     """rank -> global step -> window ids of that step's batch."""
-    return {r: {int(k): v for k, v in json.loads((out / f"seen_rank{r}.json").read_text()).items()}
+    return {r: {int(k): v for k, v in json.loads((out / f"{run}_rank{r}.json").read_text()).items()}
             for r in range(2)}
 
 
 def test_ddp_resume_mid_epoch_sees_exactly_the_uninterrupted_batches(tmp_path):
     # 61 windows, 2 ranks, batch 3 -> 10 steps per epoch; 16 steps cross into epoch 2 and the
-    # checkpoint at step 8 is mid-epoch. DataLoader workers prefetch ahead of the loop.
+    # checkpoint at step 8 is mid-epoch. A DataLoader worker prefetches ahead of the loop.
+    import torch
+
     data = tmp_path / "count.h5"
     write_counting_seq(data, 61 * STRIDE + 1)
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    straight.mkdir()
-    resumed.mkdir()
-    _run(data, straight, 16)
-    ckpt = straight / "ckpt" / "step8.ckpt"
-    assert ckpt.is_file()
-    _run(data, resumed, 16, ckpt)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, __file__, str(data), str(tmp_path), "16"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    a, b = _seen(straight), _seen(resumed)
+    state = torch.load(tmp_path / "ckpt" / "step=8.ckpt", weights_only=False)["AstraiDataModule"]["train_sampler"]
+    assert (state["epoch"], state["consumed_per_rank"], state["num_replicas"]) == (0, 8 * BATCH, 2)
+    a, b = _seen(tmp_path, "straight"), _seen(tmp_path, "resumed")
     for rank in range(2):
         assert sorted(a[rank]) == list(range(16))
         assert sorted(b[rank]) == list(range(8, 16))  # the resumed run starts after the checkpoint
         for step in range(8, 16):
             assert b[rank][step] == a[rank][step], f"rank {rank} step {step}"
-    # The two ranks never see the same window within an epoch.
+    # Within an epoch the two ranks never see the same window, and the next epoch reshuffles.
     epoch0 = [w for r in range(2) for s in range(10) for w in a[r][s]]
     assert len(epoch0) == len(set(epoch0)) == 60
+    assert [a[0][s] for s in range(10, 16)] != [a[0][s] for s in range(6)]
 
 
 def _main(data: str, out: str, max_steps: int) -> None:

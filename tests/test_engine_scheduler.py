@@ -80,6 +80,8 @@ class FakeEngine:
         self.kv.pool.check()
         if self.kv.tree is not None:
             self.kv.tree.check()
+            tree_only = sum(1 for p in self.kv.tree.all_pages() if self.kv.pool.refcount(p) == 1)
+            assert self.kv.num_cached_only() == tree_only
         return plan
 
     def run(self, max_steps=5000):
@@ -209,4 +211,18 @@ def test_abort_frees_pages_and_releases_waiting_siblings():
     eng.sched.finish(c[0], "abort")
     eng.run()
     assert c[1].completion_ids == reference([1, 2, 3], 3, 1, 10_000)
+    eng.assert_clean()
+
+
+def test_siblings_share_after_chunked_prefill_ending_in_one_token():
+    eng = FakeEngine(page_size=4, budget=4)
+    prompt = list(range(1, 7)) * 2 + [3]         # 13 tokens: chunks of 4, 4, 4 and 1
+    samples = eng.add("r", prompt, 3, n=2)
+    for _ in range(4):
+        eng.step()
+    assert samples[0].num_tokens == 14 and not samples[1].page_table
+    eng.step()                                   # sample 1 joins, reusing 3 pages
+    assert samples[1].cached_tokens == 12 and samples[1].page_table[:3] == samples[0].page_table[:3]
+    eng.run()
+    assert samples[1].completion_ids == reference(prompt, 3, 1, 10_000)
     eng.assert_clean()

@@ -36,10 +36,9 @@ class KVCacheManager:
         return self.pool.num_free + (self.tree.evictable_pages if self.tree else 0)
 
     def num_cached_only(self) -> int:
-        """Pages held by the prefix cache and nobody else (they count as reclaimable, not in use)."""
-        if self.tree is None:
-            return 0
-        return sum(1 for p in self.tree.all_pages() if self.pool.refcount(p) == 1)
+        """Pages held by the prefix cache and nobody else (reclaimable, not in use). O(1): a
+        sequence holding a tree page always locks its node, so these are the unlocked pages."""
+        return self.tree.evictable_pages if self.tree is not None else 0
 
     # ---- acquiring ---------------------------------------------------------------------------
     def match(self, seq: Sequence) -> int:

@@ -104,7 +104,9 @@ class LLM:
                     if not out.finished:
                         continue
                     res = results[out.request_id]
-                    res.prompt_tokens, res.cached_tokens = out.prompt_tokens, max(res.cached_tokens, out.cached_tokens)
+                    res.prompt_tokens = out.prompt_tokens
+                    if out.index == 0:   # samples > 0 reuse sample 0's prompt pages; report the request's hit
+                        res.cached_tokens = out.cached_tokens
                     res.outputs[out.index] = CompletionOutput(out.index, out.token_ids, out.text,
                                                               out.finish_reason,
                                                               logprobs.pop((out.request_id, out.index), None))

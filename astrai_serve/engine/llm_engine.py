@@ -53,7 +53,7 @@ class LLMEngine:
         if not model_dir.is_dir():
             raise FileNotFoundError(f"model directory not found: {model_dir}")
         model = Transformer.from_pretrained(model_dir, device=config.torch_device(), dtype=config.torch_dtype())
-        self._setup(model, Tokenizer.from_pretrained(model_dir), config)
+        self._setup(model.eval(), Tokenizer.from_pretrained(model_dir), config)
 
     @classmethod
     def from_model(cls, model: Transformer, tokenizer: Any = None, config: EngineConfig | None = None,
@@ -63,8 +63,10 @@ class LLMEngine:
         Without a tokenizer, prompts must be token ids and outputs carry no text."""
         config = EngineConfig.build(config, **overrides)
         weight = next(model.parameters())
-        if config.device is not None and torch.device(config.device) != weight.device:
-            raise ValueError(f"engine device={config.device!r} but the model lives on {weight.device}")
+        if config.device is not None:
+            want = torch.device(config.device)
+            if want.type != weight.device.type or (want.index is not None and want.index != weight.device.index):
+                raise ValueError(f"engine device={config.device!r} but the model lives on {weight.device}")
         dtype_name = str(weight.dtype).removeprefix("torch.")
         config = EngineConfig.build(config, device=str(weight.device), dtype=dtype_name)
         engine = cls.__new__(cls)
@@ -95,7 +97,8 @@ class LLMEngine:
         kernel = get_attention_impl(config.resolved_attention_impl())
         self.kv = KVCacheManager(num_pages, config.page_size, config.enable_prefix_cache)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, max_len)
-        self.runner = ModelRunner(model.eval(), cache, kernel, device)
+        # from_model's module is left in whatever mode its owner put it (training, for GRPO).
+        self.runner = ModelRunner(model, cache, kernel, device)
         self.sampler = Sampler(device, config.seed)
         self._requests: dict[str, list[Sequence]] = {}
         self._next_id = 0

@@ -16,6 +16,7 @@ from astrai_serve.kernels import PagedAttentionFn
 
 from .paged_attention import PagedAttention, PagedKVCache, StepMetadata
 from .scheduler import StepPlan
+from .transfer import to_device
 
 
 class ModelRunner:
@@ -50,10 +51,7 @@ class ModelRunner:
         n, s = len(ids), len(ctx)
         width = max(len(t) for t in tables)
         flat_tables = [p for t in tables for p in t + [0] * (width - len(t))]
-        host = torch.tensor(ids + positions + slots + cu + ctx + rows + flat_tables, dtype=torch.int64)
-        if self.device.type == "cuda":
-            host = host.pin_memory()
-        buf = host.to(self.device, non_blocking=True)
+        buf = to_device(ids + positions + slots + cu + ctx + rows + flat_tables, torch.int64, self.device)
         parts = torch.split(buf, [n, n, n, s + 1, s, len(rows), s * width])
         input_ids, pos, slot_mapping, cu_t, ctx_t, rows_t, table_t = parts
         meta = StepMetadata(slot_mapping=slot_mapping, page_table=table_t.view(s, width).to(torch.int32),

@@ -55,7 +55,9 @@ def new_state(seq: Sequence, tokenizer, generator: torch.Generator | None) -> Sa
     stop_ids = set(p.stop_token_ids)
     if tokenizer is not None and not p.ignore_eos:
         stop_ids |= set(tokenizer.stop_ids)
-    detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=p.skip_special_tokens) if tokenizer is not None else None
+    detok = None
+    if tokenizer is not None:
+        detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=p.skip_special_tokens)
     holdback = max((len(s) for s in p.stop), default=1) - 1
     return SampleState(frozenset(stop_ids), generator, detok, holdback=holdback)
 

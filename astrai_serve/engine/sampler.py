@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .sampling_params import SamplingParams
+from .transfer import to_device
 
 Logprob = tuple[int, float, list[tuple[int, float]]]  # (token, logprob, [(top token, logprob), ...])
 
@@ -67,27 +68,28 @@ class Sampler:
         def counts(lists: list[list[int]]) -> torch.Tensor:
             width = max(1, max(len(x) for x in lists))
             # pad with an extra column `vocab`, dropped after the scatter
-            ids = torch.tensor([x + [vocab] * (width - len(x)) for x in lists], device=dev)
+            ids = to_device([x + [vocab] * (width - len(x)) for x in lists], torch.int64, dev)
             out = torch.zeros(n, vocab + 1, device=dev)
             return out.scatter_add_(1, ids, torch.ones(ids.shape, device=dev))[:, :vocab]
 
         outputs = counts([histories[i][0][histories[i][1]:] for i in rows])
         prompts = counts([histories[i][0][:histories[i][1]] for i in rows])
-        col = lambda name: torch.tensor([getattr(params[i], name) for i in rows], device=dev)[:, None]  # noqa: E731
-        idx = torch.tensor(rows, device=dev)
+        rep, freq, pres = to_device([[params[i].repetition_penalty, params[i].frequency_penalty,
+                                      params[i].presence_penalty] for i in rows], torch.float32, dev).T[:, :, None]
+        idx = to_device(rows, torch.int64, dev)
         sub = logits[idx]
-        rep = col("repetition_penalty")
         seen = (outputs > 0) | (prompts > 0)
         sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
-        sub = sub - col("frequency_penalty") * outputs - col("presence_penalty") * (outputs > 0)
+        sub = sub - freq * outputs - pres * (outputs > 0)
         logits = logits.clone()
         logits[idx] = sub
         return logits
 
     def _draw(self, logits: torch.Tensor, params: list[SamplingParams],
               generators: list[torch.Generator | None], greedy_ids: torch.Tensor) -> torch.Tensor:
-        dev, vocab = logits.device, logits.shape[1]
-        temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)
+        dev = logits.device
+        temps, is_greedy = to_device([[p.temperature if p.temperature > 0 else 1.0 for p in params],
+                                      [float(p.greedy) for p in params]], torch.float32, dev)
         x = logits / temps[:, None]
         if any(p.top_k or p.top_p < 1 or p.min_p > 0 for p in params):
             x = self._filter(x, params)
@@ -97,19 +99,17 @@ class Sampler:
             if g is not None and not params[i].greedy:
                 noise[i].exponential_(generator=g)
         sampled = (probs / noise.clamp_(min=1e-20)).argmax(-1)
-        is_greedy = torch.tensor([p.greedy for p in params], device=dev)
-        return torch.where(is_greedy, greedy_ids, sampled)
+        return torch.where(is_greedy.bool(), greedy_ids, sampled)
 
     @staticmethod
     def _filter(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         dev, vocab = x.device, x.shape[1]
+        k, top_p, min_p = to_device([[float(min(p.top_k, vocab) if p.top_k else vocab), p.top_p, p.min_p]
+                                     for p in params], torch.float32, dev).T[:, :, None]
         sorted_x, order = x.sort(-1, descending=True)
-        k = torch.tensor([min(p.top_k, vocab) if p.top_k else vocab for p in params], device=dev)
-        drop = torch.arange(vocab, device=dev)[None, :] >= k[:, None]
+        drop = torch.arange(vocab, device=dev)[None, :] >= k
         sorted_x = sorted_x.masked_fill(drop, float("-inf"))
         probs = sorted_x.softmax(-1)
-        top_p = torch.tensor([p.top_p for p in params], device=dev)[:, None]
-        min_p = torch.tensor([p.min_p for p in params], device=dev)[:, None]
         drop |= (probs.cumsum(-1) - probs) >= top_p          # the mass before it already reached top_p
         drop |= probs < min_p * probs[:, :1]
         drop[:, 0] = False                                   # always keep the most likely token

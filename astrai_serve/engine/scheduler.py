@@ -147,6 +147,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
+            seq.published = False
             self.running.append(seq)
             if not seq.ever_admitted:
                 seq.ever_admitted = True
@@ -180,8 +181,9 @@ class Scheduler:
             if token is None:
                 continue
             seq.token_ids.append(token)
-            if c.num_tokens > 1:
-                self.kv.publish(seq)   # a prefill (or recompute) completed: share its pages
+            if not seq.published:      # a prefill (or recompute) completed: share its pages
+                self.kv.publish(seq)
+                seq.published = True
             if seq.pending_siblings:
                 self.waiting.extendleft(reversed(seq.pending_siblings))
                 seq.pending_siblings = []

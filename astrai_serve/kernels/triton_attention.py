@@ -37,6 +37,56 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _attend_range(
+    acc, l_i, m_i, q1, q2, K, V, pt_row, pos, kvh, lo, hi, kv_hi, scale_log2,
+    stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+    PAGE: tl.constexpr, KD1: tl.constexpr, KD2: tl.constexpr, DV: tl.constexpr,
+    BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+    VALUE_IN_KEY: tl.constexpr, MASKED: tl.constexpr,
+):
+    """Online softmax over keys [lo, hi); MASKED applies the causal limit `pos` and `kv_hi`."""
+    d1 = tl.arange(0, BLOCK_D1)
+    d2 = tl.arange(0, BLOCK_D2)
+    dv = tl.arange(0, BLOCK_DV)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < kv_hi
+        if MASKED:
+            page = tl.load(pt_row + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
+            rows_ok = n_ok[:, None]
+        else:                               # every key of the block exists: no row mask on loads
+            page = tl.load(pt_row + offs_n // PAGE).to(tl.int64)
+            rows_ok = tl.full([BLOCK_N, 1], 1, tl.int1)
+        slot = offs_n % PAGE
+        k_off = page * stride_kp + slot * stride_ks + kvh * stride_kh
+        k1 = tl.load(K + k_off[:, None] + d1[None, :], mask=rows_ok & (d1 < KD1)[None, :], other=0.0)
+        qk = tl.dot(q1, tl.trans(k1))
+        if KD2 > 0:
+            k2 = tl.load(K + k_off[:, None] + KD1 + d2[None, :],
+                         mask=rows_ok & (d2 < KD2)[None, :], other=0.0)
+            qk += tl.dot(q2, tl.trans(k2))
+        if MASKED:
+            visible = n_ok[None, :] & (offs_n[None, :] <= pos[:, None])
+            qk = tl.where(visible, qk * scale_log2, float("-inf"))
+        else:
+            qk = qk * scale_log2
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # a row with nothing visible yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(qk - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if VALUE_IN_KEY:
+            v = k1                                               # the latent is the value
+        else:
+            v_off = page * stride_vp + slot * stride_vs + kvh * stride_vh
+            v = tl.load(V + v_off[:, None] + dv[None, :], mask=rows_ok & (dv < DV)[None, :],
+                        other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _paged_attn_kernel(
     Q, K, V, Out, PartOut, PartLse, PageTable, CuQ, CtxLens, TileSeq, TileBlk,
     scale_log2, n_seqs,
@@ -79,6 +129,7 @@ def _paged_attn_kernel(
     d1 = tl.arange(0, BLOCK_D1)
     q_rows = Q + (q_start + tok).to(tl.int64)[:, None] * stride_qn + head[:, None] * stride_qh
     q1 = tl.load(q_rows + d1[None, :], mask=row_ok[:, None] & (d1 < KD1)[None, :], other=0.0)
+    q2 = q1                                 # placeholder: only read when KD2 > 0
     if KD2 > 0:
         d2 = tl.arange(0, BLOCK_D2)
         q2 = tl.load(q_rows + KD1 + d2[None, :], mask=row_ok[:, None] & (d2 < KD2)[None, :],
@@ -89,34 +140,19 @@ def _paged_attn_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     pt_row = PageTable + seq.to(tl.int64) * stride_pt
-    for start in range(kv_lo, kv_hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < kv_hi
-        page = tl.load(pt_row + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
-        slot = offs_n % PAGE
-        k_off = page * stride_kp + slot * stride_ks + kvh * stride_kh
-        k1 = tl.load(K + k_off[:, None] + d1[None, :], mask=n_ok[:, None] & (d1 < KD1)[None, :],
-                     other=0.0)
-        qk = tl.dot(q1, tl.trans(k1))
-        if KD2 > 0:
-            k2 = tl.load(K + k_off[:, None] + KD1 + d2[None, :],
-                         mask=n_ok[:, None] & (d2 < KD2)[None, :], other=0.0)
-            qk += tl.dot(q2, tl.trans(k2))
-        visible = n_ok[None, :] & (offs_n[None, :] <= pos[:, None])
-        qk = tl.where(visible, qk * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # a row with nothing visible yet
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(qk - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if VALUE_IN_KEY:
-            v = k1                                               # the latent is the value
-        else:
-            v_off = page * stride_vp + slot * stride_vs + kvh * stride_vh
-            v = tl.load(V + v_off[:, None] + dv[None, :], mask=n_ok[:, None] & (dv < DV)[None, :],
-                        other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    # Keys below the tile's first position are visible to every row: no causal or length mask
+    # there. Only the blocks from there to kv_hi (the diagonal; for decode, the last block) pay
+    # for masking. Both bounds are multiples of BLOCK_N, so the two ranges tile [kv_lo, kv_hi).
+    first_pos = ctx - q_len + qblk * TPT
+    full_hi = tl.maximum(tl.minimum((first_pos + 1) // BLOCK_N * BLOCK_N, kv_hi), kv_lo)
+    acc, l_i, m_i = _attend_range(
+        acc, l_i, m_i, q1, q2, K, V, pt_row, pos, kvh, kv_lo, full_hi, kv_hi, scale_log2,
+        stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+        PAGE, KD1, KD2, DV, BLOCK_D1, BLOCK_D2, BLOCK_DV, BLOCK_N, VALUE_IN_KEY, False)
+    acc, l_i, m_i = _attend_range(
+        acc, l_i, m_i, q1, q2, K, V, pt_row, pos, kvh, full_hi, kv_hi, kv_hi, scale_log2,
+        stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+        PAGE, KD1, KD2, DV, BLOCK_D1, BLOCK_D2, BLOCK_DV, BLOCK_N, VALUE_IN_KEY, True)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     o = acc / l_safe[:, None]

@@ -2,8 +2,8 @@
 
 One optimizer update per rollout batch, so the "old" policy is the current one detached (its
 ratio is 1 with the gradient of the log-prob: the on-policy case of the clipped objective).
-batch: prompt_ids (list of token-id lists, chat template applied with the generation prompt)
-and answer (list of str).
+batch (astrai_train.data.collate_grpo): prompts (unpadded token-id lists, the chat template up to
+the assistant's turn) and answers (the strings reward functions check).
 """
 from __future__ import annotations
 
@@ -33,13 +33,6 @@ def pack_sequences(prompts: list[list[int]], completions: list[list[int]], pad_i
     return ids.to(device), mask.to(device)
 
 
-def prompt_lists(prompt_ids: Any) -> list[list[int]]:
-    """The batch's prompts as token-id lists (a list of lists, or a tensor of them)."""
-    if isinstance(prompt_ids, torch.Tensor):
-        return [row.tolist() for row in prompt_ids]
-    return [list(map(int, p)) for p in prompt_ids]
-
-
 class GRPOModule(ObjectiveModule):
     def __init__(self, *args: Any, tokenizer: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -66,8 +59,8 @@ class GRPOModule(ObjectiveModule):
 
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
         g = self.recipe.grpo
-        prompts = prompt_lists(batch["prompt_ids"])
-        answers = list(batch["answer"])
+        prompts = [list(map(int, p)) for p in batch["prompts"]]
+        answers = list(batch["answers"])
         seed = rollout_seed(self.recipe.seed, self.global_step, self.global_rank, self._draw)
         completions = self.sampler.sample(prompts, seed)
         grouped_prompts = [p for p in prompts for _ in range(g.group_size)]

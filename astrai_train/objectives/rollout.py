@@ -54,11 +54,20 @@ class RolloutSampler:
         self._llm: Any = None
         self.stop_ids = set(tokenizer.stop_ids)
 
-    def _engine(self) -> Any:
+    def _engine(self, n_seqs: int, longest_prompt: int) -> Any:
         if self._llm is None:
             from astrai_serve import LLM
 
-            self._llm = LLM.from_model(self.model, self.tokenizer, **self.engine_args)
+            args = dict(self.engine_args)
+            if not {"num_pages", "kv_cache_memory_bytes", "gpu_memory_utilization"} & set(args):
+                # The engine's default takes most free GPU memory for its KV cache; training needs
+                # that memory. Size the cache for this rollout batch, twice over (prompts vary;
+                # the engine preempts and recomputes if a later batch needs more).
+                page = int(args.get("page_size", 16))
+                pages_per_seq = -(-(longest_prompt + self.max_new_tokens) // page)
+                args["num_pages"] = 2 * n_seqs * pages_per_seq + 8
+            args.setdefault("max_num_seqs", n_seqs)
+            self._llm = LLM.from_model(self.model, self.tokenizer, **args)
         return self._llm
 
     @torch.no_grad()
@@ -83,12 +92,13 @@ class RolloutSampler:
         from astrai_serve import SamplingParams
 
         params = [SamplingParams(n=self.group_size, temperature=self.temperature, max_tokens=self.max_new_tokens,
-                                 seed=(seed + i) % (1 << 62), stop_token_ids=sorted(self.stop_ids))
+                                 seed=(seed + i) % (1 << 62), stop_token_ids=tuple(sorted(self.stop_ids)))
                   for i in range(len(prompts))]
-        outputs = self._engine().generate(prompts, params)
+        llm = self._engine(len(prompts) * self.group_size, max(len(p) for p in prompts))
+        outputs = llm.generate(prompts, params)
         completions: list[list[int]] = []
         for out in outputs:
-            samples = getattr(out, "outputs", None) or [out]
+            samples = out.outputs
             if len(samples) != self.group_size:
                 raise RuntimeError(f"the engine returned {len(samples)} samples for n={self.group_size}")
             completions.extend(list(s.token_ids) for s in samples)
@@ -97,4 +107,4 @@ class RolloutSampler:
     def weights_changed(self) -> None:
         """After an optimizer step: cached prefixes hold K/V of the old weights."""
         if self._llm is not None:
-            self._llm.reset_prefix_cache()
+            self._llm.engine.reset_prefix_cache()

@@ -1,0 +1,192 @@
+"""`astrai eval`: how good is a model directory on the held-out Shakespeare tasks?
+
+    perplexity            on held-out text (seq_eval.txt), teacher-forced windows
+    speaker accuracy      greedy answer == the speaker (multiple choice in the prompt)
+    next-line preference  log p(true next line) > log p(a line from elsewhere)  (dpo_eval.jsonl)
+    arithmetic accuracy   greedy answer == the sum
+
+Each metric comes with its chance level, so "before and after training" figures can be read
+against what guessing would score.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from astrai_train.data.records import encode_record
+
+# name -> (label, what "n" counts)
+METRICS = {
+    "perplexity": ("perplexity (held-out text)", "tokens"),
+    "speaker_accuracy": ("speaker accuracy", "prompts"),
+    "next_line_preference": ("next-line preference", "pairs"),
+    "arithmetic_accuracy": ("arithmetic accuracy", "prompts"),
+}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """One `astrai eval` run."""
+
+    model: str                  # model directory (config.json, weights, tokenizer)
+    data: str                   # task directory written by `astrai tasks`
+    limit: int = 200            # examples per task metric
+    ppl_tokens: int = 16384     # tokens of seq_eval.txt scored for perplexity
+    window: int = 256           # perplexity window (capped by the model's max_len)
+    batch_size: int = 16        # sequences per forward pass / generation batch
+    max_new_tokens: int = 12    # generation budget for speaker and arithmetic answers
+    device: str = "cpu"         # torch device
+
+    def __post_init__(self) -> None:
+        for name in ("limit", "ppl_tokens", "window", "batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"eval {name} must be >= 1, got {getattr(self, name)}")
+
+
+def _read_jsonl(path: Path, task: str | None, limit: int) -> list[dict[str, Any]]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+            if task is None or rec.get("task") == task:
+                out.append(rec)
+                if len(out) >= limit:
+                    break
+    return out
+
+
+@torch.no_grad()
+def perplexity(model, tok, text: str, n_tokens: int, window: int, batch_size: int, device: str) -> tuple[float, int]:
+    """exp(mean next-token NLL) over the first n_tokens tokens of text, in non-overlapping windows."""
+    ids = tok.encode(text[: n_tokens * 16])[: n_tokens + 1]  # ~4 chars a token; 16x is plenty
+    window = min(window, model.config.max_len)
+    rows = [ids[i:i + window + 1] for i in range(0, len(ids) - 1, window)]
+    rows = [r for r in rows if len(r) > 1]
+    total, count = 0.0, 0
+    for b in range(0, len(rows), batch_size):
+        chunk = rows[b:b + batch_size]
+        length = max(len(r) for r in chunk)
+        x = torch.full((len(chunk), length), tok.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(chunk), length - 1, dtype=torch.bool)
+        for i, r in enumerate(chunk):
+            x[i, :len(r)] = torch.tensor(r)
+            mask[i, :len(r) - 1] = True
+        x = x.to(device)
+        logits = model(x[:, :-1]).float()
+        nll = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
+        total += nll[mask.to(device)].sum().item()
+        count += int(mask.sum())
+    if count == 0:
+        raise ValueError("the held-out text is empty: nothing to compute perplexity on")
+    return math.exp(total / count), count
+
+
+@torch.no_grad()
+def exact_match(model, tok, records: list[dict[str, Any]], batch_size: int, max_new_tokens: int) -> float:
+    """Fraction of prompts whose greedy answer, stripped, equals the record's answer."""
+    from astrai_train.model.generate import generate
+
+    hits = 0
+    for b in range(0, len(records), batch_size):
+        chunk = records[b:b + batch_size]
+        prompts = [encode_record("grpo", r, tok)["prompt"].tolist() for r in chunk]
+        outs = generate(model, prompts, max_new_tokens, eos_ids=tok.stop_ids)
+        hits += sum(tok.decode(o).strip() == str(r["answer"]).strip() for o, r in zip(outs, chunk))
+    return hits / len(records)
+
+
+@torch.no_grad()
+def _sequence_logprobs(model, ids: list[list[int]], masks: list[list[int]], pad_id: int, device: str) -> torch.Tensor:
+    length = max(len(s) for s in ids)
+    x = torch.full((len(ids), length), pad_id, dtype=torch.long)
+    m = torch.zeros(len(ids), length, dtype=torch.bool)
+    for i, (s, k) in enumerate(zip(ids, masks)):
+        x[i, :len(s)] = torch.tensor(s)
+        m[i, :len(k)] = torch.tensor(k, dtype=torch.bool)
+    x, m = x.to(device), m.to(device)
+    logp = torch.log_softmax(model(x[:, :-1]).float(), -1).gather(-1, x[:, 1:, None]).squeeze(-1)
+    return (logp * m[:, 1:]).sum(-1).cpu()
+
+
+def preference_accuracy(model, tok, records: list[dict[str, Any]], batch_size: int, device: str) -> float:
+    """Fraction of pairs where the chosen completion gets the higher total log-prob."""
+    wins = 0
+    for b in range(0, len(records), batch_size):
+        enc = [encode_record("dpo", r, tok) for r in records[b:b + batch_size]]
+        ids = [e["chosen"].tolist() for e in enc] + [e["rejected"].tolist() for e in enc]
+        masks = [e["chosen_mask"].tolist() for e in enc] + [e["rejected_mask"].tolist() for e in enc]
+        lp = _sequence_logprobs(model, ids, masks, tok.pad_id, device)
+        wins += int((lp[:len(enc)] > lp[len(enc):]).sum())
+    return wins / len(records)
+
+
+def _choices_chance(records: list[dict[str, Any]]) -> float:
+    """Mean 1/k over speaker prompts, k the number of names after 'Choose from:'."""
+    inv = []
+    for r in records:
+        prompt = r["prompt"] if isinstance(r["prompt"], str) else r["prompt"][-1]["content"]
+        m = re.search(r"Choose from: (.*?)\.\n", prompt)
+        inv.append(1.0 / len(m.group(1).split(", ")) if m else 0.0)
+    return sum(inv) / len(inv)
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, dict[str, float]]:
+    """{metric: {"value", "chance", "n"}} for each metric whose task file exists in cfg.data."""
+    from astrai_train.model import Transformer
+    from astrai_train.tokenizer import Tokenizer
+
+    data = Path(cfg.data)
+    if not data.is_dir():
+        raise FileNotFoundError(f"task directory {cfg.data!r} does not exist (create it with `astrai tasks`)")
+    files = {name: data / name for name in ("seq_eval.txt", "grpo_eval.jsonl", "dpo_eval.jsonl")}
+    if not any(p.is_file() for p in files.values()):
+        raise FileNotFoundError(f"{cfg.data!r} has none of {', '.join(files)}; is it an `astrai tasks` directory?")
+    if not Path(cfg.model).is_dir():
+        raise FileNotFoundError(f"model directory {cfg.model!r} does not exist")
+    model = Transformer.from_pretrained(cfg.model, device=cfg.device, dtype=torch.float32).eval()
+    tok = Tokenizer.from_pretrained(cfg.model)
+    manifest = data / "manifest.json"
+    max_operand = json.loads(manifest.read_text())["config"]["max_operand"] if manifest.is_file() else 99
+
+    results: dict[str, dict[str, float]] = {}
+    if files["seq_eval.txt"].is_file():
+        text = files["seq_eval.txt"].read_text(encoding="utf-8")
+        ppl, n = perplexity(model, tok, text, cfg.ppl_tokens, cfg.window, cfg.batch_size, cfg.device)
+        results["perplexity"] = {"value": ppl, "chance": float(tok.vocab_size), "n": n}
+    if files["grpo_eval.jsonl"].is_file():
+        speaker = _read_jsonl(files["grpo_eval.jsonl"], "speaker", cfg.limit)
+        if speaker:
+            results["speaker_accuracy"] = {"value": exact_match(model, tok, speaker, cfg.batch_size, cfg.max_new_tokens),
+                                           "chance": _choices_chance(speaker), "n": len(speaker)}
+        arith = _read_jsonl(files["grpo_eval.jsonl"], "arithmetic", cfg.limit)
+        if arith:
+            results["arithmetic_accuracy"] = {"value": exact_match(model, tok, arith, cfg.batch_size, cfg.max_new_tokens),
+                                              "chance": 1.0 / (2 * max_operand + 1), "n": len(arith)}
+    if files["dpo_eval.jsonl"].is_file():
+        pairs = _read_jsonl(files["dpo_eval.jsonl"], None, cfg.limit)
+        if pairs:
+            results["next_line_preference"] = {"value": preference_accuracy(model, tok, pairs, cfg.batch_size, cfg.device),
+                                               "chance": 0.5, "n": len(pairs)}
+    return results
+
+
+def format_table(results: dict[str, dict[str, float]]) -> str:
+    lines = [f"{'metric':<28}{'value':>10}{'chance':>10}{'n':>9}"]
+    for name, (label, unit) in METRICS.items():
+        if name in results:
+            r = results[name]
+            fmt = ".2f" if name == "perplexity" else ".3f"
+            lines.append(f"{label:<28}{r['value']:>10{fmt}}{r['chance']:>10{fmt}}{int(r['n']):>9} {unit}")
+    return "\n".join(lines)

@@ -1,0 +1,430 @@
+"""Serving benchmark: astrai's engine and daemon against Hugging Face transformers, same GPU, same
+random-weight model, same requests, one run. Prints one table and writes JSON.
+
+    python bench/serve.py [--preset qwen3-0.6b] [--num-requests 256] [--workloads W1,W2,W3,W4]
+                          [--json out.json] [--skip-peer] [--tiny]
+
+W1 throughput   N requests, prompt and output lengths each uniform in 100-1024 (seed 0, ignore_eos):
+                astrai output tok/s. Like-for-like vs HF: every system generates a FIXED 256 tokens
+                per request; HF `generate_batch` (continuous batching, paged) and batched
+                `generate` (left-padded, batches sorted by prompt length).
+W2 prefix       N requests = one 2,000-token system prompt + a 50-150-token question, 64 output
+                tokens: output tok/s with the radix prefix cache on vs off (cold cache each run).
+W3 latency      batch 1, 512-token prompt, 256 output tokens: decode ms/token vs the memory
+                roofline (weight bytes + average KV bytes) / device copy bandwidth measured here.
+W4 online       the W1 requests through `astrai serve`'s OpenAI REST facade, streamed with the
+                `openai` AsyncOpenAI client at a fixed request rate: TTFT/TPOT p50/p99 and
+                output tok/s vs W1 offline.
+
+Each system runs in its own process on the GPU (see common.run_isolated); --tiny runs everything
+at toy sizes in-process on the CPU (the smoke test). Token ids are random; the model directory
+carries a synthetic tokenizer covering the whole vocabulary so every generated id has text.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from common import Row, key, log  # noqa: E402
+
+FIRST_ID = 5  # ids below are the tokenizer's special tokens: prompts are drawn above them
+
+
+@dataclass(frozen=True)
+class Sizes:
+    num_requests: int = 256                 # requests in W1, W2 and W4
+    prompt_range: tuple[int, int] = (100, 1024)  # W1 prompt lengths, uniform, inclusive
+    output_range: tuple[int, int] = (100, 1024)  # W1 output lengths, uniform, inclusive
+    fixed_output: int = 256                 # W1 like-for-like output length (all systems)
+    shared_prefix: int = 2000               # W2 shared system-prompt length
+    question_range: tuple[int, int] = (50, 150)  # W2 unique question lengths
+    w2_output: int = 64                     # W2 output tokens per request
+    w3_prompt: int = 512                    # W3 prompt length
+    w3_output: int = 256                    # W3 output tokens
+
+
+FULL = Sizes()
+TINY = Sizes(num_requests=6, prompt_range=(8, 32), output_range=(4, 12), fixed_output=8, shared_prefix=48,
+             question_range=(4, 12), w2_output=4, w3_prompt=16, w3_output=8)
+
+
+def sizes_from(data: dict[str, Any]) -> Sizes:
+    return Sizes(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+# ---- the requests (deterministic: every process draws the same ones) --------------------------
+
+def _ids(rng: random.Random, n: int, vocab: int) -> list[int]:
+    return [rng.randrange(FIRST_ID, vocab) for _ in range(n)]
+
+
+def w1_requests(s: Sizes, vocab: int) -> list[tuple[list[int], int]]:
+    rng = random.Random(0)
+    return [(_ids(rng, rng.randint(*s.prompt_range), vocab), rng.randint(*s.output_range))
+            for _ in range(s.num_requests)]
+
+
+def w2_prompts(s: Sizes, vocab: int) -> list[list[int]]:
+    rng = random.Random(1)
+    prefix = _ids(rng, s.shared_prefix, vocab)
+    return [prefix + _ids(rng, rng.randint(*s.question_range), vocab) for _ in range(s.num_requests)]
+
+
+def w3_prompt(s: Sizes, vocab: int) -> list[int]:
+    return _ids(random.Random(2), s.w3_prompt, vocab)
+
+
+# Metric names depend on the sizes, so phases and placeholders agree on the row keys.
+def var_metric(s: Sizes) -> str:
+    return f"output tok/s ({s.output_range[0]}-{s.output_range[1]} out)"
+
+
+def fixed_metric(s: Sizes) -> str:
+    return f"output tok/s ({s.fixed_output} out)"
+
+
+CACHE_ON, CACHE_OFF = "astrai (prefix cache on)", "astrai (prefix cache off)"
+HF_CB, HF_GEN = "hf generate_batch", "hf generate"
+
+
+def repeated(fn: Any, repeats: int, budget_s: float) -> list[Any]:
+    """fn() at least once, then again while under `repeats` runs and the budget allows one more."""
+    out, start = [], time.perf_counter()
+    while True:
+        out.append(fn())
+        elapsed = time.perf_counter() - start
+        if len(out) >= repeats or elapsed * (len(out) + 1) / len(out) > budget_s:
+            return out
+
+
+# ---- phase: astrai offline (W1, W3, W2 cache on) / W2 cache off --------------------------------
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes moved per second (read + write) by a large device-to-device copy."""
+    import torch
+
+    n = (1 << 30) if device == "cuda" else (64 << 20)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    iters = 10
+    secs, _ = common.timed(lambda: [dst.copy_(src) for _ in range(iters)], device)
+    del src, dst
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return 2 * n * iters / secs
+
+
+def weight_read_bytes(model_dir: str) -> tuple[int, Any]:
+    """Bytes of weights one decode step reads (an untied input embedding is a row lookup)."""
+    from astrai_train.model import ModelConfig
+
+    config = ModelConfig.from_json(model_dir)
+    total = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
+    if not config.tie_weight:
+        total -= config.vocab_size * config.dim * 2
+    return total, config
+
+
+def _engine(spec: dict[str, Any], **overrides: Any) -> Any:
+    from astrai_serve import LLM
+
+    return LLM(spec["model_dir"], **{**spec["engine"], **overrides})
+
+
+def _runner(llm: Any, spec: dict[str, Any]) -> Any:
+    from astrai_serve import SamplingParams
+
+    def run(prompts: list[list[int]], outs: list[int]) -> dict[str, Any]:
+        llm.engine.reset_prefix_cache()  # every run starts cold: repeats must not hit the last one's cache
+        params = [SamplingParams(max_tokens=n, temperature=spec["temperature"], ignore_eos=True) for n in outs]
+        secs, res = common.timed(lambda: llm.generate(prompts, params), spec["device"])
+        tokens = sum(len(r.outputs[0].token_ids) for r in res)
+        if tokens != sum(outs):
+            raise RuntimeError(f"asked for {sum(outs)} tokens with ignore_eos, got {tokens}")
+        return {"secs": secs, "tps": tokens / secs, "prompt": sum(r.prompt_tokens for r in res),
+                "cached": sum(r.cached_tokens for r in res)}
+    return run
+
+
+def phase_astrai(spec: dict[str, Any]) -> dict[str, Any]:
+    s, vocab, wl = sizes_from(spec["sizes"]), spec["vocab"], spec["workloads"]
+    reps, budget = spec["repeats"], spec["budget_s"]
+    rows: list[Row] = []
+    bandwidth = copy_bandwidth(spec["device"]) if "W3" in wl else None  # before the KV cache takes the memory
+    llm = _engine(spec)
+    run = _runner(llm, spec)
+    reqs = w1_requests(s, vocab)
+    run([p for p, _ in reqs[:32]], [min(n, 32) for _, n in reqs[:32]])  # warm-up: kernels, allocator
+    note = f"median of {{}}; greedy={spec['temperature'] == 0}, ignore_eos"
+    if "W1" in wl:
+        runs = repeated(lambda: run([p for p, _ in reqs], [n for _, n in reqs]), reps, budget)
+        rows.append(Row("W1", "astrai", var_metric(s), common.median([r["tps"] for r in runs]),
+                        note=f"{s.num_requests} req, prompt {s.prompt_range[0]}-{s.prompt_range[1]}, "
+                             + note.format(len(runs))))
+        runs = repeated(lambda: run([p for p, _ in reqs], [s.fixed_output] * len(reqs)), reps, budget)
+        rows.append(Row("W1", "astrai", fixed_metric(s), common.median([r["tps"] for r in runs]),
+                        peers=[key("W1", HF_CB, fixed_metric(s)), key("W1", HF_GEN, fixed_metric(s))],
+                        note=note.format(len(runs))))
+    if "W3" in wl:
+        prompt = w3_prompt(s, vocab)
+        first = repeated(lambda: run([prompt], [1]), max(reps, 3), budget)
+        full = repeated(lambda: run([prompt], [s.w3_output]), max(reps, 3), budget)
+        ttft = common.median([r["secs"] for r in first])
+        decode_ms = (common.median([r["secs"] for r in full]) - ttft) / (s.w3_output - 1) * 1e3
+        weights, config = weight_read_bytes(spec["model_dir"])
+        from astrai_train.model import kv_layout
+        import torch
+
+        kv_avg = kv_layout(config).bytes_per_token(config.n_layers, torch.bfloat16) * (s.w3_prompt + s.w3_output / 2)
+        roofline_ms = (weights + kv_avg) / bandwidth * 1e3
+        rows += [
+            Row("W3", "astrai", "decode ms/token", decode_ms, peers=[key("W3", "roofline", "decode ms/token")],
+                note=f"batch 1, {s.w3_prompt}-token prompt, {s.w3_output} out; (full - first-token time) / "
+                     f"{s.w3_output - 1}; ratio > 1 = slower than the roofline"),
+            Row("W3", "roofline", "decode ms/token", roofline_ms,
+                note=f"(weights {weights / 1e9:.3f} GB + avg KV {kv_avg / 1e6:.1f} MB) / copy {bandwidth / 1e9:.0f} GB/s"),
+            Row("W3", "astrai", "first token ms", ttft * 1e3, note=f"{s.w3_prompt}-token prompt, cold cache"),
+            Row("W3", "device", "copy GB/s (read+write)", bandwidth / 1e9, note="device-to-device copy of 1 GiB"),
+        ]
+    if "W2" in wl:
+        rows += _w2_rows(run, s, vocab, reps, budget, CACHE_ON)
+    return common.phase_result(rows)
+
+
+def _w2_rows(run: Any, s: Sizes, vocab: int, reps: int, budget: float, system: str) -> list[Row]:
+    prompts = w2_prompts(s, vocab)
+    runs = repeated(lambda: run(prompts, [s.w2_output] * len(prompts)), reps, budget)
+    tps = common.median([r["tps"] for r in runs])
+    note = (f"{s.num_requests} req, {s.shared_prefix}-token shared prefix + {s.question_range[0]}-"
+            f"{s.question_range[1]} question, {s.w2_output} out, cold cache; median of {len(runs)}")
+    rows = [Row("W2", system, "output tok/s", tps, note=note,
+                peers=[key("W2", CACHE_OFF, "output tok/s")] if system == CACHE_ON else [])]
+    if system == CACHE_ON:
+        hit = runs[-1]["cached"] / max(runs[-1]["prompt"], 1)
+        rows.append(Row("W2", system, "prompt tokens from cache %", 100 * hit))
+    return rows
+
+
+def phase_astrai_nocache(spec: dict[str, Any]) -> dict[str, Any]:
+    s = sizes_from(spec["sizes"])
+    llm = _engine(spec, enable_prefix_cache=False)
+    run = _runner(llm, spec)
+    prompts = w2_prompts(s, spec["vocab"])[:8]
+    run(prompts, [4] * len(prompts))  # warm-up
+    return common.phase_result(_w2_rows(run, s, spec["vocab"], spec["repeats"], spec["budget_s"], CACHE_OFF))
+
+
+# ---- phases: the Hugging Face peers (serve_hf.py) and W4 (serve_online.py) -------------------
+
+def _hf_prompts(s: Sizes, spec: dict[str, Any]) -> list[list[int]]:
+    prompts = [p for p, _ in w1_requests(s, spec["vocab"])]
+    return prompts[: spec["hf_requests"] or len(prompts)]
+
+
+def phase_hf_cb(spec: dict[str, Any]) -> dict[str, Any]:
+    import serve_hf
+
+    s = sizes_from(spec["sizes"])
+    model = serve_hf.load_model(spec["hf_dir"], spec["device"])
+    r = serve_hf.generate_batch_throughput(model, _hf_prompts(s, spec), s.fixed_output, spec["temperature"],
+                                           spec["device"])
+    note = (f"{r['requests']}/{s.num_requests} requests; timed by HF's request stamps"
+            f"{'' if r['stamped'] else ' (missing: wall time)'}; {r['wall']:.0f} s wall incl. its warm-up")
+    note += "".join(f"; {p}" for p in r["problems"])
+    return common.phase_result([Row("W1", HF_CB, fixed_metric(s), r["tps"], note=note)])
+
+
+def phase_hf_generate(spec: dict[str, Any]) -> dict[str, Any]:
+    import serve_hf
+
+    s = sizes_from(spec["sizes"])
+    model = serve_hf.load_model(spec["hf_dir"], spec["device"])
+    r = serve_hf.generate_throughput(model, _hf_prompts(s, spec), s.fixed_output, spec["temperature"],
+                                     spec["device"], spec["hf_batch_size"], spec["budget_s"])
+    note = (f"{r['requests']}/{s.num_requests} requests (time budget {spec['budget_s']:.0f} s), batches of "
+            f"{spec['hf_batch_size']}, left-padded, sorted by prompt length")
+    return common.phase_result([Row("W1", HF_GEN, fixed_metric(s), r["tps"], note=note)])
+
+
+def run_online(spec: dict[str, Any], rate: float, client_procs: int, extra_env: dict[str, str]) -> list[Row]:
+    import serve_online
+
+    s = sizes_from(spec["sizes"])
+    daemon = serve_online.Daemon(spec["model_dir"], spec["engine"], spec["phase_timeout_s"], extra_env)
+    try:
+        r = serve_online.load_test(daemon.url, daemon.model, w1_requests(s, spec["vocab"]), rate, client_procs,
+                                   spec["temperature"])
+    finally:
+        daemon.stop()
+    note = (f"{r['ok']}/{r['sent']} ok, {rate:g} req/s evenly spaced, openai AsyncOpenAI streaming, "
+            f"{client_procs} client proc(s), client CPU busy <= {100 * r['cpu_busy']:.0f}%")
+    if r["errors"]:
+        note += f"; {len(r['errors'])} errors, first: {r['errors'][0]}"
+    if "tps" not in r:
+        return [Row("W4", "astrai REST", "output tok/s", None, note=note)]
+    return [
+        Row("W4", "astrai REST", "output tok/s", r["tps"], peers=[key("W1", "astrai", var_metric(s))], note=note),
+        Row("W4", "astrai REST", "TTFT p50 ms", r["ttft"][0]),
+        Row("W4", "astrai REST", "TTFT p99 ms", r["ttft"][1]),
+        Row("W4", "astrai REST", "TPOT p50 ms", r["tpot"][0]),
+        Row("W4", "astrai REST", "TPOT p99 ms", r["tpot"][1]),
+    ]
+
+
+# ---- orchestration ----------------------------------------------------------------------------
+
+PHASES = {"astrai": phase_astrai, "astrai-nocache": phase_astrai_nocache, "hf-cb": phase_hf_cb,
+          "hf-generate": phase_hf_generate}
+
+
+def placeholders(phase: str, s: Sizes, why: str) -> list[Row]:
+    """The rows a phase that failed would have produced, valueless, so the table keeps them."""
+    rows = {"astrai": [Row("W1", "astrai", fixed_metric(s), None)],
+            "astrai-nocache": [Row("W2", CACHE_OFF, "output tok/s", None)],
+            "hf-cb": [Row("W1", HF_CB, fixed_metric(s), None)],
+            "hf-generate": [Row("W1", HF_GEN, fixed_metric(s), None)]}[phase]
+    for r in rows:
+        r.note = f"failed: {why}"
+    return rows
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench/serve.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default=None, help="model preset with random bf16 weights (default qwen3-0.6b; tiny with --tiny)")
+    p.add_argument("--num-requests", type=int, default=None, help="requests in W1/W2/W4 (default 256)")
+    p.add_argument("--workloads", default="W1,W2,W3,W4", help="comma-separated subset of W1,W2,W3,W4")
+    p.add_argument("--json", default="bench-serve.json", help="where to write the JSON results ('' for none)")
+    p.add_argument("--skip-peer", action="store_true", help="do not run the Hugging Face peers")
+    p.add_argument("--tiny", action="store_true", help="toy sizes and the tiny preset, for a CPU smoke run")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature for every system (0 = greedy)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per measurement (median), while the budget allows")
+    p.add_argument("--budget-s", type=float, default=None, help="seconds per measurement incl. repeats, and per HF peer (default 90)")
+    p.add_argument("--hf-requests", type=int, default=None, help="cap the requests given to the HF peers (default all)")
+    p.add_argument("--hf-batch-size", type=int, default=128, help="batch size of HF batched generate (default 128)")
+    p.add_argument("--rate", type=float, default=64.0, help="W4 request rate, requests/s (default 64)")
+    p.add_argument("--client-procs", type=int, default=None, help="W4 client processes (default 4; 1 with --tiny)")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="engine: most sequences at once (default 256)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="engine: token budget per step (default 16384)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None, help="engine: share of free GPU memory for KV")
+    p.add_argument("--page-size", type=int, default=None, help="engine: tokens per KV page")
+    p.add_argument("--attention-impl", default=None, help="engine: torch | triton")
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                   help="one process per system (default: on with CUDA, off on the CPU)")
+    p.add_argument("--phase-timeout-s", type=float, default=300.0, help="kill a system's process after this long")
+    p.add_argument("--keep-dir", action="store_true", help="keep the temporary model directories")
+    p.add_argument("--phase", help=argparse.SUPPRESS)
+    p.add_argument("--spec", help=argparse.SUPPRESS)
+    p.add_argument("--phase-out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    bad = sorted(set(args.workloads.split(",")) - {"W1", "W2", "W3", "W4"})
+    if bad:
+        p.error(f"--workloads: unknown workload {bad[0]!r} (choose from W1,W2,W3,W4)")
+    for name in ("num_requests", "repeats", "hf_batch_size", "hf_requests", "client_procs"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} {value}: must be >= 1")
+    if args.rate <= 0:
+        p.error(f"--rate {args.rate}: must be > 0")
+    return args
+
+
+def build_spec(args: argparse.Namespace, model_dir: Path, hf_dir: Path | None, vocab: int, device: str) -> dict[str, Any]:
+    sizes = TINY if args.tiny else FULL
+    if args.num_requests:
+        sizes = replace(sizes, num_requests=args.num_requests)
+    longest = max(sizes.prompt_range[1] + max(sizes.output_range[1], sizes.fixed_output),
+                  sizes.shared_prefix + sizes.question_range[1] + sizes.w2_output, sizes.w3_prompt + sizes.w3_output)
+    engine: dict[str, Any] = {"max_num_seqs": args.max_num_seqs or (8 if args.tiny else 256),
+                              "max_num_batched_tokens": args.max_num_batched_tokens or (256 if args.tiny else 16384),
+                              "max_model_len": 1 << (longest - 1).bit_length()}
+    for name in ("gpu_memory_utilization", "page_size", "attention_impl"):
+        if getattr(args, name) is not None:
+            engine[name] = getattr(args, name)
+    return {"model_dir": str(model_dir), "hf_dir": str(hf_dir) if hf_dir else None, "sizes": asdict(sizes),
+            "vocab": vocab, "device": device, "engine": engine, "temperature": args.temperature,
+            "repeats": args.repeats, "budget_s": args.budget_s or (20.0 if args.tiny else 90.0),
+            "hf_requests": args.hf_requests, "hf_batch_size": args.hf_batch_size,
+            "workloads": args.workloads.split(","), "phase_timeout_s": args.phase_timeout_s}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.phase:  # a child process running one system
+        result = PHASES[args.phase](json.loads(Path(args.spec).read_text()))
+        Path(args.phase_out).write_text(json.dumps(result))
+        return 0
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    isolate = device == "cuda" if args.isolate is None else args.isolate
+    thread_env: dict[str, str] = {}
+    if args.tiny and device == "cpu":
+        # Toy matmuls gain nothing from threads, and on a busy machine spinning OpenMP threads
+        # make them ~10x slower: one thread keeps the smoke run fast.
+        torch.set_num_threads(1)
+        thread_env["OMP_NUM_THREADS"] = "1"
+    env = common.environment()
+    workdir = Path(tempfile.mkdtemp(prefix="astrai-bench-serve-"))
+    rows: list[Row] = []
+    try:
+        preset = args.preset or ("tiny" if args.tiny else "qwen3-0.6b")
+        log(f"building {preset} with random bf16 weights in {workdir}")
+        model_dir = common.random_model_dir(preset, workdir / "model", dtype="bfloat16")
+        hf_dir = None
+        wl = args.workloads.split(",")
+        peers = not args.skip_peer and "W1" in wl
+        if peers:
+            from astrai_train.model.hf import export_hf
+
+            hf_dir = export_hf(model_dir, workdir / "hf", dtype=torch.bfloat16)
+        vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+        spec = build_spec(args, model_dir, hf_dir, vocab, device)
+        sizes = sizes_from(spec["sizes"])
+        phases = []
+        if set(wl) & {"W1", "W2", "W3"}:
+            phases.append("astrai")
+        if "W2" in wl:
+            phases.append("astrai-nocache")
+        if peers:
+            phases += ["hf-cb", "hf-generate"]
+        for phase in phases:
+            log(f"phase {phase}")
+            if isolate:
+                result = common.run_isolated(__file__, phase, spec, args.phase_timeout_s, workdir)
+            else:
+                try:
+                    result = PHASES[phase](spec)
+                except Exception as exc:  # one system failing must not lose the others' figures
+                    result = {"error": f"{type(exc).__name__}: {exc}"}
+            rows += common.rows_of(result) if "error" not in result else placeholders(phase, sizes, result["error"])
+        if "W4" in wl:
+            log("phase online (W4): astrai serve + openai client")
+            try:
+                rows += run_online(spec, args.rate, args.client_procs or (1 if args.tiny else 4), thread_env)
+            except Exception as exc:
+                rows.append(Row("W4", "astrai REST", "output tok/s", None, note=f"failed: {type(exc).__name__}: {exc}"))
+        settings = {**{k: v for k, v in spec.items() if k not in ("model_dir", "hf_dir")}, "preset": preset,
+                    "rate": args.rate, "isolate": isolate}
+        common.report("bench/serve.py", rows, env, settings, args.json or None)
+    finally:
+        if args.keep_dir:
+            log(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""W4 of bench/serve.py: `astrai serve` as a real subprocess, loaded through its OpenAI REST facade
+by the `openai` package's AsyncOpenAI client, streaming, at a fixed request rate.
+
+Per request: TTFT = first text chunk - send; TPOT = (last chunk - first chunk) / (tokens - 1).
+Throughput = all completion tokens / (last response end - first send). Requests are spread over
+several client processes so that parsing ~10^5 SSE chunks never makes the client the bottleneck;
+each reports how busy its CPU was, which the table shows.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import multiprocessing
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from typing import Any
+
+import common
+
+
+def engine_flags(engine: dict[str, Any]) -> list[str]:
+    """Engine settings as `astrai serve` flags (each EngineConfig field is a flag)."""
+    flags = []
+    for name, value in engine.items():
+        flag = name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            flags += [f"--{flag}", str(value)]
+    return flags
+
+
+class Daemon:
+    """`astrai serve` on free ports; `url` is its REST facade, answering /health with 200."""
+
+    def __init__(self, model_dir: str, engine: dict[str, Any], timeout_s: float = 300.0,
+                 extra_env: dict[str, str] | None = None) -> None:
+        env = {**os.environ, **(extra_env or {})}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(common.ROOT), env.get("PYTHONPATH")) if p)
+        cmd = [sys.executable, "-m", "astrai_train.cli", "serve", "--model", model_dir, "--grpc-port", "0",
+               "--http-port", "0", "--log-level", "warning", *engine_flags(engine)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=common.ROOT)
+        box: list[str] = []
+        reader = threading.Thread(target=lambda: box.append(self.proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout_s)
+        line = box[0] if box else ""
+        fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
+        if "ready" not in line or "http" not in fields:
+            self.stop()
+            raise RuntimeError(f"astrai serve was not ready within {timeout_s:.0f} s (stdout: {line!r})")
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # never block on a full pipe
+        self.url, self.model = fields["http"], fields.get("model", "model")
+        deadline = time.monotonic() + 60
+        while not self._healthy():
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{self.url}/health did not answer 200 within 60 s")
+            time.sleep(0.2)
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=5) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+async def _one(client: Any, model: str, prompt: list[int], max_tokens: int, send_at: float,
+               temperature: float) -> dict[str, Any]:
+    await asyncio.sleep(max(0.0, send_at - time.time()))
+    start = time.time()
+    first = last = None
+    tokens = chunks = 0
+    try:
+        stream = await client.completions.create(
+            model=model, prompt=prompt, max_tokens=max_tokens, temperature=temperature, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        async for chunk in stream:
+            now = time.time()
+            if chunk.choices and chunk.choices[0].text:
+                first = first if first is not None else now
+                last, chunks = now, chunks + 1
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+    except Exception as exc:  # a failed request is counted and reported; the others go on
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    return {"start": start, "first": first, "last": last, "end": time.time(), "tokens": tokens or chunks}
+
+
+def client_worker(url: str, model: str, jobs: list[tuple[list[int], int, float]], temperature: float) -> dict[str, Any]:
+    """One client process: its share of the requests, each sent at its absolute time (time.time)."""
+    from openai import AsyncOpenAI
+
+    async def main() -> list[dict[str, Any]]:
+        client = AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=3600)
+        try:
+            return await asyncio.gather(*(_one(client, model, p, n, at, temperature) for p, n, at in jobs))
+        finally:
+            await client.close()
+
+    cpu, wall = time.process_time(), time.time()
+    results = asyncio.run(main())
+    return {"results": results, "cpu_busy": (time.process_time() - cpu) / max(time.time() - wall, 1e-9)}
+
+
+def load_test(url: str, model: str, requests: list[tuple[list[int], int]], rate: float, client_procs: int,
+              temperature: float) -> dict[str, Any]:
+    """Send `requests` (prompt ids, max_tokens) at `rate` per second, evenly spaced; summarise."""
+    client_worker(url, model, [(p, 16, time.time()) for p, _ in requests[:8]], temperature)  # warm-up burst
+    start = time.time() + (3.0 if client_procs > 1 else 0.2)  # time for the client processes to start
+    jobs = [(p, n, start + i / rate) for i, (p, n) in enumerate(requests)]
+    if client_procs == 1:
+        outs = [client_worker(url, model, jobs, temperature)]
+    else:
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that holds a CUDA context
+        with concurrent.futures.ProcessPoolExecutor(client_procs, mp_context=ctx) as pool:
+            futures = [pool.submit(client_worker, url, model, jobs[k::client_procs], temperature)
+                       for k in range(client_procs)]
+            outs = [f.result() for f in futures]
+    results = [r for o in outs for r in o["results"]]
+    ok = [r for r in results if "error" not in r and r["first"] is not None]
+    summary: dict[str, Any] = {"ok": len(ok), "sent": len(results), "cpu_busy": max(o["cpu_busy"] for o in outs),
+                               "errors": [r["error"] for r in results if "error" in r]}
+    if ok:
+        ttft = [1e3 * (r["first"] - r["start"]) for r in ok]
+        tpot = [1e3 * (r["last"] - r["first"]) / (r["tokens"] - 1) for r in ok if r["tokens"] > 1]
+        summary["tps"] = sum(r["tokens"] for r in ok) / (max(r["end"] for r in ok) - min(r["start"] for r in ok))
+        summary["ttft"] = (common.percentile(ttft, 50), common.percentile(ttft, 99))
+        summary["tpot"] = (common.percentile(tpot, 50), common.percentile(tpot, 99)) if tpot else (None, None)
+    return summary

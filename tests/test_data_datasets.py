@@ -1,0 +1,122 @@
+"""Datasets: window arithmetic across segment boundaries, mask alignment, collates, DataModule."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from astrai_train.data import (AstraiDataModule, DataConfig, DPODataset, GRPODataset, SeqDataset, SFTDataset,
+                               collate_dpo, collate_grpo, num_windows)
+from astrai_train.data.h5store import H5Writer
+from astrai_train.data.prepare import PrepareConfig, prepare
+
+SEGMENTS = [10, 5, 1, 14]  # 30 tokens; boundaries after tokens 9, 14, 15
+
+
+def _write(path: Path, objective: str, examples: list[dict], pad_id: int = 3) -> Path:
+    with H5Writer(path, objective, 1000, "h", attrs={"pad_id": pad_id, "eos_id": 0}) as w:
+        for ex in examples:
+            w.append(ex)
+        w.commit()
+    return path
+
+
+@pytest.fixture()
+def sft_file(tmp_path) -> Path:
+    examples, start = [], 0
+    for n in SEGMENTS:
+        ids = np.arange(start, start + n)
+        examples.append({"sequence": ids, "loss_mask": (ids % 3 == 0).astype(np.uint8)})  # a mask we can predict
+        start += n
+    return _write(tmp_path / "sft.h5", "sft", examples)
+
+
+@given(n=st.integers(0, 200), w=st.integers(1, 40), s=st.integers(1, 40))
+@settings(max_examples=200, deadline=None)
+def test_num_windows_matches_brute_force(n, w, s):
+    assert num_windows(n, w, s) == sum(1 for start in range(0, n, s) if start + w + 1 <= n)
+
+
+@pytest.mark.parametrize("window,stride", [(4, 3), (4, 4), (6, 1), (29, 5), (5, 7)])
+def test_windows_cross_segment_boundaries(sft_file, window, stride):
+    ds = SFTDataset(sft_file, window, stride, tokenizer_hash="h")
+    flat = np.arange(30)
+    assert len(ds) == (30 - window - 1) // stride + 1
+    for i in range(len(ds)):
+        s = i * stride
+        item = ds[i]
+        assert item["input_ids"].tolist() == flat[s:s + window].tolist()
+        assert item["target_ids"].tolist() == flat[s + 1:s + window + 1].tolist()
+        # the mask belongs to the targets: True exactly where the *target* token is a loss token
+        assert item["loss_mask"].tolist() == [t % 3 == 0 for t in item["target_ids"].tolist()]
+        assert item["input_ids"].dtype == torch.int64 and item["loss_mask"].dtype == torch.bool
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+
+
+def test_window_edges_exactly_fill_or_fail(sft_file, tmp_path):
+    seq = _write(tmp_path / "seq.h5", "seq", [{"sequence": np.arange(0, 3)}, {"sequence": np.arange(3, 5)}])
+    one = SeqDataset(seq, window_size=4)
+    assert len(one) == 1 and one[0]["target_ids"].tolist() == [1, 2, 3, 4]  # the last token is a target
+    assert "loss_mask" not in one[0]
+    with pytest.raises(ValueError, match="fewer than one window of window_size=5"):
+        SeqDataset(seq, window_size=5)
+    last = SFTDataset(sft_file, 8, 7)  # starts 0, 7, 14 (14 + 9 = 23 <= 30), 21 + 9 = 30: fits exactly
+    assert len(last) == 4 and last[3]["target_ids"][-1].item() == 29
+
+
+def test_dpo_collate_pads_and_masks(tmp_path):
+    path = _write(tmp_path / "dpo.h5", "dpo", [
+        {"prompt": [5, 6], "chosen": [5, 6, 7, 8], "chosen_mask": [0, 0, 1, 1],
+         "rejected": [5, 6, 9], "rejected_mask": [0, 0, 1]},
+        {"prompt": [5], "chosen": [5, 7], "chosen_mask": [0, 1],
+         "rejected": [5, 9, 9, 9, 9], "rejected_mask": [0, 1, 1, 1, 1]},
+    ], pad_id=3)
+    ds = DPODataset(path)
+    batch = collate_dpo([ds[0], ds[1]], pad_id=3)
+    assert batch["chosen_ids"].tolist() == [[5, 6, 7, 8, 3], [5, 7, 3, 3, 3]]
+    assert batch["rejected_ids"].tolist() == [[5, 6, 9, 3, 3], [5, 9, 9, 9, 9]]
+    assert batch["chosen_attention_mask"].tolist() == [[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]]
+    assert batch["chosen_loss_mask"].int().tolist() == [[0, 0, 1, 1, 0], [0, 1, 0, 0, 0]]
+    assert batch["rejected_loss_mask"].int().tolist() == [[0, 0, 1, 0, 0], [0, 1, 1, 1, 1]]
+    assert batch["prompt_lengths"].tolist() == [2, 1]
+    assert DPODataset(path, max_length=3)[1]["rejected_ids"].tolist() == [5, 9, 9]
+
+
+def test_grpo_collate_left_pads_prompts(tmp_path):
+    answers = ["85", "Lady Macbeth"]
+    path = _write(tmp_path / "g.h5", "grpo", [
+        {"prompt": [1, 2, 3], "answer": np.frombuffer(answers[0].encode(), np.uint8)},
+        {"prompt": [4], "answer": np.frombuffer(answers[1].encode(), np.uint8)}])
+    batch = collate_grpo([GRPODataset(path)[i] for i in range(2)], pad_id=0)
+    assert batch["prompt_ids"].tolist() == [[1, 2, 3], [0, 0, 4]]
+    assert batch["attention_mask"].int().tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert batch["prompts"] == [[1, 2, 3], [4]] and batch["answers"] == answers
+    assert batch["prompt_lengths"].tolist() == [3, 1]
+
+
+def test_datamodule_batches_real_prepared_dpo(tmp_path, tokenizer_dir):
+    from astrai_train.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(tokenizer_dir)
+    recs = [{"prompt": f"What is {i} + 1?", "chosen": str(i + 1), "rejected": "x" * (i % 4 + 1)} for i in range(10)]
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    prepare(PrepareConfig("dpo", str(tokenizer_dir), (str(src),), str(tmp_path / "d.h5"), workers=0, progress=False))
+    dm = AstraiDataModule({"train_path": str(tmp_path / "d.h5"), "val_path": str(tmp_path / "d.h5"),
+                           "objective": "dpo", "batch_size": 4, "tokenizer_hash": tok.hash})
+    train = list(dm.train_dataloader())
+    assert len(train) == 2  # 10 pairs, batches of 4, last partial batch dropped
+    b = train[0]
+    assert b["chosen_ids"].shape == b["rejected_ids"].shape == b["chosen_loss_mask"].shape
+    assert (b["chosen_ids"][~b["chosen_attention_mask"]] == tok.pad_id).all()
+    assert sum(len(v["chosen_ids"]) for v in dm.val_dataloader()) == 10  # validation keeps every pair
+    with pytest.raises(ValueError, match="unknown data config key 'window'"):
+        AstraiDataModule({"train_path": "x", "window": 3})
+    with pytest.raises(ValueError, match="different tokenizer"):
+        AstraiDataModule(DataConfig(str(tmp_path / "d.h5"), objective="dpo", tokenizer_hash="other")).setup("fit")

@@ -1,0 +1,121 @@
+"""SamplingParams validation and the batched Sampler (filters, penalties, seeds, log-probs)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from astrai_serve.engine.sampler import Sampler
+from astrai_serve.engine.sampling_params import SamplingParams
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_tokens=0), "max_tokens=0: must be an integer >= 1"),
+    (dict(temperature=-1), "temperature=-1: must be >= 0"),
+    (dict(temperature=float("nan")), "temperature=nan: must be a finite number"),
+    (dict(top_p=0), r"top_p=0: must be in \(0, 1\]"),
+    (dict(top_k=-2), "top_k=-2"),
+    (dict(min_p=1.5), "min_p=1.5"),
+    (dict(presence_penalty=3), "presence_penalty=3"),
+    (dict(repetition_penalty=0), "repetition_penalty=0"),
+    (dict(seed=-1), "seed=-1"),
+    (dict(stop=["ok", ""]), "stop="),
+    (dict(stop_token_ids=[-3]), "stop_token_ids="),
+    (dict(n=0), "n=0"),
+    (dict(top_logprobs=3), "top_logprobs=3: needs logprobs=True"),
+    (dict(logprobs=True, top_logprobs=21), "top_logprobs=21"),
+])
+def test_sampling_params_reject_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_sampling_params_normalise_and_from_dict():
+    p = SamplingParams(stop="END", stop_token_ids=[3], top_k=-1)
+    assert p.stop == ("END",) and p.stop_token_ids == (3,) and p.top_k == 0
+    assert SamplingParams.from_dict({"max_tokens": 3}).max_tokens == 3
+    with pytest.raises(ValueError, match="unknown sampling parameter 'max_new_tokens'"):
+        SamplingParams.from_dict({"max_new_tokens": 3})
+
+
+def sample(logits, params, generators=None, histories=None, seed=0):
+    sampler = Sampler(torch.device("cpu"), seed)
+    n = len(params)
+    return sampler(logits.clone(), params, generators or [None] * n, histories or [([], 0)] * n)
+
+
+def freqs(tokens, vocab):
+    return torch.bincount(torch.tensor(tokens), minlength=vocab).float() / len(tokens)
+
+
+def test_mixed_greedy_and_filtered_rows_in_one_batch():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50)
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_k=1),
+              SamplingParams(temperature=2.0, top_p=1e-6), SamplingParams(temperature=1.0, min_p=1.0),
+              SamplingParams(temperature=0), SamplingParams(temperature=5.0)]
+    for seed in range(5):
+        out = sample(logits, params, seed=seed).token_ids
+        assert out[:5] == logits[:5].argmax(-1).tolist()
+
+
+def test_draws_follow_the_filtered_distribution():
+    n = 4000
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.2])).repeat(n, 1)
+    plain = freqs(sample(logits, [SamplingParams(temperature=1.0)] * n).token_ids, 3)
+    assert torch.allclose(plain, torch.tensor([0.5, 0.3, 0.2]), atol=0.03)
+    top_k = freqs(sample(logits, [SamplingParams(temperature=1.0, top_k=2)] * n).token_ids, 3)
+    assert top_k[2] == 0 and torch.allclose(top_k[:2], torch.tensor([0.625, 0.375]), atol=0.03)
+    top_p = freqs(sample(logits, [SamplingParams(temperature=1.0, top_p=0.75)] * n).token_ids, 3)
+    assert top_p[2] == 0 and torch.allclose(top_p[:2], torch.tensor([0.625, 0.375]), atol=0.03)
+    min_p = freqs(sample(logits, [SamplingParams(temperature=1.0, min_p=0.5)] * n).token_ids, 3)
+    assert min_p[2] == 0
+    hot = freqs(sample(logits, [SamplingParams(temperature=100.0)] * n).token_ids, 3)
+    assert torch.allclose(hot, torch.full((3,), 1 / 3), atol=0.03)
+
+
+def test_penalties():
+    logits = torch.tensor([[4.0, 3.9, 1.0, -1.0]])
+    greedy = SamplingParams(temperature=0)
+    assert sample(logits, [greedy]).token_ids == [0]
+    # token 0 in the prompt: repetition penalty divides its positive logit
+    rep = SamplingParams(temperature=0, repetition_penalty=2.0)
+    assert sample(logits, [rep], histories=[([0, 2], 2)]).token_ids == [1]
+    # token 0 generated twice: frequency 0.1 * 2 pulls it below 3.9; presence alone 0.05 does not
+    freq = SamplingParams(temperature=0, frequency_penalty=0.1)
+    pres = SamplingParams(temperature=0, presence_penalty=0.05)
+    hist = ([2, 0, 0], 1)   # prompt [2], output [0, 0]
+    assert sample(logits.repeat(2, 1), [freq, pres], histories=[hist, hist]).token_ids == [1, 0]
+    # a prompt-only token is not hit by presence/frequency (output tokens only)
+    assert sample(logits, [SamplingParams(temperature=0, presence_penalty=2.0)],
+                  histories=[([0], 1)]).token_ids == [0]
+
+
+def test_seeded_rows_do_not_depend_on_the_batch():
+    torch.manual_seed(1)
+    logits = torch.randn(5, 1000)
+    seeded = SamplingParams(temperature=1.0, seed=7)
+    free = SamplingParams(temperature=1.0)
+    sampler = Sampler(torch.device("cpu"), 0)
+    alone = [sample(logits[2:3], [seeded], [sampler.request_generator(7)]).token_ids[0] for _ in range(2)]
+    mixed = sample(logits, [free, free, seeded, SamplingParams(temperature=0), free],
+                   [None, None, sampler.request_generator(7), None, None], seed=123).token_ids
+    assert alone[0] == alone[1] == mixed[2]
+    # The generator advances: the next draw differs from the first for some step.
+    g = sampler.request_generator(7)
+    draws = [sample(logits[2:3], [seeded], [g]).token_ids[0] for _ in range(5)]
+    assert len(set(draws)) > 1
+
+
+def test_logprobs_are_of_the_raw_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 5.0, 0.0]])
+    params = [SamplingParams(temperature=0, logprobs=True, top_logprobs=2,
+                             repetition_penalty=3.0), SamplingParams(temperature=0)]
+    res = sample(logits, params, histories=[([0], 1), ([], 0)])
+    raw = logits[0].log_softmax(-1)
+    tok, lp, top = res.logprobs[0]
+    assert tok == res.token_ids[0] and lp == pytest.approx(raw[tok].item())
+    assert [t for t, _ in top] == [0, 1] and top[0][1] == pytest.approx(raw[0].item())
+    assert res.logprobs[1] is None and res.token_ids[1] == 2
+    assert math.isclose(sum(math.exp(v) for v in raw.tolist()), 1.0, rel_tol=1e-5)

@@ -1,0 +1,95 @@
+"""The engine with a real tokenizer (the shared tiny_model_dir): text and chat prompts, streamed
+text deltas, stop strings, and the `astrai generate` command in a subprocess."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from astrai_serve import LLM, SamplingParams
+from astrai_serve.engine import LLMEngine
+
+ENGINE = dict(num_pages=128, page_size=8, device="cpu")
+LONG = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir):
+    return LLM(tiny_model_dir, **ENGINE)
+
+
+def stream(engine: LLMEngine, rid: str, prompt, params):
+    engine.add_request(rid, prompt, params)
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += [o for o in engine.step() if o.request_id == rid]
+    return outs
+
+
+def test_text_and_chat_prompts(llm):
+    tok = llm.tokenizer
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who is Hamlet?"}]
+    res = llm.generate(["To be, or not to be", chat], LONG)
+    assert res[0].prompt_tokens == len(tok.encode("To be, or not to be"))
+    assert res[1].prompt_tokens == len(tok.apply_chat_template(chat, add_generation_prompt=True))
+    for r in res:
+        assert r.finish_reason == "length" and r.completion_tokens == 40
+        assert r.text == tok.decode(r.token_ids)
+    with pytest.raises(ValueError, match="role"):
+        llm.generate([[{"role": "wizard", "content": "hi"}]], LONG)
+
+
+def test_streamed_deltas_add_up_and_stop_strings_cut(llm):
+    engine = llm.engine
+    outs = stream(engine, "free", "KING. What say you?", LONG)
+    full = outs[-1].text
+    assert "".join(o.new_text for o in outs) == full and full
+    assert sum(len(o.new_token_ids) for o in outs) == 40 and outs[-1].finished
+    # Stop on a piece of the text generated at the end: the text is cut before its first occurrence.
+    stop = full[len(full) // 2:len(full) // 2 + 4]
+    expected = full[:full.find(stop)]
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, stop=["@@never@@", stop])
+    outs = stream(engine, "stopped", "KING. What say you?", params)
+    final = outs[-1]
+    assert final.finish_reason == "stop" and final.text == expected
+    assert "".join(o.new_text for o in outs) == expected           # held-back text never leaked the stop
+    assert final.completion_tokens < 40
+
+
+def test_cached_prefix_reported_for_text_prompts(llm, tiny_model_dir):
+    prefix = "HAMLET. " + "The rest is silence, and the play goes on. " * 6
+    llm.generate(prefix + "Horatio", LONG)
+    second = llm.generate(prefix + "Ophelia", LONG)[0]
+    assert second.cached_tokens >= 32 and second.cached_tokens % 8 == 0
+    plain = LLM(tiny_model_dir, **ENGINE, enable_prefix_cache=False)
+    again = plain.generate(prefix + "Ophelia", LONG)[0]
+    assert again.cached_tokens == 0 and again.token_ids == second.token_ids
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "astrai_train.cli", "generate", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_generate_command(tiny_model_dir):
+    done = run_cli("--model", str(tiny_model_dir), "--prompt", "To be", "--prompt", "Good night",
+                   "--max-tokens", "5", "--ignore-eos", "--json", "--num-pages", "32", "--page-size", "8")
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == ["To be", "Good night"]
+    assert all(r["finish_reason"] == "length" and len(r["token_ids"]) == 5 for r in rows)
+    bad = run_cli("--model", str(tiny_model_dir), "--prompt", "x", "--temperature", "-1")
+    assert bad.returncode == 2 and "temperature=-1.0" in bad.stderr
+    missing = run_cli("--model", str(tiny_model_dir / "nope"), "--prompt", "x")
+    assert missing.returncode == 2 and "no such model directory" in missing.stderr

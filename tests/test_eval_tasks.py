@@ -1,0 +1,91 @@
+"""`astrai eval` on a real tiny model directory: every metric is computed, and computed right."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from astrai_train.cli import main as cli
+from astrai_train.data.tasks import TaskConfig, derive_tasks
+from astrai_train.evaluate import EvalConfig, evaluate
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny matmuls on a shared 2-core machine: a second intra-op thread only adds contention.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory, corpus_dir) -> Path:
+    out = tmp_path_factory.mktemp("eval_tasks")
+    derive_tasks(corpus_dir, out, TaskConfig(train_size=10, eval_size=40))
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_and_tok(tiny_model_dir):
+    from astrai_train.model import Transformer
+    from astrai_train.tokenizer import Tokenizer
+
+    return Transformer.from_pretrained(tiny_model_dir, dtype=torch.float32).eval(), Tokenizer.from_pretrained(tiny_model_dir)
+
+
+def test_cli_prints_every_metric_with_chance(tiny_model_dir, tasks, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert cli(["eval", "--model", str(tiny_model_dir), "--data", str(tasks), "--limit", "6",
+                "--ppl-tokens", "600", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    for label in ("perplexity", "speaker accuracy", "next-line preference", "arithmetic accuracy", "chance"):
+        assert label in table
+    r = json.loads(out.read_text())
+    assert r["speaker_accuracy"]["chance"] == 0.25 and r["next_line_preference"]["chance"] == 0.5
+    assert r["speaker_accuracy"]["n"] == r["arithmetic_accuracy"]["n"] == r["next_line_preference"]["n"] == 6
+    assert r["perplexity"]["n"] == 600 and r["perplexity"]["chance"] > 1000
+    # A random-init model is about as perplexed as a uniform guess over the vocabulary.
+    assert 0.5 * r["perplexity"]["chance"] < r["perplexity"]["value"] < 2 * r["perplexity"]["chance"]
+    assert cli(["eval", "--model", str(tiny_model_dir), "--data", str(tmp_path / "none")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_perplexity_equals_direct_cross_entropy(tiny_model_dir, tmp_path, model_and_tok):
+    model, tok = model_and_tok
+    text = "Who's there? Nay, answer me: stand, and unfold yourself. Long live the king! " * 8
+    (tmp_path / "seq_eval.txt").write_text(text)
+    r = evaluate(EvalConfig(model=str(tiny_model_dir), data=str(tmp_path), window=32))["perplexity"]
+    ids = torch.tensor(tok.encode(text))
+    with torch.no_grad():
+        nll = [F.cross_entropy(model(ids[None, s:s + 32])[0], ids[s + 1:s + 33], reduction="sum").item()
+               if s + 33 <= len(ids) else
+               F.cross_entropy(model(ids[None, s:-1])[0], ids[s + 1:], reduction="sum").item()
+               for s in range(0, len(ids) - 1, 32)]
+    assert r["n"] == len(ids) - 1
+    assert math.isclose(r["value"], math.exp(sum(nll) / (len(ids) - 1)), rel_tol=1e-4)
+
+
+def test_accuracy_scores_what_the_model_actually_says(tiny_model_dir, tmp_path, model_and_tok):
+    from astrai_train.model.generate import generate
+
+    model, tok = model_and_tok
+    prompts = [f"What is {a} + 1?" for a in range(4)]
+    said = [tok.decode(o).strip() for o in generate(
+        model, [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts],
+        12, eos_ids=tok.stop_ids)]
+    recs = [{"prompt": [{"role": "user", "content": p}], "answer": s if i % 2 == 0 else s + "x", "task": "arithmetic"}
+            for i, (p, s) in enumerate(zip(prompts, said))]
+    (tmp_path / "grpo_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    # chosen == rejected never wins (strictly higher log-prob is required); swapped pairs win half
+    pair = lambda c, r: {"prompt": "What line follows: To be,", "chosen": c, "rejected": r}  # noqa: E731
+    pairs = [pair("or not to be", "or not to be"), pair("a", "b"), pair("b", "a")]
+    (tmp_path / "dpo_eval.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    r = evaluate(EvalConfig(model=str(tiny_model_dir), data=str(tmp_path)))
+    assert r["arithmetic_accuracy"]["value"] == 0.5 and r["arithmetic_accuracy"]["n"] == 4
+    assert math.isclose(r["next_line_preference"]["value"], 1 / 3)
+    assert "perplexity" not in r and "speaker_accuracy" not in r
