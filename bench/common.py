@@ -250,7 +250,8 @@ def random_model_dir(preset: str, out_dir: str | Path, dtype: str = "bfloat16", 
 
 # ---- phases in their own processes -------------------------------------------------------------
 
-def run_isolated(script: str | Path, phase: str, spec: dict[str, Any], timeout_s: float, workdir: Path) -> dict[str, Any]:
+def run_isolated(script: str | Path, phase: str, spec: dict[str, Any], timeout_s: float, workdir: Path,
+                 extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run one phase of a benchmark as `python SCRIPT --phase NAME --spec FILE --phase-out FILE`.
 
     A fresh process per system gives each one the whole GPU (memory from the previous one is
@@ -264,7 +265,7 @@ def run_isolated(script: str | Path, phase: str, spec: dict[str, Any], timeout_s
     spec_path, out_path = workdir / f"{phase}.spec.json", workdir / f"{phase}.out.json"
     spec_path.write_text(json.dumps(spec))
     out_path.unlink(missing_ok=True)
-    env = dict(os.environ)
+    env = {**os.environ, **(extra_env or {})}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     cmd = [sys.executable, str(script), "--phase", phase, "--spec", str(spec_path), "--phase-out", str(out_path)]
     start = time.perf_counter()
@@ -299,11 +300,12 @@ class Sink:
 
 
 def run_phase(phases: dict[str, Callable[[dict[str, Any], Sink], None]], phase: str, spec: dict[str, Any],
-              isolate: bool, script: str | Path, timeout_s: float, workdir: Path) -> tuple[list[Row], str | None]:
+              isolate: bool, script: str | Path, timeout_s: float, workdir: Path,
+              extra_env: dict[str, str] | None = None) -> tuple[list[Row], str | None]:
     """(rows, error or None) of one phase, in a child process or in this one."""
     log(f"phase {phase}")
     if isolate:
-        result = run_isolated(script, phase, spec, timeout_s, workdir)
+        result = run_isolated(script, phase, spec, timeout_s, workdir, extra_env)
         return [Row(**r) for r in result.get("rows", [])], result.get("error")
     sink = Sink()
     try:

@@ -107,10 +107,10 @@ def repeated(fn: Any, repeats: int, budget_s: float) -> list[Any]:
             return out
 
 
-# ---- phase: astrai offline (W1, W3, W2 cache on) / W2 cache off --------------------------------
+# ---- phases: astrai offline (W1, W3, W2 cache on), W2 cache off -------------------------------
 
-def copy_bandwidth(device: str) -> float:
-    """Bytes moved per second (read + write) by a large device-to-device copy."""
+def copy_bandwidth(device: str) -> tuple[float, int]:
+    """(bytes moved per second, read + write, by a large device-to-device copy; its size)."""
     import torch
 
     n = (1 << 30) if device == "cuda" else (64 << 20)
@@ -122,11 +122,12 @@ def copy_bandwidth(device: str) -> float:
     del src, dst
     if device == "cuda":
         torch.cuda.empty_cache()
-    return 2 * n * iters / secs
+    return 2 * n * iters / secs, n
 
 
 def weight_read_bytes(model_dir: str) -> tuple[int, Any]:
-    """Bytes of weights one decode step reads (an untied input embedding is a row lookup)."""
+    """(bytes of weights one decode step reads, the config): the safetensors payload, less an
+    untied input embedding (a row lookup, not a full read)."""
     from astrai_train.model import ModelConfig
 
     config = ModelConfig.from_json(model_dir)
@@ -136,17 +137,14 @@ def weight_read_bytes(model_dir: str) -> tuple[int, Any]:
     return total, config
 
 
-def _engine(spec: dict[str, Any], **overrides: Any) -> Any:
-    from astrai_serve import LLM
+def _engine_runner(spec: dict[str, Any], **overrides: Any) -> Any:
+    """An LLM over the model directory and run(prompts, output lengths) -> timing of one batch."""
+    from astrai_serve import LLM, SamplingParams
 
-    return LLM(spec["model_dir"], **{**spec["engine"], **overrides})
-
-
-def _runner(llm: Any, spec: dict[str, Any]) -> Any:
-    from astrai_serve import SamplingParams
+    llm = LLM(spec["model_dir"], **{**spec["engine"], **overrides})
 
     def run(prompts: list[list[int]], outs: list[int]) -> dict[str, Any]:
-        llm.engine.reset_prefix_cache()  # every run starts cold: repeats must not hit the last one's cache
+        llm.engine.reset_prefix_cache()  # every run starts cold: a repeat must not hit the last run's cache
         params = [SamplingParams(max_tokens=n, temperature=spec["temperature"], ignore_eos=True) for n in outs]
         secs, res = common.timed(lambda: llm.generate(prompts, params), spec["device"])
         tokens = sum(len(r.outputs[0].token_ids) for r in res)
@@ -157,82 +155,77 @@ def _runner(llm: Any, spec: dict[str, Any]) -> Any:
     return run
 
 
-def phase_astrai(spec: dict[str, Any]) -> dict[str, Any]:
+def phase_astrai(spec: dict[str, Any], out: common.Sink) -> None:
     s, vocab, wl = sizes_from(spec["sizes"]), spec["vocab"], spec["workloads"]
     reps, budget = spec["repeats"], spec["budget_s"]
-    rows: list[Row] = []
-    bandwidth = copy_bandwidth(spec["device"]) if "W3" in wl else None  # before the KV cache takes the memory
-    llm = _engine(spec)
-    run = _runner(llm, spec)
+    bandwidth, copied = copy_bandwidth(spec["device"]) if "W3" in wl else (0.0, 0)  # before the KV cache is allocated
+    run = _engine_runner(spec)
     reqs = w1_requests(s, vocab)
     run([p for p, _ in reqs[:32]], [min(n, 32) for _, n in reqs[:32]])  # warm-up: kernels, allocator
-    note = f"median of {{}}; greedy={spec['temperature'] == 0}, ignore_eos"
+    how = f"greedy={spec['temperature'] == 0}, ignore_eos"
     if "W1" in wl:
         runs = repeated(lambda: run([p for p, _ in reqs], [n for _, n in reqs]), reps, budget)
-        rows.append(Row("W1", "astrai", var_metric(s), common.median([r["tps"] for r in runs]),
-                        note=f"{s.num_requests} req, prompt {s.prompt_range[0]}-{s.prompt_range[1]}, "
-                             + note.format(len(runs))))
+        out.add(Row("W1", "astrai", var_metric(s), common.median([r["tps"] for r in runs]),
+                    note=f"{s.num_requests} req, prompt {s.prompt_range[0]}-{s.prompt_range[1]}, {how}; "
+                         f"median of {len(runs)}"))
         runs = repeated(lambda: run([p for p, _ in reqs], [s.fixed_output] * len(reqs)), reps, budget)
-        rows.append(Row("W1", "astrai", fixed_metric(s), common.median([r["tps"] for r in runs]),
-                        peers=[key("W1", HF_CB, fixed_metric(s)), key("W1", HF_GEN, fixed_metric(s))],
-                        note=note.format(len(runs))))
+        out.add(Row("W1", "astrai", fixed_metric(s), common.median([r["tps"] for r in runs]),
+                    peers=[key("W1", HF_CB, fixed_metric(s)), key("W1", HF_GEN, fixed_metric(s))],
+                    note=f"same prompts; median of {len(runs)}"))
     if "W3" in wl:
+        import torch
+
+        from astrai_train.model import kv_layout
+
         prompt = w3_prompt(s, vocab)
         first = repeated(lambda: run([prompt], [1]), max(reps, 3), budget)
         full = repeated(lambda: run([prompt], [s.w3_output]), max(reps, 3), budget)
         ttft = common.median([r["secs"] for r in first])
         decode_ms = (common.median([r["secs"] for r in full]) - ttft) / (s.w3_output - 1) * 1e3
         weights, config = weight_read_bytes(spec["model_dir"])
-        from astrai_train.model import kv_layout
-        import torch
-
         kv_avg = kv_layout(config).bytes_per_token(config.n_layers, torch.bfloat16) * (s.w3_prompt + s.w3_output / 2)
-        roofline_ms = (weights + kv_avg) / bandwidth * 1e3
-        rows += [
+        out.add(
             Row("W3", "astrai", "decode ms/token", decode_ms, peers=[key("W3", "roofline", "decode ms/token")],
-                note=f"batch 1, {s.w3_prompt}-token prompt, {s.w3_output} out; (full - first-token time) / "
+                note=f"batch 1, {s.w3_prompt}-token prompt, {s.w3_output} out: (full - first-token time) / "
                      f"{s.w3_output - 1}; ratio > 1 = slower than the roofline"),
-            Row("W3", "roofline", "decode ms/token", roofline_ms,
-                note=f"(weights {weights / 1e9:.3f} GB + avg KV {kv_avg / 1e6:.1f} MB) / copy {bandwidth / 1e9:.0f} GB/s"),
+            Row("W3", "roofline", "decode ms/token", (weights + kv_avg) / bandwidth * 1e3,
+                note=f"(weights {weights / 1e9:.3f} GB + avg KV {kv_avg / 1e6:.1f} MB) / copy bandwidth"),
             Row("W3", "astrai", "first token ms", ttft * 1e3, note=f"{s.w3_prompt}-token prompt, cold cache"),
-            Row("W3", "device", "copy GB/s (read+write)", bandwidth / 1e9, note="device-to-device copy of 1 GiB"),
-        ]
+            Row("W3", "device", "copy GB/s (read+write)", bandwidth / 1e9,
+                note=f"device-to-device copy of {copied >> 20} MiB, x10"))
     if "W2" in wl:
-        rows += _w2_rows(run, s, vocab, reps, budget, CACHE_ON)
-    return common.phase_result(rows)
+        out.add(*_w2_rows(run, s, vocab, reps, budget, CACHE_ON))
 
 
 def _w2_rows(run: Any, s: Sizes, vocab: int, reps: int, budget: float, system: str) -> list[Row]:
     prompts = w2_prompts(s, vocab)
     runs = repeated(lambda: run(prompts, [s.w2_output] * len(prompts)), reps, budget)
-    tps = common.median([r["tps"] for r in runs])
     note = (f"{s.num_requests} req, {s.shared_prefix}-token shared prefix + {s.question_range[0]}-"
             f"{s.question_range[1]} question, {s.w2_output} out, cold cache; median of {len(runs)}")
-    rows = [Row("W2", system, "output tok/s", tps, note=note,
+    rows = [Row("W2", system, "output tok/s", common.median([r["tps"] for r in runs]), note=note,
                 peers=[key("W2", CACHE_OFF, "output tok/s")] if system == CACHE_ON else [])]
     if system == CACHE_ON:
-        hit = runs[-1]["cached"] / max(runs[-1]["prompt"], 1)
-        rows.append(Row("W2", system, "prompt tokens from cache %", 100 * hit))
+        rows.append(Row("W2", system, "prompt tokens from cache %",
+                        100 * runs[-1]["cached"] / max(runs[-1]["prompt"], 1)))
     return rows
 
 
-def phase_astrai_nocache(spec: dict[str, Any]) -> dict[str, Any]:
+def phase_astrai_nocache(spec: dict[str, Any], out: common.Sink) -> None:
     s = sizes_from(spec["sizes"])
-    llm = _engine(spec, enable_prefix_cache=False)
-    run = _runner(llm, spec)
+    run = _engine_runner(spec, enable_prefix_cache=False)
     prompts = w2_prompts(s, spec["vocab"])[:8]
     run(prompts, [4] * len(prompts))  # warm-up
-    return common.phase_result(_w2_rows(run, s, spec["vocab"], spec["repeats"], spec["budget_s"], CACHE_OFF))
+    out.add(*_w2_rows(run, s, spec["vocab"], spec["repeats"], spec["budget_s"], CACHE_OFF))
 
 
-# ---- phases: the Hugging Face peers (serve_hf.py) and W4 (serve_online.py) -------------------
+# ---- phases: the Hugging Face peers (serve_hf.py) ----------------------------------------------
 
 def _hf_prompts(s: Sizes, spec: dict[str, Any]) -> list[list[int]]:
     prompts = [p for p, _ in w1_requests(s, spec["vocab"])]
     return prompts[: spec["hf_requests"] or len(prompts)]
 
 
-def phase_hf_cb(spec: dict[str, Any]) -> dict[str, Any]:
+def phase_hf_cb(spec: dict[str, Any], out: common.Sink) -> None:
     import serve_hf
 
     s = sizes_from(spec["sizes"])
@@ -240,27 +233,46 @@ def phase_hf_cb(spec: dict[str, Any]) -> dict[str, Any]:
     r = serve_hf.generate_batch_throughput(model, _hf_prompts(s, spec), s.fixed_output, spec["temperature"],
                                            spec["device"])
     note = (f"{r['requests']}/{s.num_requests} requests; timed by HF's request stamps"
-            f"{'' if r['stamped'] else ' (missing: wall time)'}; {r['wall']:.0f} s wall incl. its warm-up")
-    note += "".join(f"; {p}" for p in r["problems"])
-    return common.phase_result([Row("W1", HF_CB, fixed_metric(s), r["tps"], note=note)])
+            f"{'' if r['stamped'] else ' (absent: wall time)'}; {r['wall']:.0f} s wall incl. its warm-up")
+    out.add(Row("W1", HF_CB, fixed_metric(s), r["tps"], note=note + "".join(f"; {p}" for p in r["problems"])))
 
 
-def phase_hf_generate(spec: dict[str, Any]) -> dict[str, Any]:
+def phase_hf_generate(spec: dict[str, Any], out: common.Sink) -> None:
     import serve_hf
 
     s = sizes_from(spec["sizes"])
     model = serve_hf.load_model(spec["hf_dir"], spec["device"])
     r = serve_hf.generate_throughput(model, _hf_prompts(s, spec), s.fixed_output, spec["temperature"],
                                      spec["device"], spec["hf_batch_size"], spec["budget_s"])
-    note = (f"{r['requests']}/{s.num_requests} requests (time budget {spec['budget_s']:.0f} s), batches of "
-            f"{spec['hf_batch_size']}, left-padded, sorted by prompt length")
-    return common.phase_result([Row("W1", HF_GEN, fixed_metric(s), r["tps"], note=note)])
+    out.add(Row("W1", HF_GEN, fixed_metric(s), r["tps"],
+                note=f"{r['requests']}/{s.num_requests} requests (time budget {spec['budget_s']:.0f} s), batches "
+                     f"of {spec['hf_batch_size']}, left-padded, sorted by prompt length"))
 
+
+PHASES = {"astrai": phase_astrai, "astrai-nocache": phase_astrai_nocache, "hf-cb": phase_hf_cb,
+          "hf-generate": phase_hf_generate}
+
+
+def expected_rows(phase: str, s: Sizes, wl: list[str]) -> list[Row]:
+    """The rows a phase is there to produce: shown valueless when it fails before them."""
+    rows = {"astrai": [Row("W1", "astrai", var_metric(s), None), Row("W1", "astrai", fixed_metric(s), None)]
+            if "W1" in wl else [],
+            "astrai-nocache": [Row("W2", CACHE_OFF, "output tok/s", None)],
+            "hf-cb": [Row("W1", HF_CB, fixed_metric(s), None)],
+            "hf-generate": [Row("W1", HF_GEN, fixed_metric(s), None)]}[phase]
+    if phase == "astrai":
+        rows += [Row("W3", "astrai", "decode ms/token", None)] if "W3" in wl else []
+        rows += [Row("W2", CACHE_ON, "output tok/s", None)] if "W2" in wl else []
+    return rows
+
+
+# ---- W4: the daemon under load (serve_online.py) ----------------------------------------------
 
 def run_online(spec: dict[str, Any], rate: float, client_procs: int, extra_env: dict[str, str]) -> list[Row]:
     import serve_online
 
     s = sizes_from(spec["sizes"])
+    log("phase online (W4): astrai serve + openai client")
     daemon = serve_online.Daemon(spec["model_dir"], spec["engine"], spec["phase_timeout_s"], extra_env)
     try:
         r = serve_online.load_test(daemon.url, daemon.model, w1_requests(s, spec["vocab"]), rate, client_procs,
@@ -282,49 +294,35 @@ def run_online(spec: dict[str, Any], rate: float, client_procs: int, extra_env: 
     ]
 
 
-# ---- orchestration ----------------------------------------------------------------------------
-
-PHASES = {"astrai": phase_astrai, "astrai-nocache": phase_astrai_nocache, "hf-cb": phase_hf_cb,
-          "hf-generate": phase_hf_generate}
-
-
-def placeholders(phase: str, s: Sizes, why: str) -> list[Row]:
-    """The rows a phase that failed would have produced, valueless, so the table keeps them."""
-    rows = {"astrai": [Row("W1", "astrai", fixed_metric(s), None)],
-            "astrai-nocache": [Row("W2", CACHE_OFF, "output tok/s", None)],
-            "hf-cb": [Row("W1", HF_CB, fixed_metric(s), None)],
-            "hf-generate": [Row("W1", HF_GEN, fixed_metric(s), None)]}[phase]
-    for r in rows:
-        r.note = f"failed: {why}"
-    return rows
-
+# ---- command line -----------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench/serve.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="bench/serve.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default=None, help="model preset with random bf16 weights (default qwen3-0.6b; tiny with --tiny)")
+    p.add_argument("--preset", default=None, help="model preset, random bf16 weights (default qwen3-0.6b; tiny with --tiny)")
     p.add_argument("--num-requests", type=int, default=None, help="requests in W1/W2/W4 (default 256)")
     p.add_argument("--workloads", default="W1,W2,W3,W4", help="comma-separated subset of W1,W2,W3,W4")
     p.add_argument("--json", default="bench-serve.json", help="where to write the JSON results ('' for none)")
     p.add_argument("--skip-peer", action="store_true", help="do not run the Hugging Face peers")
     p.add_argument("--tiny", action="store_true", help="toy sizes and the tiny preset, for a CPU smoke run")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature for every system (0 = greedy)")
-    p.add_argument("--repeats", type=int, default=3, help="runs per measurement (median), while the budget allows")
-    p.add_argument("--budget-s", type=float, default=None, help="seconds per measurement incl. repeats, and per HF peer (default 90)")
-    p.add_argument("--hf-requests", type=int, default=None, help="cap the requests given to the HF peers (default all)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of every system (0 = greedy)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per measurement, median reported, while the budget allows")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="seconds per astrai measurement incl. repeats, and for HF batched generate (default 90)")
+    p.add_argument("--hf-requests", type=int, default=None, help="give the HF peers only the first N requests (default all)")
     p.add_argument("--hf-batch-size", type=int, default=128, help="batch size of HF batched generate (default 128)")
     p.add_argument("--rate", type=float, default=64.0, help="W4 request rate, requests/s (default 64)")
     p.add_argument("--client-procs", type=int, default=None, help="W4 client processes (default 4; 1 with --tiny)")
     p.add_argument("--max-num-seqs", type=int, default=None, help="engine: most sequences at once (default 256)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="engine: token budget per step (default 16384)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="engine: tokens per step (default 16384)")
     p.add_argument("--gpu-memory-utilization", type=float, default=None, help="engine: share of free GPU memory for KV")
     p.add_argument("--page-size", type=int, default=None, help="engine: tokens per KV page")
     p.add_argument("--attention-impl", default=None, help="engine: torch | triton")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="one process per system (default: on with CUDA, off on the CPU)")
-    p.add_argument("--phase-timeout-s", type=float, default=300.0, help="kill a system's process after this long")
+    p.add_argument("--phase-timeout-s", type=float, default=300.0, help="stop a system's process after this long (default 300)")
     p.add_argument("--keep-dir", action="store_true", help="keep the temporary model directories")
-    p.add_argument("--phase", help=argparse.SUPPRESS)
+    p.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--phase-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -341,6 +339,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_spec(args: argparse.Namespace, model_dir: Path, hf_dir: Path | None, vocab: int, device: str) -> dict[str, Any]:
+    """Everything a phase process needs, as plain JSON."""
     sizes = TINY if args.tiny else FULL
     if args.num_requests:
         sizes = replace(sizes, num_requests=args.num_requests)
@@ -361,10 +360,8 @@ def build_spec(args: argparse.Namespace, model_dir: Path, hf_dir: Path | None, v
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.phase:  # a child process running one system
-        result = PHASES[args.phase](json.loads(Path(args.spec).read_text()))
-        Path(args.phase_out).write_text(json.dumps(result))
-        return 0
+    if args.phase:  # a child process measuring one system
+        return common.phase_main(PHASES, args.phase, args.spec, args.phase_out)
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -376,15 +373,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)
         thread_env["OMP_NUM_THREADS"] = "1"
     env = common.environment()
+    wl = args.workloads.split(",")
+    peers = not args.skip_peer and "W1" in wl
+    preset = args.preset or ("tiny" if args.tiny else "qwen3-0.6b")
     workdir = Path(tempfile.mkdtemp(prefix="astrai-bench-serve-"))
-    rows: list[Row] = []
     try:
-        preset = args.preset or ("tiny" if args.tiny else "qwen3-0.6b")
         log(f"building {preset} with random bf16 weights in {workdir}")
         model_dir = common.random_model_dir(preset, workdir / "model", dtype="bfloat16")
         hf_dir = None
-        wl = args.workloads.split(",")
-        peers = not args.skip_peer and "W1" in wl
         if peers:
             from astrai_train.model.hf import export_hf
 
@@ -392,29 +388,19 @@ def main(argv: list[str] | None = None) -> int:
         vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
         spec = build_spec(args, model_dir, hf_dir, vocab, device)
         sizes = sizes_from(spec["sizes"])
-        phases = []
-        if set(wl) & {"W1", "W2", "W3"}:
-            phases.append("astrai")
-        if "W2" in wl:
-            phases.append("astrai-nocache")
-        if peers:
-            phases += ["hf-cb", "hf-generate"]
+        phases = (["astrai"] if set(wl) & {"W1", "W2", "W3"} else []) + (["astrai-nocache"] if "W2" in wl else [])
+        phases += ["hf-cb", "hf-generate"] if peers else []
+        rows: list[Row] = []
         for phase in phases:
-            log(f"phase {phase}")
-            if isolate:
-                result = common.run_isolated(__file__, phase, spec, args.phase_timeout_s, workdir)
-            else:
-                try:
-                    result = PHASES[phase](spec)
-                except Exception as exc:  # one system failing must not lose the others' figures
-                    result = {"error": f"{type(exc).__name__}: {exc}"}
-            rows += common.rows_of(result) if "error" not in result else placeholders(phase, sizes, result["error"])
+            got, error = common.run_phase(PHASES, phase, spec, isolate, __file__, args.phase_timeout_s, workdir,
+                                          thread_env)
+            rows += common.fill_missing(got, expected_rows(phase, sizes, wl), error) if error else got
         if "W4" in wl:
-            log("phase online (W4): astrai serve + openai client")
             try:
                 rows += run_online(spec, args.rate, args.client_procs or (1 if args.tiny else 4), thread_env)
             except Exception as exc:
                 rows.append(Row("W4", "astrai REST", "output tok/s", None, note=f"failed: {type(exc).__name__}: {exc}"))
+        rows.sort(key=lambda r: r.workload)  # stable: each workload's rows keep their order
         settings = {**{k: v for k, v in spec.items() if k not in ("model_dir", "hf_dir")}, "preset": preset,
                     "rate": args.rate, "isolate": isolate}
         common.report("bench/serve.py", rows, env, settings, args.json or None)

@@ -63,7 +63,7 @@ class Process:
 
 def start_serve(model_dir: Path, log_path: Path, *extra: str, env: dict[str, str] | None = None) -> Process:
     return Process(["serve", "--model", str(model_dir), "--grpc-port", "0", "--http-port", "0",
-                    "--log-level", "warning", *extra], log_path, env=env)
+                    "--log-level", "warning", "--num-pages", "512", *extra], log_path, env=env)
 
 
 def proto_stubs(out_dir: Path):

@@ -193,29 +193,6 @@ def test_cancel_aborts_and_frees_pages(stubs, stub):
     assert stats.requests_finished_total["cancelled"] >= 1
 
 
-def test_wrong_api_key_refused_on_grpc(stubs, tiny_model_dir, tmp_path):
-    pb2, pb2_grpc = stubs
-    proc = start_serve(tiny_model_dir, tmp_path / "keyed.log", "--no-http", env={"ASTRAI_API_KEY": "s3cret"})
-    try:
-        with grpc.insecure_channel(proc.ready["grpc"]) as ch:
-            keyed = pb2_grpc.GenerationServiceStub(ch)
-            request = pb2.GenerateRequest(text="hi", params=pb2.SamplingParams(max_tokens=2))
-            for metadata in ((), (("authorization", "Bearer wrong"),)):
-                with pytest.raises(grpc.RpcError) as info:
-                    list(keyed.Generate(request, metadata=metadata, timeout=30))
-                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-                with pytest.raises(grpc.RpcError) as info:
-                    keyed.ModelInfo(pb2.ModelInfoRequest(), metadata=metadata, timeout=30)
-                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            good = (("authorization", "Bearer s3cret"),)
-            assert _collect(keyed.Generate(request, metadata=good, timeout=30))[2] == {0: "length"}
-            # Health stays open for probes.
-            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
-            assert reply.status == health_pb2.HealthCheckResponse.SERVING
-    finally:
-        assert proc.terminate() == 0
-
-
 def test_gateway_in_front_of_the_core(daemon, tmp_path):
     import openai
 

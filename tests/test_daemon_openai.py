@@ -7,6 +7,7 @@ import json
 
 import grpc
 import httpx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 import openai
 import pytest
 
@@ -140,10 +141,20 @@ def test_wrong_api_key_refused_on_both_protocols(daemon, tmp_path):
     assert httpx.get(base + "/health").status_code == 200  # probes need no key
     pb2, pb2_grpc = proto_stubs(tmp_path)
     with grpc.insecure_channel(daemon.ready["grpc"]) as ch:
-        with pytest.raises(grpc.RpcError) as info:
-            list(pb2_grpc.GenerationServiceStub(ch).Generate(pb2.GenerateRequest(text="hi"),
-                                                             metadata=(("authorization", "Bearer nope"),)))
-        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        stub = pb2_grpc.GenerationServiceStub(ch)
+        request = pb2.GenerateRequest(text="hi", params=pb2.SamplingParams(max_tokens=2))
+        for metadata in ((), (("authorization", "Bearer nope"),)):
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.Generate(request, metadata=metadata, timeout=30))
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ModelInfo(pb2.ModelInfoRequest(), metadata=metadata, timeout=30)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        good = list(stub.Generate(request, metadata=(("authorization", f"Bearer {KEY}"),), timeout=30))
+        assert good[-1].finish_reason and good[-1].usage.completion_tokens >= 1
+        # Health stays open for probes.
+        reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 CHAT = "/v1/chat/completions"

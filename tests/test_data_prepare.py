@@ -197,3 +197,25 @@ def test_other_tokenizer_or_objective_fails_clearly(tmp_path, tok, tokenizer_dir
         DPODataset(tmp_path / "sft.h5")
     with pytest.raises(FileNotFoundError, match="missing.h5"):
         SeqDataset(tmp_path / "missing.h5", 8)
+
+
+def test_ctrl_c_mid_run_removes_the_temporary_file(tmp_path, tokenizer_dir, corpus_dir):
+    import signal
+    import time
+
+    big = tmp_path / "big.txt"
+    big.write_text(gzip.open(corpus_dir / "hamlet_gut.txt.gz", "rt").read() * 60)  # ~10 MB: runs for a while
+    out = tmp_path / "big.h5"
+    proc = subprocess.Popen([sys.executable, "-m", "astrai_train.cli", "prepare", "seq", "--tokenizer", str(tokenizer_dir),
+                             "--input", str(big), "--out", str(out), "--workers", "1", "--no-progress"],
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 60
+    while not any(".tmp-" in p.name for p in tmp_path.iterdir()):
+        assert proc.poll() is None and time.monotonic() < deadline, "prepare ended before it could be interrupted"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err
+    assert not out.exists()
+    _no_leftovers(tmp_path)

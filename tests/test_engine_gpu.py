@@ -85,9 +85,9 @@ def test_seeded_sampling_and_bf16_on_gpu():
 def test_default_budget_uses_free_memory():
     model = model_of("gqa")
     engine = LLMEngine.from_model(model, None, gpu_memory_utilization=0.05)
-    free = torch.cuda.mem_get_info()[1]
+    total = torch.cuda.mem_get_info()[1]
     assert engine.stats().pages_total > 1000
-    assert engine.runner.cache.nbytes <= 0.05 * free + 1
+    assert engine.runner.cache.nbytes <= 0.05 * total
     del engine
     torch.cuda.empty_cache()
 

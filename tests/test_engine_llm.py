@@ -2,6 +2,8 @@
 n > 1 page sharing, seeded sampling across batch compositions, page accounting after finish/abort."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -142,27 +144,32 @@ def test_n_samples_share_prompt_pages(gqa):
     assert engine.stats().pages_in_use == 0
 
 
-SEEDED = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=1234)
+SEEDED = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=1234, n=2)
+
+
+def samples_of(engine, rid):
+    got = {}
+    while engine.has_unfinished_requests():
+        got.update({o.index: o.token_ids for o in engine.step() if o.finished and o.request_id == rid})
+    return [got[i] for i in sorted(got)]
 
 
 def test_seeded_sampling_is_reproducible_across_batches(gqa):
     target = PROMPTS[1]
-    alone = run_all(LLMEngine.from_model(gqa, None, num_pages=64, page_size=4), [target], SEEDED)[0]
+    alone_engine = LLMEngine.from_model(gqa, None, num_pages=64, page_size=4)
+    alone_engine.add_request("target", target, SEEDED)
+    alone = samples_of(alone_engine, "target")
+    assert len(alone) == 2 and alone[0] != alone[1]
     engine = LLMEngine.from_model(gqa, None, num_pages=64, page_size=4, seed=99, max_num_batched_tokens=16)
-    mixed_params = [GREEDY, SamplingParams(max_tokens=5, temperature=0.7), SamplingParams(max_tokens=9, seed=1)]
+    mixed_params = [GREEDY, SamplingParams(max_tokens=5, temperature=0.7), SamplingParams(max_tokens=9, seed=1235)]
     for i, (p, sp) in enumerate(zip(PROMPTS[2:5], mixed_params)):
         engine.add_request(f"other{i}", p, sp)
     engine.step()                                             # the target joins a batch already running
     engine.add_request("target", target, SEEDED)
-    got = None
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished and out.request_id == "target":
-                got = out
-    assert got.token_ids == alone.token_ids
-    other_seed = run_all(LLMEngine.from_model(gqa, None, num_pages=64, page_size=4), [target],
-                         SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=4321))[0]
-    assert other_seed.token_ids != alone.token_ids
+    assert samples_of(engine, "target") == alone
+    other = LLMEngine.from_model(gqa, None, num_pages=64, page_size=4)
+    other.add_request("target", target, dataclasses.replace(SEEDED, seed=4321))
+    assert samples_of(other, "target") != alone
 
 
 def test_pages_return_to_zero_after_finish_and_abort(gqa):

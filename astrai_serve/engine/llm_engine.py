@@ -9,6 +9,7 @@ emits nothing: the caller that aborts already knows the request ended.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,15 @@ from .scheduler import Scheduler
 from .sequence import Sequence
 
 Prompt = str | list[dict] | list[int]
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """Seed of sample `index` of a seeded request: the seed itself for sample 0, a hash for the
+    others, so samples differ and never share noise with the request seeded `seed + index`."""
+    if index == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 @dataclass(frozen=True)
@@ -141,8 +151,7 @@ class LLMEngine:
             seq = Sequence(seq_id=self._next_id, request_id=request_id, index=i, token_ids=list(ids),
                            num_prompt_tokens=len(ids), params=params, arrival=self._next_id)
             self._next_id += 1
-            # Sample i of a seeded request uses seed + i: reproducible, and the samples differ.
-            gen = None if params.seed is None else self.sampler.request_generator(params.seed + i)
+            gen = None if params.seed is None else self.sampler.request_generator(sample_seed(params.seed, i))
             seq.state = new_state(seq, self.tokenizer, gen)
             samples.append(seq)
         self.scheduler.add(samples)

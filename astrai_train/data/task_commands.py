@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from .tasks import EVAL_PLAYS, TaskConfig
 
+# The corpus shipped with the project, so `astrai tasks` works from any directory of a checkout.
+SHIPPED_CORPUS = Path(__file__).resolve().parents[2] / "data" / "shakespeare"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = TaskConfig()
-    parser.add_argument("--corpus", type=Path, default=Path("data/shakespeare"),
+    parser.add_argument("--corpus", type=Path, default=SHIPPED_CORPUS,
                         help="corpus directory of *.txt.gz works and metadata.txt.gz (default: %(default)s)")
     parser.add_argument("--out", type=Path, required=True, help="directory to write the task files into")
     parser.add_argument("--train-size", type=int, default=d.train_size,
@@ -29,9 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .tasks import derive_tasks
 
-    cfg = TaskConfig(train_size=args.train_size, eval_size=args.eval_size, choices=args.choices,
-                     max_line_chars=args.max_line_chars, max_operand=args.max_operand, seed=args.seed)
-    counts = derive_tasks(args.corpus, args.out, cfg)
+    try:
+        cfg = TaskConfig(train_size=args.train_size, eval_size=args.eval_size, choices=args.choices,
+                         max_line_chars=args.max_line_chars, max_operand=args.max_operand, seed=args.seed)
+        counts = derive_tasks(args.corpus, args.out, cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"astrai tasks: error: {e}", file=sys.stderr)
+        return 1
     width = max(len(k) for k in counts)
     print(f"wrote {args.out}/ (held out for eval: {', '.join(EVAL_PLAYS)})")
     for name, n in counts.items():

@@ -40,7 +40,8 @@ def checkpoint_callback(run_dir: Path, section: CheckpointSection) -> ModelCheck
         dirpath=run_dir / "checkpoints",
         filename="step-{step:07d}",
         auto_insert_metric_name=False,
-        every_n_train_steps=section.every_n_steps or None,
+        every_n_train_steps=section.every_n_steps,  # 0: none during training (the run saves at its end)
+        every_n_epochs=0,  # steps, not epochs: an epoch of a large corpus may never end
         save_top_k=section.keep_last,
         monitor="step",
         mode="max",       # highest step = newest: top-k by step is "the last k"

@@ -1,26 +1,44 @@
-"""The loss-curve PNG written at the end of a run, from the CSV logger's metrics file."""
+"""The loss-curve PNG written at the end of a run, from the CSV logger's metrics files.
+
+Each launch of a run (the first, then every resume) logs to its own logs/version_N directory;
+the curve stitches them in order, a later launch replacing the steps it re-ran.
+"""
 from __future__ import annotations
 
 import csv
 from pathlib import Path
 
+KEYS = ("train/loss", "val/loss")
 
-def read_series(metrics_csv: Path, keys: tuple[str, ...]) -> dict[str, list[tuple[int, float]]]:
-    """(step, value) pairs per key; rows without the key are skipped (the CSV is sparse)."""
-    series: dict[str, list[tuple[int, float]]] = {k: [] for k in keys}
+
+def _read(metrics_csv: Path, keys: tuple[str, ...]) -> dict[str, dict[int, float]]:
+    series: dict[str, dict[int, float]] = {k: {} for k in keys}
     with metrics_csv.open(newline="") as f:
         for row in csv.DictReader(f):
+            if row.get("step") in (None, ""):
+                continue
             for k in keys:
-                if row.get(k) not in (None, "") and row.get("step") not in (None, ""):
-                    series[k].append((int(float(row["step"])), float(row[k])))
+                if row.get(k) not in (None, ""):
+                    series[k][int(float(row["step"]))] = float(row[k])
     return series
 
 
-def plot_loss_curve(metrics_csv: Path, out_png: Path, title: str) -> Path | None:
+def read_history(logs_dir: Path, keys: tuple[str, ...] = KEYS) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) pairs per key across every launch of a run, sorted by step."""
+    versions = sorted(logs_dir.glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[-1]))
+    merged: dict[str, dict[int, float]] = {k: {} for k in keys}
+    for path in versions:
+        for k, points in _read(path, keys).items():
+            if points:  # a resumed launch restarts at its checkpoint: drop what it re-ran
+                first = min(points)
+                merged[k] = {s: v for s, v in merged[k].items() if s < first}
+                merged[k].update(points)
+    return {k: sorted(v.items()) for k, v in merged.items()}
+
+
+def plot_loss_curve(logs_dir: Path, out_png: Path, title: str) -> Path | None:
     """Train (and validation, when there is one) loss against step. None when nothing was logged."""
-    if not metrics_csv.is_file():
-        return None
-    series = read_series(metrics_csv, ("train/loss", "val/loss"))
+    series = read_history(logs_dir)
     if not series["train/loss"]:
         return None
     import matplotlib

@@ -130,7 +130,9 @@ def build_trainer(recipe: Recipe, module: Any) -> Any:
         deterministic=t.deterministic,
         default_root_dir=run_dir,
         callbacks=callbacks,
-        logger=[CSVLogger(run_dir, name="logs", version=""), TensorBoardLogger(run_dir, name="tensorboard", version="")],
+        # A new version directory per launch: a resumed run adds to the history instead of
+        # overwriting it (the plot stitches the versions together).
+        logger=[CSVLogger(run_dir, name="logs"), TensorBoardLogger(run_dir, name="tensorboard")],
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,  # the data module's resumable sampler shards by rank itself
         num_sanity_val_steps=0,
@@ -179,8 +181,7 @@ def finish(trainer: Any, recipe: Recipe, export: bool = True) -> Path | None:
         return None
     from astrai_train.objectives.plots import plot_loss_curve
 
-    png = plot_loss_curve(recipe.run_dir / "logs" / "metrics.csv", recipe.run_dir / "loss.png",
-                          f"{recipe.objective} - {recipe.name}")
+    png = plot_loss_curve(recipe.run_dir / "logs", recipe.run_dir / "loss.png", f"{recipe.objective} - {recipe.name}")
     out = None
     if export:
         from astrai_train.objectives.export import export_checkpoint

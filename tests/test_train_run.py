@@ -1,0 +1,107 @@
+"""Whole runs through the recipe runner on real prepared data: outputs, exact resume after a kill,
+export, bad recipes, DPO reference modes, and SFT/GRPO on their collates."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from astrai_train.objectives import runner
+from train_support import (TRAIN_PY, max_abs_diff, parse, prepare_data, python, recipe_overrides, subprocess_env,
+                           weights)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, tokenizer_dir, corpus_dir) -> dict[str, Path]:
+    return prepare_data(tokenizer_dir, corpus_dir, tmp_path_factory.mktemp("train_data"))
+
+
+def run(objective, data, tokenizer_dir, out, name, steps, *extra, every=0, resume=None, batch_size=4) -> Path:
+    argv = recipe_overrides(objective, data[objective], tokenizer_dir, out, name, steps, batch_size=batch_size,
+                            every=every, extra=list(extra))
+    if resume:
+        argv = ["--resume", str(resume), *argv]
+    return runner.train(parse(argv))
+
+
+def test_resume_after_kill_is_exact(data, tokenizer_dir, tmp_path) -> None:
+    straight = run("seq", data, tokenizer_dir, tmp_path, "straight", 20, every=10)
+    run_dir = straight.parent
+    # The outputs a run promises: model directory, checkpoints (newest k), CSV + TensorBoard logs, plot.
+    assert (straight / "config.json").is_file() and (straight / "tokenizer.json").is_file()
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+    assert ckpts == ["last.ckpt", "step-0000010.ckpt", "step-0000020.ckpt"]
+    assert not list((run_dir / "checkpoints").glob(".*.tmp"))  # atomic writes leave no temporaries
+    assert "train/loss" in (run_dir / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    assert list((run_dir / "tensorboard").glob("version_0/events.out.tfevents.*"))
+    assert (run_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+    # The same run in its own process, killed as soon as the step-10 checkpoint exists.
+    argv = recipe_overrides("seq", data["seq"], tokenizer_dir, tmp_path, "killed", 20, every=10)
+    proc = subprocess.Popen([python(), str(TRAIN_PY), *argv], env=subprocess_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    step10 = tmp_path / "killed" / "checkpoints" / "step-0000010.ckpt"
+    deadline = time.monotonic() + 120
+    while not step10.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert step10.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "timed out"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed = run("seq", data, tokenizer_dir, tmp_path, "killed", 20, every=10, resume=step10)
+    assert max_abs_diff(weights(straight), weights(resumed)) == 0.0
+
+
+def test_export_command_writes_a_loadable_model_dir(data, tokenizer_dir, tmp_path) -> None:
+    from astrai_train.cli import main
+    from astrai_train.model import Transformer
+    from astrai_train.tokenizer import Tokenizer
+
+    model_dir = run("sft", data, tokenizer_dir, tmp_path, "sft", 3, "trainer.accumulate_grad_batches=2")
+    out = tmp_path / "exported"
+    assert main(["export", str(model_dir.parent / "checkpoints" / "last.ckpt"), str(out)]) == 0
+    ids = torch.tensor([Tokenizer.from_pretrained(out).encode("What line follows: To be")])
+    a, b = Transformer.from_pretrained(model_dir), Transformer.from_pretrained(out)
+    torch.testing.assert_close(a(ids), b(ids), rtol=0, atol=0)
+    assert main(["export", str(tmp_path / "missing.ckpt"), str(out)]) == 2
+
+
+@pytest.mark.parametrize("case", ["unknown key", "missing data", "world mismatch", "missing tokenizer", "bad value"])
+def test_bad_recipe_fails_before_training(case, data, tokenizer_dir, tmp_path, monkeypatch, capsys) -> None:
+    argv = recipe_overrides("seq", data["seq"], tokenizer_dir, tmp_path, "bad", 5)
+    expected = {
+        "unknown key": (["trainer.max_stepz=3"], "unknown key 'trainer.max_stepz'"),
+        "missing data": ([f"data.train_path={tmp_path / 'nope.h5'}"], str(tmp_path / "nope.h5")),
+        "world mismatch": (["--devices", "1"], "--devices=2"),
+        "missing tokenizer": ([f"model.tokenizer={tmp_path / 'no_tok'}"], str(tmp_path / "no_tok")),
+        "bad value": (["data.batch_size=0"], "batch_size"),
+    }[case]
+    if case == "world mismatch":  # what `fabric run --devices=2` exports to each process
+        for k, v in {"LT_CLI_USED": "1", "LT_DEVICES": "2", "LT_NUM_NODES": "1"}.items():
+            monkeypatch.setenv(k, v)
+    assert runner.main([*argv, *expected[0]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expected[1] in err[0], err
+    assert not (tmp_path / "bad").exists()  # nothing was started
+
+
+def test_dpo_precomputed_reference_matches_live_reference(data, tokenizer_dir, tmp_path) -> None:
+    live = run("dpo", data, tokenizer_dir, tmp_path, "live", 3, "data.max_length=64")
+    pre = run("dpo", data, tokenizer_dir, tmp_path, "pre", 3, "data.max_length=64", "dpo.reference=precomputed")
+    init = run("dpo", data, tokenizer_dir, tmp_path, "zero", 1, "data.max_length=64", "optim.lr=1e-12")
+    assert max_abs_diff(weights(live), weights(pre)) < 1e-5
+    assert max_abs_diff(weights(live), weights(init)) > 1e-4  # it did train
+
+
+def test_grpo_resume_replays_the_same_rollouts(data, tokenizer_dir, tmp_path) -> None:
+    grpo = ["grpo.group_size=4", "grpo.max_new_tokens=6", "grpo.rewards=[arithmetic]", "optim.lr=1e-3"]
+    straight = run("grpo", data, tokenizer_dir, tmp_path, "g1", 4, *grpo, batch_size=2)
+    run("grpo", data, tokenizer_dir, tmp_path, "g2", 2, *grpo, batch_size=2)
+    resumed = run("grpo", data, tokenizer_dir, tmp_path, "g2", 4, *grpo, batch_size=2, resume="last")
+    assert max_abs_diff(weights(straight), weights(resumed)) == 0.0
+    rewards = (straight.parent / "logs" / "version_0" / "metrics.csv").read_text()
+    assert "train/reward" in rewards and "train/kl" in rewards
