@@ -31,7 +31,7 @@ class Rejected:
 
 @dataclass(frozen=True)
 class Aborted:
-    """The loop aborted the request (shutdown); no more outputs will come."""
+    """The loop ended the request (shutdown, or it vanished from the engine); no more outputs will come."""
 
     request_id: str
 
@@ -115,14 +115,15 @@ class EngineLoop:
         engine = self.engine
         try:
             while True:
-                busy = bool(self._entries) or engine.has_unfinished_requests()
-                for command in self._drain(block=not busy):
+                for command in self._drain(block=not engine.has_unfinished_requests()):
                     if command[0] == "stop":
                         self._abort_all()
                         return
                     self._handle(command)
                 if engine.has_unfinished_requests():
                     self._dispatch(engine.step())
+                if self._entries and not engine.has_unfinished_requests():
+                    self._end_orphans()
                 self._stats = engine.stats()
                 self._inflight = len(self._entries)
         except Exception as exc:  # the engine is in an unknown state: fail everything, die loudly
@@ -176,6 +177,14 @@ class EngineLoop:
                 entry.finished += 1
                 if entry.finished >= entry.n:
                     del self._entries[out.request_id]
+
+    def _end_orphans(self) -> None:
+        # The engine has nothing left, yet some request never got its final output: end its
+        # stream rather than leave a client waiting forever on a request nobody will step.
+        for request_id, entry in self._entries.items():
+            log.warning("request %s ended inside the engine without a final output; closing it", request_id)
+            self._deliver(entry.sink, Aborted(request_id))
+        self._entries.clear()
 
     def _abort_all(self) -> None:
         for request_id, entry in list(self._entries.items()):

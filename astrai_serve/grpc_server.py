@@ -12,7 +12,6 @@ the handler is cancelled and its `finally` aborts the request, freeing its pages
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 import uuid
@@ -28,29 +27,14 @@ from astrai_serve.engine_loop import Aborted, EngineDeadError, EngineFailed, Eng
 from astrai_serve.metrics import ServerMetrics
 from astrai_serve.proto import generate_pb2 as pb
 from astrai_serve.proto import generate_pb2_grpc as pb_grpc
+from astrai_serve.request_checks import InvalidRequest, RequestChecker
 
 log = logging.getLogger("astrai.serve.grpc")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
-CHAT_ROLES = ("system", "user", "assistant")
 ERROR_PARAM_KEY = "astrai-error-param"
 ERROR_CODE_KEY = "astrai-error-code"
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # above the facade's 4 MiB body limit, so HTTP sees 413 first
-
-
-class InvalidRequest(ValueError):
-    """A client mistake: becomes INVALID_ARGUMENT naming `param`."""
-
-    def __init__(self, message: str, param: str, code: str = ""):
-        super().__init__(message)
-        self.param = param
-        self.code = code
-
-
-def _guess_param(message: str, names: list[str]) -> str:
-    """SamplingParams names the bad field in its message; find which one, for the error's param."""
-    hits = [n for n in names if n in message]
-    return max(hits, key=len) if hits else "params"
 
 
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
@@ -58,80 +42,15 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self.loop = engine_loop
         self.model_name = model_name
         self.metrics = metrics or ServerMetrics()
-        self.tokenizer = engine_loop.engine.tokenizer
         engine = engine_loop.engine
+        self.tokenizer = engine.tokenizer
         # The engine's limit: the model's context, or less when the KV pool cannot hold that much.
         self.max_len = int(getattr(engine, "max_seq_len", engine.model_config.max_len))
-        self.vocab_size = int(engine_loop.engine.model_config.vocab_size)
+        self.vocab_size = int(engine.model_config.vocab_size)
+        self.checker = RequestChecker(self.tokenizer, self.max_len, self.vocab_size)
         self.accepting = True  # False once shutdown began: new Generate calls get UNAVAILABLE
         self.active = 0        # Generate calls in progress (streams not yet closed)
         self._token_text: dict[int, str] = {}
-
-    # ---- request checking ------------------------------------------------------------------
-    def _messages(self, messages: pb.ChatMessages, field: str) -> list[dict[str, str]]:
-        if not messages.messages:
-            raise InvalidRequest(f"{field} must contain at least one message", field)
-        out = []
-        for i, m in enumerate(messages.messages):
-            if m.role not in CHAT_ROLES:
-                raise InvalidRequest(f"{field}[{i}].role is {m.role!r}; expected one of {', '.join(CHAT_ROLES)}", field)
-            out.append({"role": m.role, "content": m.content})
-        return out
-
-    def _prompt_ids(self, request: pb.GenerateRequest) -> tuple[list[int], str]:
-        """Tokenize the input (runs in a worker thread). Returns (ids, input field name)."""
-        kind = request.WhichOneof("input")
-        if kind is None:
-            raise InvalidRequest("the request has no input: set one of text, messages or token_ids", "input")
-        if kind == "text":
-            if not request.text:
-                raise InvalidRequest("text is empty", kind)
-            ids = list(self.tokenizer.encode(request.text))
-        elif kind == "messages":
-            ids = list(self.tokenizer.apply_chat_template(
-                self._messages(request.messages, kind), add_generation_prompt=True, tokenize=True))
-        else:
-            ids = list(request.token_ids.ids)
-            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-            if bad is not None:
-                raise InvalidRequest(f"token_ids contains {bad}, outside the vocabulary [0, {self.vocab_size})", kind)
-        if not ids:
-            raise InvalidRequest(f"the prompt ({kind}) is empty", kind)
-        if len(ids) >= self.max_len:
-            raise InvalidRequest(
-                f"the prompt is {len(ids)} tokens but the model's context length is {self.max_len} tokens "
-                f"(prompt + completion); shorten the prompt", kind, "context_length_exceeded")
-        return ids, kind
-
-    def _sampling_params(self, p: pb.SamplingParams, prompt_len: int, input_field: str) -> Any:
-        from astrai_serve import SamplingParams  # the engine package; imported late to keep this module light
-
-        kwargs: dict[str, Any] = {}
-        for name in ("max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
-                     "frequency_penalty", "repetition_penalty", "seed", "n", "skip_special_tokens"):
-            if p.HasField(name):
-                kwargs[name] = getattr(p, name)
-        if p.stop:
-            kwargs["stop"] = list(p.stop)
-        if p.stop_token_ids:
-            kwargs["stop_token_ids"] = list(p.stop_token_ids)
-        if p.ignore_eos:
-            kwargs["ignore_eos"] = True
-        if p.logprobs or p.top_logprobs:
-            kwargs["logprobs"] = p.logprobs
-            kwargs["top_logprobs"] = p.top_logprobs
-        room = self.max_len - prompt_len
-        max_tokens = kwargs.setdefault("max_tokens", room)
-        if isinstance(max_tokens, int) and max_tokens > room:
-            raise InvalidRequest(
-                f"the model's context length is {self.max_len} tokens, but {prompt_len + max_tokens} were "
-                f"requested ({prompt_len} in the prompt, max_tokens={max_tokens} for the completion); "
-                f"reduce the prompt or max_tokens", input_field, "context_length_exceeded")
-        try:
-            return SamplingParams(**kwargs)
-        except (ValueError, TypeError) as exc:
-            names = [f.name for f in dataclasses.fields(SamplingParams)]
-            raise InvalidRequest(f"invalid sampling parameter: {exc}", _guess_param(str(exc), names)) from exc
 
     @staticmethod
     async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str,
@@ -160,8 +79,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         if not self.accepting:
             await self._abort(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down and admits no new requests")
         try:
-            ids, input_field = await asyncio.to_thread(self._prompt_ids, request)
-            params = self._sampling_params(request.params, len(ids), input_field)
+            ids, input_field = await asyncio.to_thread(self.checker.prompt_ids, request)
+            params = self.checker.sampling_params(request.params, len(ids), input_field)
         except InvalidRequest as exc:
             self.metrics.count_finished("rejected")
             await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.param, exc.code)
@@ -179,7 +98,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             await self._abort(context, grpc.StatusCode.UNAVAILABLE, f"the engine is not running: {exc}")
         self.active += 1
         first_token: dict[int, float] = {}
-        completion: dict[int, int] = {}
+        generated: dict[int, int] = {}   # completion tokens so far, per sample
+        finished: set[int] = set()
         prompt_tokens, cached_tokens = len(ids), 0
         done = False
         try:
@@ -195,11 +115,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     await self._abort(context, grpc.StatusCode.INTERNAL, f"the engine failed: {item.message}")
                 if isinstance(item, Aborted):  # shutdown: close every open sample with "abort"
                     done = True
-                    open_samples = [i for i in range(n) if i not in completion]
+                    open_samples = [i for i in range(n) if i not in finished]
                     for k, i in enumerate(open_samples):
                         self.metrics.count_finished("abort")
                         last = k == len(open_samples) - 1
-                        usage = pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(completion.values()),
+                        usage = pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(generated.values()),
                                          cached_tokens=cached_tokens) if last else None
                         yield pb.GenerateResponse(request_id=request_id, index=i, finish_reason="abort", usage=usage)
                     break
@@ -214,16 +134,17 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 response = pb.GenerateResponse(request_id=request_id, index=out.index,
                                                token_ids=out.new_token_ids, text=out.new_text or "",
                                                logprobs=self._logprobs(out.logprobs))
+                generated[out.index] = int(out.completion_tokens)
                 if out.finished:
-                    completion[out.index] = int(out.completion_tokens)
+                    finished.add(out.index)
                     response.finish_reason = out.finish_reason or "stop"
                     self.metrics.count_finished(response.finish_reason)
                     if out.completion_tokens > 1 and out.index in first_token:
                         self.metrics.tpot.observe((now - first_token[out.index]) / (out.completion_tokens - 1))
-                    if len(completion) == n:
+                    if len(finished) == n:
                         done = True
                         response.usage.CopyFrom(pb.Usage(prompt_tokens=prompt_tokens, cached_tokens=cached_tokens,
-                                                         completion_tokens=sum(completion.values())))
+                                                         completion_tokens=sum(generated.values())))
                         self.metrics.e2e.observe(now - start)
                 yield response
         finally:
@@ -238,7 +159,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             if kind == "text":
                 ids = await asyncio.to_thread(self.tokenizer.encode, request.text)
             elif kind == "messages":
-                msgs = self._messages(request.messages, kind)
+                msgs = self.checker.messages(request.messages, kind)
                 ids = await asyncio.to_thread(self.tokenizer.apply_chat_template, msgs,
                                               add_generation_prompt=request.add_generation_prompt, tokenize=True)
             else:

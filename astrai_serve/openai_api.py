@@ -124,8 +124,10 @@ def create_app(config: FacadeConfig) -> FastAPI:
             raise ApiError(400, "the request body is empty; send a JSON object")
         try:
             return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
             raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ApiError(400, "the request body is nested too deeply to parse") from None
 
     async def model_info() -> Any:
         try:

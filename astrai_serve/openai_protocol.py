@@ -6,6 +6,8 @@ context — with **400** `invalid_request_error`, so this facade does too rather
 default 422: OpenAI clients and SDKs expect 400 and read `error.param` to name the bad field.
 Unknown model -> 404 `model_not_found`; wrong API key -> 401; body over the limit -> 413.
 
+`model` may be omitted (the one served model is meant); naming another model is a 404.
+
 Extensions beyond OpenAI (as vLLM spells them): top_k, min_p, repetition_penalty, ignore_eos,
 stop_token_ids, skip_special_tokens. Arguments OpenAI has but this server cannot honour (tools,
 logit_bias, echo, ...) are refused with 400 instead of being silently ignored.

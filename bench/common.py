@@ -308,6 +308,7 @@ def run_phase(phases: dict[str, Callable[[dict[str, Any], Sink], None]], phase: 
         result = run_isolated(script, phase, spec, timeout_s, workdir, extra_env)
         return [Row(**r) for r in result.get("rows", [])], result.get("error")
     sink = Sink()
+    start = time.perf_counter()
     try:
         phases[phase](spec, sink)
     except Exception as exc:  # one system failing must not lose the others' figures
@@ -315,6 +316,8 @@ def run_phase(phases: dict[str, Callable[[dict[str, Any], Sink], None]], phase: 
 
         traceback.print_exc()
         return sink.rows, f"{type(exc).__name__}: {exc}"
+    finally:
+        log(f"phase {phase}: {time.perf_counter() - start:.1f} s")
     return sink.rows, None
 
 

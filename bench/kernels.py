@@ -120,9 +120,9 @@ def prefill_rows() -> list[dict]:
     rows = []
     work = [("qwen3-0.6b", [1024] * 4, [1024] * 4), ("qwen3-0.6b", [2048] * 4, [512] * 4),
             ("1b", [1024] * 4, [1024] * 4), ("mla-v2lite", [1024] * 2, [1024] * 2)]
-    gqa_sweep = [TileConfig(128, 64, 4, 3), TileConfig(128, 64, 8, 3), TileConfig(128, 128, 8, 3),
-                 TileConfig(128, 128, 8, 2), TileConfig(64, 64, 4, 3)]
-    mla_sweep = [TileConfig(64, 32, 8, 1), TileConfig(32, 64, 8, 1), TileConfig(32, 32, 4, 2)]
+    gqa_sweep = [TileConfig(128, 128, 8, 3, False), TileConfig(128, 64, 8, 3),
+                 TileConfig(64, 64, 4, 2), TileConfig(64, 64, 4, 2, False)]
+    mla_sweep = [TileConfig(32, 32, 4, 2, False), TileConfig(32, 32, 8, 1)]
     for name, ctx_lens, q_lens in work:
         shape = SHAPES[name]
         args = paged_inputs(ctx_lens, q_lens, shape)
@@ -155,21 +155,18 @@ def prefill_rows() -> list[dict]:
 
 def config_name(cfg: TileConfig, default: TileConfig) -> str:
     return (f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
-            + (" *" if cfg == default else ""))
+            + ("" if cfg.split_mask else " all-masked") + (" *" if cfg == default else ""))
 
 
 def decode_config_rows(bw: float) -> list[dict]:
     """Other decode block shapes (graph replays) against the default (marked *)."""
     rows = []
     sweeps = [
-        ("qwen3-0.6b", 64, 2048, [TileConfig(16, 128, 4, 2), TileConfig(16, 64, 8, 2)]),
-        ("1b", 256, 2048, [TileConfig(16, 128, 4, 2), TileConfig(16, 128, 8, 2),
-                           TileConfig(16, 128, 4, 3), TileConfig(16, 256, 8, 2)]),
-        ("mla-v2lite", 64, 2048, [TileConfig(16, 64, 8, 2), TileConfig(16, 32, 4, 2),
-                                  TileConfig(16, 32, 8, 3), TileConfig(16, 16, 4, 3),
-                                  TileConfig(16, 64, 4, 2)]),
-        ("mla-v2lite", 256, 2048, [TileConfig(16, 64, 8, 2), TileConfig(16, 32, 4, 2),
-                                   TileConfig(16, 16, 4, 3)]),
+        ("qwen3-0.6b", 64, 2048, [TileConfig(16, 128, 4, 2, False), TileConfig(16, 64, 4, 2),
+                                  TileConfig(16, 64, 4, 2, False)]),
+        ("1b", 256, 2048, [TileConfig(16, 128, 4, 2, False), TileConfig(16, 128, 4, 3)]),
+        ("mla-v2lite", 64, 2048, [TileConfig(16, 64, 4, 2), TileConfig(16, 32, 4, 2, False)]),
+        ("mla-v2lite", 256, 2048, [TileConfig(16, 64, 4, 2), TileConfig(16, 32, 8, 2)]),
     ]
     for name, batch, ctx, cfgs in sweeps:
         shape = SHAPES[name]

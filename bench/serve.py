@@ -274,6 +274,7 @@ def run_online(spec: dict[str, Any], rate: float, client_procs: int, extra_env: 
     s = sizes_from(spec["sizes"])
     log("phase online (W4): astrai serve + openai client")
     daemon = serve_online.Daemon(spec["model_dir"], spec["engine"], spec["phase_timeout_s"], extra_env)
+    log(f"astrai serve ready at {daemon.url}")
     try:
         r = serve_online.load_test(daemon.url, daemon.model, w1_requests(s, spec["vocab"]), rate, client_procs,
                                    spec["temperature"])
@@ -367,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     isolate = device == "cuda" if args.isolate is None else args.isolate
     thread_env: dict[str, str] = {}
+    threads_before = torch.get_num_threads()  # restored at the end: main() may run inside a test process
     if args.tiny and device == "cpu":
         # Toy matmuls gain nothing from threads, and on a busy machine spinning OpenMP threads
         # make them ~10x slower: one thread keeps the smoke run fast.
@@ -405,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                     "rate": args.rate, "isolate": isolate}
         common.report("bench/serve.py", rows, env, settings, args.json or None)
     finally:
+        torch.set_num_threads(threads_before)
         if args.keep_dir:
             log(f"kept {workdir}")
         else:

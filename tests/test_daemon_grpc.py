@@ -3,9 +3,9 @@
 front of it, and SIGTERM (the module's last test)."""
 from __future__ import annotations
 
+import signal
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import pytest
@@ -27,7 +27,7 @@ def stubs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def daemon(tiny_model_dir, tmp_path_factory):
     proc = start_serve(tiny_model_dir, tmp_path_factory.mktemp("logs") / "serve.log", "--no-http",
-                       "--served-model-name", "tiny")
+                       "--served-model-name", "tiny", "--shutdown-timeout", "0.5")
     yield proc
     proc.kill()
 
@@ -193,6 +193,21 @@ def test_cancel_aborts_and_frees_pages(stubs, stub):
     assert stats.requests_finished_total["cancelled"] >= 1
 
 
+@pytest.mark.parametrize("argv, words", [
+    (["--model", "/no/such/dir"], "--model /no/such/dir: no such model directory"),
+    (["--grpc-port", "70000"], "--grpc-port 70000"),
+    (["--shutdown-timeout", "-1"], "--shutdown-timeout -1"),
+    (["--page-size", "0"], "page_size=0"),
+])
+def test_serve_rejects_bad_arguments_with_one_clear_line(argv, words, tiny_model_dir, capsys):
+    from astrai_train.cli import main
+
+    full = ["serve", "--model", str(tiny_model_dir), *argv] if argv[0] != "--model" else ["serve", *argv]
+    assert main(full) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("astrai serve: error:") and words in err and "Traceback" not in err
+
+
 def test_gateway_in_front_of_the_core(daemon, tmp_path):
     import openai
 
@@ -207,17 +222,33 @@ def test_gateway_in_front_of_the_core(daemon, tmp_path):
         assert gateway.terminate() == 0, gateway.stderr()
 
 
-def test_sigterm_finishes_in_flight_and_exits_zero(stubs, stub, daemon):
-    """Last in the module: it stops the module's daemon."""
+def test_sigterm_finishes_or_aborts_in_flight_and_exits_zero(stubs, stub, channel, daemon):
+    """Last in the module: it stops the module's daemon (started with --shutdown-timeout 0.5).
+    A short request finishes within the timeout; a long one is aborted when it runs out."""
     pb2 = stubs[0]
-    params = pb2.SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
-    call = stub.Generate(pb2.GenerateRequest(text="The rest is silence", params=params), timeout=60)
-    next(call)
-    result: dict = {}
-    reader = threading.Thread(target=lambda: result.update(out=_collect(call)))
-    reader.start()
-    time.sleep(0.05)
+    short = stub.Generate(pb2.GenerateRequest(text="The rest is silence", params=pb2.SamplingParams(
+        max_tokens=8, temperature=0.0, ignore_eos=True)), timeout=60)
+    long = stub.Generate(pb2.GenerateRequest(text="Words, words", params=pb2.SamplingParams(
+        max_tokens=480, temperature=0.0, ignore_eos=True)), timeout=60)
+    heads = [next(short), next(long)]  # both admitted and running
+    results: dict = {}
+    readers = [threading.Thread(target=lambda k=k, c=c: results.update({k: _collect(c)}))
+               for k, c in (("short", short), ("long", long))]
+    for r in readers:
+        r.start()
+    daemon.proc.send_signal(signal.SIGTERM)
+    # Draining: probes see NOT_SERVING and new work is refused, while the admitted requests go on.
+    health = health_pb2_grpc.HealthStub(channel)
+    assert wait_for(lambda: health.Check(health_pb2.HealthCheckRequest()).status
+                    == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=5, interval=0.01)
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Generate(pb2.GenerateRequest(text="late", params=pb2.SamplingParams(max_tokens=2)), timeout=5))
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in info.value.details()
     code = daemon.terminate(timeout=60)
-    reader.join(30)
+    for r in readers:
+        r.join(30)
     assert code == 0, daemon.stderr()
-    assert result["out"][2] == {0: "length"}, "an in-flight request must finish within the shutdown timeout"
+    assert results["short"][2] == {0: "length"}, "a request that can finish within the timeout must finish"
+    _, ids, finish, usage = results["long"]
+    assert finish == {0: "abort"}, "a request still running at the timeout must be aborted"
+    assert usage.completion_tokens == len(heads[1].token_ids) + len(ids.get(0, [])) < 480

@@ -163,6 +163,8 @@ OK_CHAT = {"model": MODEL, "messages": USER, "max_tokens": 2}
 BAD = [  # (id, path, body (dict -> JSON, bytes -> raw), status, param)
     ("invalid json", CHAT, b'{"messages": [', 400, None),
     ("not an object", CHAT, b"[1, 2]", 400, None),
+    ("nested too deeply", CHAT, b"[" * 100000 + b"]" * 100000, 400, None),
+    ("not utf-8", CHAT, b'{"messages": "\xff\xfe"}', 400, None),
     ("empty body", CHAT, b"", 400, None),
     ("missing messages", CHAT, {"model": MODEL}, 400, "messages"),
     ("messages not a list", CHAT, {"messages": "hi"}, 400, "messages"),

@@ -2,7 +2,10 @@
 
 Every implementation has the signature of `reference.paged_attention`; pick one by name with
 `get_attention_impl`. The Triton module is imported only when asked for, so CPU-only installs
-never need Triton.
+never need Triton. Contract for callers: every sequence in a batch has at least one query row
+(the Triton path treats N == S as a pure decode batch), and the new tokens' K/V are already in
+the cache. The Triton path does no host sync and launches a grid fixed by shapes, so a decode
+step that calls it can be captured in a CUDA graph.
 """
 from __future__ import annotations
 

@@ -37,13 +37,16 @@ class Check:
     value_in_key: bool = False      # MLA: value = key[..., :v_dim], no value cache
     num_splits: int | None = None   # force the decode split count (None: the implementation picks)
     dtype: str | None = None        # override the suite's dtype
+    config: tuple | None = None     # TileConfig fields to force (None: the implementation picks)
 
 
 CPU_CHECKS = [
     Check("decode_split4_g1", (1, 150, 40), (1, 1, 1), 2, 2, 16, 16, 16, num_splits=4),
     Check("decode_split3_g4_page1", (1, 150, 40), (1, 1, 1), 4, 1, 16, 16, 1, num_splits=3),
     Check("decode_nosplit_g6", (1, 150, 40), (1, 1, 1), 12, 2, 16, 16, 16, num_splits=1),
-    Check("mixed_g1", (70, 90, 1, 20), (70, 17, 1, 1), 1, 1, 16, 16, 16),
+    Check("mixed_g1", (140, 90, 1, 20), (140, 17, 1, 1), 1, 1, 16, 16, 16),
+    Check("mixed_g2_small_tiles_all_masked", (70, 90, 1, 20), (70, 17, 1, 1), 2, 1, 16, 16, 16,
+          config=(32, 16, 4, 2, False)),
     Check("mixed_g6_page1", (70, 90, 1, 20), (70, 17, 1, 1), 6, 1, 16, 16, 1),
     Check("mla_decode", (75, 9, 200), (1, 1, 1), 4, 1, 40, 32, 16, True, num_splits=3),
     Check("mla_prefill", (75, 40), (30, 40), 4, 1, 40, 32, 16, True),
@@ -63,6 +66,10 @@ GPU_CHECKS = [
     Check("mixed_q06b", (1500, 700, 40, 2), (512, 100, 1, 1), 16, 8, 128, 128),
     Check("mixed_1b", (900, 260, 33), (256, 260, 1), 24, 4, 64, 64),
     Check("prefill_g1_d64", (300, 129), (300, 2), 8, 8, 64, 64),
+    Check("mixed_q06b_64x64_all_masked", (1500, 700, 40, 2), (512, 100, 1, 1), 16, 8, 128, 128,
+          config=(64, 64, 4, 2, False)),
+    Check("decode_q06b_b7_all_masked", (1, 17, 300, 513, 1024, 2048, 4000), (1,) * 7, 16, 8, 128,
+          128, config=(16, 64, 4, 2, False)),
     # MLA absorbed shape (DeepSeek-V2-Lite: 16 heads, latent 512 + rope 64) and mla-tiny
     Check("mla_decode_b1", (1800,), (1,), 16, 1, 576, 512, value_in_key=True),
     Check("mla_decode_b9", (1, 50, 128, 129, 640, 1000, 1400, 2047, 3000), (1,) * 9, 16, 1, 576, 512,
@@ -88,6 +95,9 @@ def run_checks(checks: list[Check], impl: Callable[..., torch.Tensor], dtype: st
         case = make_case(list(c.ctx_lens), list(c.q_lens), c.n_heads, c.n_kv, c.k_dim, c.v_dim,
                          c.page_size, c.value_in_key, dt, device, seed=seed * 1000 + i)
         kwargs = {} if c.num_splits is None else {"num_splits": c.num_splits}
+        if c.config is not None:
+            from astrai_serve.kernels.triton_attention import TileConfig
+            kwargs["config"] = TileConfig(*c.config)
         out = impl(*case.args(), **kwargs)
         up = case.args()
         ref = reference.paged_attention(up[0].float(), up[1].float(),

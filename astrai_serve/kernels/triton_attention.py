@@ -96,6 +96,7 @@ def _paged_attn_kernel(
     BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TPT: tl.constexpr,
     VALUE_IN_KEY: tl.constexpr, DECODE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    SPLIT_MASK: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -143,12 +144,15 @@ def _paged_attn_kernel(
     # Keys below the tile's first position are visible to every row: no causal or length mask
     # there. Only the blocks from there to kv_hi (the diagonal; for decode, the last block) pay
     # for masking. Both bounds are multiples of BLOCK_N, so the two ranges tile [kv_lo, kv_hi).
-    first_pos = ctx - q_len + qblk * TPT
-    full_hi = tl.maximum(tl.minimum((first_pos + 1) // BLOCK_N * BLOCK_N, kv_hi), kv_lo)
-    acc, l_i, m_i = _attend_range(
-        acc, l_i, m_i, q1, q2, K, V, pt_row, pos, kvh, kv_lo, full_hi, kv_hi, scale_log2,
-        stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
-        PAGE, KD1, KD2, DV, BLOCK_D1, BLOCK_D2, BLOCK_DV, BLOCK_N, VALUE_IN_KEY, False)
+    if SPLIT_MASK:
+        first_pos = ctx - q_len + qblk * TPT
+        full_hi = tl.maximum(tl.minimum((first_pos + 1) // BLOCK_N * BLOCK_N, kv_hi), kv_lo)
+        acc, l_i, m_i = _attend_range(
+            acc, l_i, m_i, q1, q2, K, V, pt_row, pos, kvh, kv_lo, full_hi, kv_hi, scale_log2,
+            stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+            PAGE, KD1, KD2, DV, BLOCK_D1, BLOCK_D2, BLOCK_DV, BLOCK_N, VALUE_IN_KEY, False)
+    else:
+        full_hi = kv_lo
     acc, l_i, m_i = _attend_range(
         acc, l_i, m_i, q1, q2, K, V, pt_row, pos, kvh, full_hi, kv_hi, kv_hi, scale_log2,
         stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
@@ -197,16 +201,23 @@ class TileConfig:
     block_n: int      # keys per loop step
     num_warps: int    # warps per program
     num_stages: int   # software-pipelining depth of the key loop
+    split_mask: bool = True   # run blocks every row fully sees through a loop without masks
 
 
 def pick_config(decode: bool, group: int, k_dim: int) -> TileConfig:
-    """Block sizes from the head shape: wide MLA keys get fewer keys per step and fewer rows."""
+    """Block shapes picked from sweeps on an H200 (bench/kernels.py; numbers in kernels/NOTES.md).
+
+    Decode streams K/V: 128 keys of <=128 channels per step kept it at the copy bandwidth; MLA's
+    576-wide keys did best at 64 per step over 4 warps. Prefill multiplies matrices: 128x128
+    tiles over 8 warps for ordinary heads, 32x32 for MLA's wide ones (register pressure).
+    """
     rows = max(16, triton.next_power_of_2(group))
     wide = k_dim > 256
     if decode:
-        return TileConfig(rows, 32 if wide else 64, 8 if wide else 4, 2)
-    return TileConfig(max(rows, 32 if wide else 64), 32 if wide else 64, 8 if wide else 4,
-                      1 if wide else 2)
+        return TileConfig(rows, 64 if wide else 128, 4, 2)
+    if wide:
+        return TileConfig(max(rows, 32), 32, 4, 2)
+    return TileConfig(max(rows, 128), 128, 8, 3)
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -289,7 +300,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         BLOCK_D2=max(16, triton.next_power_of_2(max(kd2, 1))),
         BLOCK_DV=max(16, triton.next_power_of_2(v_dim)),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TPT=tpt,
-        VALUE_IN_KEY=value_in_key, DECODE=decode, NUM_SPLITS=splits,
+        VALUE_IN_KEY=value_in_key, DECODE=decode, NUM_SPLITS=splits, SPLIT_MASK=cfg.split_mask,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if splits > 1:

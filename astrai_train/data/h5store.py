@@ -182,22 +182,28 @@ class TokenStore:
                              f"the one in use (hash {tokenizer_hash}); re-run `astrai prepare` with the "
                              "model's tokenizer")
         self._file: h5py.File | None = None
+        self._datasets: dict[str, h5py.Dataset] = {}
         self._pid = -1
 
     @property
     def n_segments(self) -> int:
         return len(next(iter(self.offsets.values()))) - 1
 
-    def _h5(self) -> h5py.File:
+    def _dataset(self, key: str) -> h5py.Dataset:
         if self._file is None or self._pid != os.getpid():
-            # A bigger chunk cache than h5py's 1 MiB keeps neighbouring windows from re-decompressing.
-            self._file = h5py.File(self.path, "r", rdcc_nbytes=16 << 20)
+            # The chunk cache lives in the open dataset object, so datasets are opened once per
+            # process and kept; a cache bigger than h5py's 1 MiB spares re-decompressing chunks.
+            self._file = h5py.File(self.path, "r", rdcc_nbytes=32 << 20, rdcc_nslots=10007)
             self._pid = os.getpid()
-        return self._file
+            self._datasets = {}
+        ds = self._datasets.get(key)
+        if ds is None:
+            ds = self._datasets[key] = self._file[key]
+        return ds
 
     def read(self, key: str, start: int, stop: int) -> np.ndarray:
         """Elements [start, stop) of the flat, concatenated `key` dataset."""
-        return self._h5()[key][start:stop]
+        return self._dataset(key)[start:stop]
 
     def segment(self, key: str, i: int) -> np.ndarray:
         off = self.offsets[key]
@@ -205,10 +211,10 @@ class TokenStore:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_file"], state["_pid"] = None, -1
+        state["_file"], state["_datasets"], state["_pid"] = None, {}, -1
         return state
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
-            self._file = None
+            self._file, self._datasets = None, {}

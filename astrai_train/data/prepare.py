@@ -116,6 +116,9 @@ def prepare(cfg: PrepareConfig) -> PrepareStats:
     files = expand_inputs(list(cfg.inputs))
     tok = load_tokenizer(cfg.tokenizer)
     out = Path(cfg.out)
+    if out.is_dir():
+        raise ValueError(f"--out {cfg.out!r} is a directory; name the .h5 file to write")
+    out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     n_tokens = n_skipped = 0
     bar = None

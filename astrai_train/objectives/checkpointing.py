@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -48,6 +49,28 @@ def checkpoint_callback(run_dir: Path, section: CheckpointSection) -> ModelCheck
         save_last=True,
         save_on_train_epoch_end=False,
     )
+
+
+class FinalCheckpoint(L.Callback):
+    """last.ckpt at the final optimizer step, written inside the loop like the interval ones.
+
+    Saving after `fit()` returns would be too late: the loop has already pulled the next batch
+    to find out it was done, so the data sampler would record one batch too many and a run
+    resumed from it would skip that batch.
+    """
+
+    def __init__(self, run_dir: Path, every_n_steps: int) -> None:
+        self.path = run_dir / "checkpoints" / "last.ckpt"
+        self.every_n_steps = every_n_steps
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if (batch_idx + 1) % trainer.accumulate_grad_batches or step < trainer.max_steps:
+            return
+        if self.every_n_steps and step % self.every_n_steps == 0:
+            return  # ModelCheckpoint saves this step, last.ckpt included
+        trainer.save_checkpoint(self.path)
 
 
 def resolve_resume(resume: str | None, run_dir: Path) -> str | None:

@@ -103,12 +103,13 @@ def build_trainer(recipe: Recipe, module: Any) -> Any:
     from lightning.pytorch.callbacks import TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    from astrai_train.objectives.checkpointing import AtomicCheckpointIO, checkpoint_callback
+    from astrai_train.objectives.checkpointing import AtomicCheckpointIO, FinalCheckpoint, checkpoint_callback
     from astrai_train.objectives.throughput import ThroughputMonitor
 
     t = recipe.trainer
     run_dir = recipe.run_dir
     callbacks: list[Any] = [checkpoint_callback(run_dir, recipe.checkpoint),
+                            FinalCheckpoint(run_dir, recipe.checkpoint.every_n_steps),
                             ThroughputMonitor(module.model_config, module.model.num_parameters())]
     if t.enable_progress_bar:
         # Refreshing the bar reads the loss back from the device: once per log interval, not per step.
@@ -170,13 +171,8 @@ def train(args: argparse.Namespace, env: dict[str, str] | None = None) -> Path |
 
 
 def finish(trainer: Any, recipe: Recipe, export: bool = True) -> Path | None:
-    """Make sure last.ckpt holds the final step, then (rank 0) the model directory and the plot."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
+    """On rank 0: the model directory (from last.ckpt, written at the final step) and the plot."""
     last = recipe.run_dir / "checkpoints" / "last.ckpt"
-    ckpt = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
-    if ckpt is None or ckpt._last_global_step_saved != trainer.global_step or not last.exists():
-        trainer.save_checkpoint(last)  # collective under FSDP: every rank calls it
     if not trainer.is_global_zero:
         return None
     from astrai_train.objectives.plots import plot_loss_curve

@@ -1,0 +1,115 @@
+"""CPU smoke runs of the benchmarks at toy sizes: each prints its one table and writes its JSON,
+with the astrai rows AND the peer rows measured in the same run (real engine, real `astrai serve`
+subprocess, real openai client, real Lightning Trainer, real transformers models)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _load(name: str):
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    if f"bench_{name}" not in sys.modules:  # a unique name: the repository root has a train.py too
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules[f"bench_{name}"]
+
+
+def _rows(path: Path) -> dict[str, dict]:
+    data = json.loads(path.read_text())
+    assert data["environment"]["device"] and data["environment"]["torch"]
+    return {f"{r['workload']}|{r['system']}|{r['metric']}": r for r in data["rows"]}
+
+
+def _positive(rows: dict[str, dict], key: str) -> float:
+    assert key in rows, f"missing row {key}; have {sorted(rows)}"
+    value = rows[key]["value"]
+    assert value is not None and value > 0, f"{key}: {rows[key]}"
+    return value
+
+
+def test_serve_bench_tiny(tmp_path, capsys):
+    serve = _load("serve")
+    out = tmp_path / "serve.json"
+    assert serve.main(["--tiny", "--repeats", "1", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "workload" in table and "ratio vs peer" in table
+    rows = _rows(out)
+    s = serve.TINY
+    fixed = f"output tok/s ({s.fixed_output} out)"
+    astrai = _positive(rows, f"W1|astrai|{fixed}")
+    for peer in ("hf generate_batch", "hf generate"):
+        assert peer in table
+        peer_value = _positive(rows, f"W1|{peer}|{fixed}")
+        assert rows[f"W1|astrai|{fixed}"]["ratios"][peer] == pytest.approx(astrai / peer_value)
+    _positive(rows, f"W1|astrai|output tok/s ({s.output_range[0]}-{s.output_range[1]} out)")
+    _positive(rows, "W2|astrai (prefix cache on)|output tok/s")
+    _positive(rows, "W2|astrai (prefix cache off)|output tok/s")
+    assert rows["W2|astrai (prefix cache on)|prompt tokens from cache %"]["value"] > 0
+    _positive(rows, "W3|astrai|decode ms/token")
+    _positive(rows, "W3|roofline|decode ms/token")
+    w4 = _positive(rows, "W4|astrai REST|output tok/s")
+    assert rows["W4|astrai REST|output tok/s"]["note"].startswith(f"{s.num_requests}/{s.num_requests} ok")
+    assert rows["W4|astrai REST|output tok/s"]["ratios"]["astrai"] > 0 and w4 > 0
+    assert _positive(rows, "W4|astrai REST|TTFT p99 ms") >= _positive(rows, "W4|astrai REST|TTFT p50 ms")
+    _positive(rows, "W4|astrai REST|TPOT p50 ms")
+
+
+def test_train_bench_tiny(tmp_path, capsys):
+    train = _load("train")
+    out = tmp_path / "train.json"
+    assert train.main(["--tiny", "--json", str(out)]) == 0
+    assert "hf Qwen3 loop" in capsys.readouterr().out
+    rows = _rows(out)
+    astrai = _positive(rows, "train|astrai (Lightning)|tokens/s")
+    hf = _positive(rows, "train|hf Qwen3 loop|tokens/s")
+    assert rows["train|astrai (Lightning)|tokens/s"]["ratios"]["hf Qwen3 loop"] == pytest.approx(astrai / hf)
+    _positive(rows, "train|astrai (Lightning)|step ms")
+    _positive(rows, "train|hf Qwen3 loop|step ms")
+    assert "MFU %" in {r["metric"] for r in rows.values()}
+
+
+def test_train_bench_rollouts_tiny(tmp_path, capsys):
+    train = _load("train")
+    out = tmp_path / "rollouts.json"
+    assert train.main(["--tiny", "--grpo-rollouts", "--json", str(out)]) == 0
+    assert "rollout tok/s" in capsys.readouterr().out
+    rows = _rows(out)
+    engine = _positive(rows, "rollout|astrai engine (in-process)|rollout tok/s")
+    for peer in ("astrai generate loop", "hf generate"):
+        _positive(rows, f"rollout|{peer}|rollout tok/s")
+        assert rows["rollout|astrai engine (in-process)|rollout tok/s"]["ratios"][peer] > 0 and engine > 0
+
+
+def test_synthetic_tokenizer_gives_every_id_text(tmp_path):
+    common = _load("common")
+    tok = common.synthetic_tokenizer(600, tmp_path)
+    assert tok.vocab_size == 600
+    assert all(tok.decode([i]) for i in range(5, 600))  # no id decodes to nothing
+    words = [tok.decode([i]) for i in range(5 + 256, 600)]  # above the specials and the 256 bytes
+    assert all(w.isascii() and w.isalpha() and len(w) >= 2 for w in words)
+    assert len(set(words)) == len(words)
+    assert tok.encode(words[0] + words[-1]) == [5 + 256, 599]  # the merges rebuild each word
+    with pytest.raises(ValueError, match="vocab_size=100"):
+        common.synthetic_tokenizer(100, tmp_path / "small")
+
+
+def test_table_ratios_and_percentiles():
+    common = _load("common")
+    rows = [common.Row("W1", "a", "tok/s", 300.0, peers=["W1|b|tok/s", "W1|c|tok/s"]),
+            common.Row("W1", "b", "tok/s", 100.0), common.Row("W1", "c", "tok/s", None, note="failed: x")]
+    common.finish_ratios(rows)
+    assert rows[0].ratios == {"b": 3.0}  # no ratio against a peer without a value
+    table = common.format_table(rows)
+    assert "3.00x b" in table and "failed: x" in table
+    assert common.percentile([1, 2, 3, 4], 50) == 2.5 and common.percentile([5], 99) == 5
+    assert common.median([3, 1, 2]) == 2
