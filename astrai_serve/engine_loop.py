@@ -8,6 +8,10 @@ asyncio loop with `call_soon_threadsafe`, which is that request's output queue.
 
 Rejections arrive through the sink too, because `add_request` validates on the loop thread: the
 caller learns whether its request was accepted from the first item it receives.
+
+Flush hooks run on the loop thread after each round of deliveries, so a consumer can batch:
+the gRPC core's sinks only append to a list, and its hook hands the whole step's outputs to the
+event loop in one `call_soon_threadsafe` instead of one wake-up per token per stream.
 """
 from __future__ import annotations
 
@@ -69,6 +73,7 @@ class EngineLoop:
         self._stats = engine.stats()            # last snapshot, replaced (never mutated) per step
         self._error: str | None = None
         self._stopped = threading.Event()
+        self._flush_hooks: list[Callable[[], None]] = []
         self._thread = threading.Thread(target=self._run, name="astrai-engine-loop", daemon=True)
 
     # ---- any thread ------------------------------------------------------------------------
@@ -91,6 +96,10 @@ class EngineLoop:
     def stats(self) -> Any:
         """The engine's EngineStats as of the end of the last step."""
         return self._stats
+
+    def add_flush_hook(self, hook: Callable[[], None]) -> None:
+        """Run hook on the loop thread after each round of sink deliveries."""
+        self._flush_hooks.append(hook)
 
     def submit(self, request_id: str, prompt: Any, params: Any, sink: Sink) -> None:
         """Queue a request. Its outputs (or a Rejected) go to sink, on the loop thread."""
@@ -126,6 +135,7 @@ class EngineLoop:
                     self._end_orphans()
                 self._stats = engine.stats()
                 self._inflight = len(self._entries)
+                self._flush()
         except Exception as exc:  # the engine is in an unknown state: fail everything, die loudly
             self._error = f"{type(exc).__name__}: {exc}"
             log.error("engine loop died:\n%s", traceback.format_exc())
@@ -134,6 +144,7 @@ class EngineLoop:
             self._entries.clear()
             self._inflight = 0
         finally:
+            self._flush()
             self._stopped.set()
 
     def _drain(self, block: bool) -> list[tuple]:
@@ -193,6 +204,13 @@ class EngineLoop:
         self._entries.clear()
         self._inflight = 0
         self._stats = self.engine.stats()
+
+    def _flush(self) -> None:
+        for hook in self._flush_hooks:
+            try:
+                hook()
+            except Exception:
+                log.exception("a flush hook raised")
 
     @staticmethod
     def _deliver(sink: Sink, item: Any) -> None:

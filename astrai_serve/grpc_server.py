@@ -6,7 +6,7 @@ request is answered INVALID_ARGUMENT with a message naming the value, and traili
 `astrai-error-param` (the offending field) and, for an over-long prompt,
 `astrai-error-code: context_length_exceeded`, which the REST facade turns into OpenAI's error shape.
 
-Each Generate call owns an asyncio.Queue fed by the engine loop's sink. When the client cancels,
+Each Generate call owns an asyncio.Queue fed by the engine loop through a StepBatcher. When the client cancels,
 the handler is cancelled and its `finally` aborts the request, freeing its pages at once.
 """
 from __future__ import annotations
@@ -37,7 +37,33 @@ ERROR_CODE_KEY = "astrai-error-code"
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # above the facade's 4 MiB body limit, so HTTP sees 413 first
 
 
+class StepBatcher:
+    """Sinks for Generate calls that deliver a whole engine step at once to this event loop.
+
+    The sinks and flush() run on the engine-loop thread only (so the list needs no lock); the
+    event loop wakes once per step, not once per output."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._pending: list[tuple[asyncio.Queue, Any]] = []
+
+    def sink(self, queue: asyncio.Queue) -> Any:
+        return lambda item: self._pending.append((queue, item))
+
+    def flush(self) -> None:
+        if self._pending:
+            batch, self._pending = self._pending, []
+            self._loop.call_soon_threadsafe(self._put_all, batch)
+
+    @staticmethod
+    def _put_all(batch: list[tuple[asyncio.Queue, Any]]) -> None:
+        for queue, item in batch:
+            queue.put_nowait(item)
+
+
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
+    """Create inside the running event loop that will serve it (it batches deliveries to it)."""
+
     def __init__(self, engine_loop: EngineLoop, model_name: str, metrics: ServerMetrics | None = None):
         self.loop = engine_loop
         self.model_name = model_name
@@ -48,6 +74,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self.max_len = int(getattr(engine, "max_seq_len", engine.model_config.max_len))
         self.vocab_size = int(engine.model_config.vocab_size)
         self.checker = RequestChecker(self.tokenizer, self.max_len, self.vocab_size)
+        self.batcher = StepBatcher(asyncio.get_running_loop())
+        engine_loop.add_flush_hook(self.batcher.flush)
         self.accepting = True  # False once shutdown began: new Generate calls get UNAVAILABLE
         self.active = 0        # Generate calls in progress (streams not yet closed)
         self._token_text: dict[int, str] = {}
@@ -87,11 +115,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         request_id = request.request_id or uuid.uuid4().hex
         n = max(1, int(getattr(params, "n", 1) or 1))
         queue: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-
-        def sink(item: Any) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
+        sink = self.batcher.sink(queue)
         try:
             self.loop.submit(request_id, ids, params, sink)
         except EngineDeadError as exc:

@@ -132,18 +132,25 @@ def preference_accuracy(model, tok, records: list[dict[str, Any]], batch_size: i
     return wins / len(records)
 
 
-def _choices_chance(records: list[dict[str, Any]]) -> float:
-    """Mean 1/k over speaker prompts, k the number of names after 'Choose from:'."""
-    inv = []
-    for r in records:
-        prompt = r["prompt"] if isinstance(r["prompt"], str) else r["prompt"][-1]["content"]
-        m = re.search(r"Choose from: (.*?)\.\n", prompt)
-        inv.append(1.0 / len(m.group(1).split(", ")) if m else 0.0)
-    return sum(inv) / len(inv)
+def _choices(record: dict[str, Any]) -> list[str]:
+    """The names after 'Choose from:' in a speaker prompt."""
+    prompt = record["prompt"] if isinstance(record["prompt"], str) else record["prompt"][-1]["content"]
+    m = re.search(r"Choose from: (.*?)\.\n", prompt)
+    return m.group(1).split(", ") if m else []
+
+
+def speaker_baselines(records: list[dict[str, Any]]) -> tuple[float, float]:
+    """(chance: mean 1/k over k listed names, first-choice: accuracy of always naming the first,
+    i.e. the play's most frequent speaker)."""
+    choices = [_choices(r) for r in records]
+    chance = sum(1.0 / len(c) for c in choices if c) / len(records)
+    first = sum(bool(c) and c[0] == str(r["answer"]) for c, r in zip(choices, records)) / len(records)
+    return chance, first
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, dict[str, float]]:
-    """{metric: {"value", "chance", "n"}} for each metric whose task file exists in cfg.data."""
+    """{metric: {"value", "chance", "n"}} for each metric whose task file exists in cfg.data
+    (speaker_accuracy also has "first_choice": the score of always naming the first choice)."""
     from astrai_train.model import Transformer
     from astrai_train.tokenizer import Tokenizer
 
@@ -168,8 +175,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, dict[str, float]]:
     if files["grpo_eval.jsonl"].is_file():
         speaker = _read_jsonl(files["grpo_eval.jsonl"], "speaker", cfg.limit)
         if speaker:
+            chance, first = speaker_baselines(speaker)
             results["speaker_accuracy"] = {"value": exact_match(model, tok, speaker, cfg.batch_size, cfg.max_new_tokens),
-                                           "chance": _choices_chance(speaker), "n": len(speaker)}
+                                           "chance": chance, "n": len(speaker), "first_choice": first}
         arith = _read_jsonl(files["grpo_eval.jsonl"], "arithmetic", cfg.limit)
         if arith:
             results["arithmetic_accuracy"] = {"value": exact_match(model, tok, arith, cfg.batch_size, cfg.max_new_tokens),
@@ -189,4 +197,7 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
             r = results[name]
             fmt = ".2f" if name == "perplexity" else ".3f"
             lines.append(f"{label:<28}{r['value']:>10{fmt}}{r['chance']:>10{fmt}}{int(r['n']):>9} {unit}")
+    if "first_choice" in results.get("speaker_accuracy", {}):
+        lines.append(f"(speaker: always naming the first, most frequent choice scores "
+                     f"{results['speaker_accuracy']['first_choice']:.3f})")
     return "\n".join(lines)

@@ -243,9 +243,9 @@ def phase_hf_generate(spec: dict[str, Any], out: common.Sink) -> None:
     s = sizes_from(spec["sizes"])
     model = serve_hf.load_model(spec["hf_dir"], spec["device"])
     r = serve_hf.generate_throughput(model, _hf_prompts(s, spec), s.fixed_output, spec["temperature"],
-                                     spec["device"], spec["hf_batch_size"], spec["budget_s"])
+                                     spec["device"], spec["hf_batch_size"], spec["peer_budget_s"])
     out.add(Row("W1", HF_GEN, fixed_metric(s), r["tps"],
-                note=f"{r['requests']}/{s.num_requests} requests (time budget {spec['budget_s']:.0f} s), batches "
+                note=f"{r['requests']}/{s.num_requests} requests (time budget {spec['peer_budget_s']:.0f} s), batches "
                      f"of {spec['hf_batch_size']}, left-padded, sorted by prompt length"))
 
 
@@ -268,18 +268,25 @@ def expected_rows(phase: str, s: Sizes, wl: list[str]) -> list[Row]:
 
 # ---- W4: the daemon under load (serve_online.py) ----------------------------------------------
 
-def run_online(spec: dict[str, Any], rate: float, client_procs: int, extra_env: dict[str, str]) -> list[Row]:
+def start_daemon(spec: dict[str, Any], extra_env: dict[str, str]) -> Any:
+    import serve_online
+
+    return serve_online.Daemon(spec["model_dir"], spec["engine"], extra_env)
+
+
+def run_online(spec: dict[str, Any], rate: float, client_procs: int, daemon: Any) -> list[Row]:
     import serve_online
 
     s = sizes_from(spec["sizes"])
     log("phase online (W4): astrai serve + openai client")
-    daemon = serve_online.Daemon(spec["model_dir"], spec["engine"], spec["phase_timeout_s"], extra_env)
-    log(f"astrai serve ready at {daemon.url}")
     try:
+        daemon.wait_ready(spec["phase_timeout_s"])
+        log(f"astrai serve ready at {daemon.url}")
         r = serve_online.load_test(daemon.url, daemon.model, w1_requests(s, spec["vocab"]), rate, client_procs,
                                    spec["temperature"])
     finally:
         daemon.stop()
+    log("W4 done")
     note = (f"{r['ok']}/{r['sent']} ok, {rate:g} req/s evenly spaced, openai AsyncOpenAI streaming, "
             f"{client_procs} client proc(s), client CPU busy <= {100 * r['cpu_busy']:.0f}%")
     if r["errors"]:
@@ -309,7 +316,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of every system (0 = greedy)")
     p.add_argument("--repeats", type=int, default=3, help="runs per measurement, median reported, while the budget allows")
     p.add_argument("--budget-s", type=float, default=None,
-                   help="seconds per astrai measurement incl. repeats, and for HF batched generate (default 90)")
+                   help="seconds per astrai measurement: repeats only while they fit (default 45)")
+    p.add_argument("--peer-budget-s", type=float, default=None,
+                   help="seconds for HF batched generate: batches only while they fit (default 60)")
     p.add_argument("--hf-requests", type=int, default=None, help="give the HF peers only the first N requests (default all)")
     p.add_argument("--hf-batch-size", type=int, default=128, help="batch size of HF batched generate (default 128)")
     p.add_argument("--rate", type=float, default=64.0, help="W4 request rate, requests/s (default 64)")
@@ -354,7 +363,8 @@ def build_spec(args: argparse.Namespace, model_dir: Path, hf_dir: Path | None, v
             engine[name] = getattr(args, name)
     return {"model_dir": str(model_dir), "hf_dir": str(hf_dir) if hf_dir else None, "sizes": asdict(sizes),
             "vocab": vocab, "device": device, "engine": engine, "temperature": args.temperature,
-            "repeats": args.repeats, "budget_s": args.budget_s or (20.0 if args.tiny else 90.0),
+            "repeats": args.repeats, "budget_s": args.budget_s or (20.0 if args.tiny else 45.0),
+            "peer_budget_s": args.peer_budget_s or (20.0 if args.tiny else 60.0),
             "hf_requests": args.hf_requests, "hf_batch_size": args.hf_batch_size,
             "workloads": args.workloads.split(","), "phase_timeout_s": args.phase_timeout_s}
 
@@ -379,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     peers = not args.skip_peer and "W1" in wl
     preset = args.preset or ("tiny" if args.tiny else "qwen3-0.6b")
     workdir = Path(tempfile.mkdtemp(prefix="astrai-bench-serve-"))
+    daemon = None
     try:
         log(f"building {preset} with random bf16 weights in {workdir}")
         model_dir = common.random_model_dir(preset, workdir / "model", dtype="bfloat16")
@@ -393,13 +404,17 @@ def main(argv: list[str] | None = None) -> int:
         phases = (["astrai"] if set(wl) & {"W1", "W2", "W3"} else []) + (["astrai-nocache"] if "W2" in wl else [])
         phases += ["hf-cb", "hf-generate"] if peers else []
         rows: list[Row] = []
+        # On the GPU the daemon starts after the other systems are done (its KV cache takes most of
+        # the memory); on the CPU nothing is shared, so it boots while they run.
+        daemon = start_daemon(spec, thread_env) if "W4" in wl and device == "cpu" else None
         for phase in phases:
             got, error = common.run_phase(PHASES, phase, spec, isolate, __file__, args.phase_timeout_s, workdir,
                                           thread_env)
             rows += common.fill_missing(got, expected_rows(phase, sizes, wl), error) if error else got
         if "W4" in wl:
             try:
-                rows += run_online(spec, args.rate, args.client_procs or (1 if args.tiny else 4), thread_env)
+                daemon = daemon or start_daemon(spec, thread_env)
+                rows += run_online(spec, args.rate, args.client_procs or (1 if args.tiny else 4), daemon)
             except Exception as exc:
                 rows.append(Row("W4", "astrai REST", "output tok/s", None, note=f"failed: {type(exc).__name__}: {exc}"))
         rows.sort(key=lambda r: r.workload)  # stable: each workload's rows keep their order
@@ -407,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
                     "rate": args.rate, "isolate": isolate}
         common.report("bench/serve.py", rows, env, settings, args.json or None)
     finally:
+        if daemon is not None:
+            daemon.stop()  # no-op when W4 stopped it already
         torch.set_num_threads(threads_before)
         if args.keep_dir:
             log(f"kept {workdir}")

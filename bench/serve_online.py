@@ -35,20 +35,23 @@ def engine_flags(engine: dict[str, Any]) -> list[str]:
 
 
 class Daemon:
-    """`astrai serve` on free ports; `url` is its REST facade, answering /health with 200."""
+    """`astrai serve` on free ports. The process starts at once; `wait_ready()` blocks until it
+    printed its ready line and its REST facade answers /health with 200, then `url` is set."""
 
-    def __init__(self, model_dir: str, engine: dict[str, Any], timeout_s: float = 300.0,
-                 extra_env: dict[str, str] | None = None) -> None:
+    def __init__(self, model_dir: str, engine: dict[str, Any], extra_env: dict[str, str] | None = None) -> None:
         env = {**os.environ, **(extra_env or {})}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(common.ROOT), env.get("PYTHONPATH")) if p)
         cmd = [sys.executable, "-m", "astrai_train.cli", "serve", "--model", model_dir, "--grpc-port", "0",
                "--http-port", "0", "--log-level", "warning", *engine_flags(engine)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=common.ROOT)
-        box: list[str] = []
-        reader = threading.Thread(target=lambda: box.append(self.proc.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(timeout_s)
-        line = box[0] if box else ""
+        self._line: list[str] = []
+        self._reader = threading.Thread(target=lambda: self._line.append(self.proc.stdout.readline()), daemon=True)
+        self._reader.start()
+        self.url = self.model = ""
+
+    def wait_ready(self, timeout_s: float = 300.0) -> "Daemon":
+        self._reader.join(timeout_s)
+        line = self._line[0] if self._line else ""
         fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
         if "ready" not in line or "http" not in fields:
             self.stop()
@@ -61,6 +64,7 @@ class Daemon:
                 self.stop()
                 raise RuntimeError(f"{self.url}/health did not answer 200 within 60 s")
             time.sleep(0.2)
+        return self
 
     def _healthy(self) -> bool:
         try:

@@ -40,6 +40,8 @@ class Collector:
 @pytest.fixture
 def loop(tiny_model_dir):
     engine_loop = EngineLoop(LLMEngine(tiny_model_dir, num_pages=128))
+    engine_loop.flushes = []  # thread that ran each flush hook
+    engine_loop.add_flush_hook(lambda: engine_loop.flushes.append(threading.current_thread().name))
     engine_loop.start()
     yield engine_loop
     engine_loop.stop(10)
@@ -59,6 +61,8 @@ def test_requests_stream_to_their_own_sinks(loop):
         assert all(item.request_id == rid for item in sink.items)
         assert len(sink.tokens()) == 4 + i and sink.items[-1].finish_reason == "length"
     assert wait_for(lambda: loop.num_inflight == 0 and loop.stats().pages_in_use == 0)
+    # Flush hooks run on the loop thread, at least once per step that delivered something.
+    assert set(loop.flushes) == {"astrai-engine-loop"} and len(loop.flushes) >= 4 + 2
 
 
 def test_rejections_do_not_disturb_running_requests(loop):

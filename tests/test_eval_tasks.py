@@ -47,6 +47,7 @@ def test_cli_prints_every_metric_with_chance(tiny_model_dir, tasks, tmp_path, ca
         assert label in table
     r = json.loads(out.read_text())
     assert r["speaker_accuracy"]["chance"] == 0.25 and r["next_line_preference"]["chance"] == 0.5
+    assert 0 <= r["speaker_accuracy"]["first_choice"] <= 1 and "most frequent choice" in table
     assert r["speaker_accuracy"]["n"] == r["arithmetic_accuracy"]["n"] == r["next_line_preference"]["n"] == 6
     assert r["perplexity"]["n"] == 600 and r["perplexity"]["chance"] > 1000
     # A random-init model is about as perplexed as a uniform guess over the vocabulary.
@@ -89,3 +90,12 @@ def test_accuracy_scores_what_the_model_actually_says(tiny_model_dir, tmp_path, 
     assert r["arithmetic_accuracy"]["value"] == 0.5 and r["arithmetic_accuracy"]["n"] == 4
     assert math.isclose(r["next_line_preference"]["value"], 1 / 3)
     assert "perplexity" not in r and "speaker_accuracy" not in r
+
+
+def test_speaker_baselines():
+    from astrai_train.evaluate import speaker_baselines
+
+    ask = lambda names, answer: {"prompt": [{"role": "user", "content": f"Who speaks this line in X? Choose from: "  # noqa: E731
+                                                                      f"{', '.join(names)}.\nA line."}], "answer": answer}
+    recs = [ask(["Macbeth", "Banquo"], "Macbeth"), ask(["Macbeth", "Banquo", "Ross", "Lennox"], "Ross")]
+    assert speaker_baselines(recs) == (pytest.approx((1 / 2 + 1 / 4) / 2), 0.5)

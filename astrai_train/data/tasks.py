@@ -9,8 +9,8 @@ trained on. Every file is derived deterministically from the corpus and the seed
     grpo_{train,eval}.jsonl  {"prompt": [user], "answer": str, "task"}: speaker / arithmetic
 
 The tasks are shaped to be learnable by a tiny model in CPU minutes: speaker questions are
-multiple choice among the play's most frequent speakers (the choices are in the prompt), and only
-short lines are used. "task" is an extra column that TRL ignores and `astrai eval` groups by.
+multiple choice among the play's most frequent speakers (listed in the prompt, most frequent
+first), and only short lines are used. "task" is an extra column that TRL ignores and `astrai eval` groups by.
 """
 from __future__ import annotations
 
@@ -97,11 +97,12 @@ class _Pool:
         self.speaker: list[tuple[str, str, str]] = []  # (prompt, answer, play)
         self.next_line: list[tuple[str, str, str]] = []  # (line, next line, play)
         for play in plays:
+            # Most frequent first: "the lead speaks most" is a real prior that carries over to
+            # unseen plays, and it teaches a small model to answer with a name from the prompt.
             top = frequent_speakers(play.turns, cfg.choices)
-            choices = sorted(top)
             for turn in play.turns:
                 if turn.speaker in top:
-                    self.speaker += [(speaker_prompt(play.title, choices, ln), turn.speaker, play.name)
+                    self.speaker += [(speaker_prompt(play.title, top, ln), turn.speaker, play.name)
                                      for ln in turn.lines if ok(ln)]
                 for a, b in zip(turn.lines, turn.lines[1:]):
                     if ok(a) and ok(b) and a != b:

@@ -1,0 +1,60 @@
+"""train.py under real launchers: 2-process DDP on CPU (gloo) through `fabric run` and through
+`lightning run model` (astrai's shim) ends with the weights of a 1-process run over the same
+global batch."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from astrai_train import launcher_shim
+from astrai_train.objectives import runner
+from train_support import (TRAIN_PY, free_port, max_abs_diff, parse, prepare_data, recipe_overrides,
+                           subprocess_env, weights)
+
+STEPS = 3
+GLOBAL_BATCH = 8
+TOLERANCE = 1e-5  # gloo averages gradients in another order than one process does: float rounding only
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tokenizer_dir, corpus_dir) -> dict:
+    root = tmp_path_factory.mktemp("ddp")
+    data = prepare_data(tokenizer_dir, corpus_dir, root / "data")
+    single = runner.train(parse(recipe_overrides("seq", data["seq"], tokenizer_dir, root, "single", STEPS,
+                                                 batch_size=GLOBAL_BATCH)))
+    return {"root": root, "data": data, "tokenizer": tokenizer_dir, "single": weights(single)}
+
+
+def launch(setup: dict, launcher: list[str], name: str) -> Path:
+    argv = recipe_overrides("seq", setup["data"]["seq"], setup["tokenizer"], setup["root"], name, STEPS,
+                            batch_size=GLOBAL_BATCH // 2)
+    cmd = [*launcher, "--strategy=ddp", "--devices=2", "--accelerator=cpu", f"--main-port={free_port()}",
+           str(TRAIN_PY), *argv]
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return setup["root"] / name / "model"
+
+
+def test_fabric_run_ddp_matches_one_process(setup) -> None:
+    fabric = Path(sys.executable).parent / "fabric"
+    model_dir = launch(setup, [str(fabric), "run"], "fabric")
+    assert max_abs_diff(setup["single"], weights(model_dir)) < TOLERANCE
+
+
+def test_lightning_run_model_shim_ddp_matches_one_process(setup, tmp_path) -> None:
+    shim = launcher_shim.install(tmp_path)
+    assert shim is not None and shim.name == "lightning"
+    model_dir = launch(setup, [str(shim), "run", "model"], "shim")
+    assert max_abs_diff(setup["single"], weights(model_dir)) < TOLERANCE
+
+
+def test_shim_leaves_another_lightning_command_alone(tmp_path) -> None:
+    other = tmp_path / "lightning"
+    other.write_text("#!/bin/sh\necho someone else's lightning\n")
+    assert launcher_shim.install(tmp_path) is None
+    assert "someone else's" in other.read_text()
+    other.write_text(f"#!/bin/sh\n{launcher_shim.MARKER}\n")  # our own earlier install is refreshed
+    assert launcher_shim.install(tmp_path) == other and "launcher_shim" in other.read_text()
