@@ -6,8 +6,10 @@ name the peer row it is compared with, so the ratio is computed here, once, the 
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -84,11 +86,11 @@ def environment() -> dict[str, Any]:
     import torch
 
     env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                           "platform": platform.platform(), "cpu_count": _cpu_count()}
-    for name in ("transformers", "lightning", "triton", "tokenizers"):
-        try:
-            env[name] = __import__(name).__version__
-        except Exception:  # not installed (triton on CPU machines): recorded as absent
+                           "platform": platform.platform(), "cpu_count": os.cpu_count()}
+    for name in ("transformers", "lightning", "triton", "tokenizers", "openai"):
+        try:  # from the installed metadata: importing lightning alone takes seconds
+            env[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:  # triton on CPU machines: recorded as absent
             env[name] = None
     if torch.cuda.is_available():
         env["device"] = torch.cuda.get_device_name(0)
@@ -102,12 +104,6 @@ def environment() -> dict[str, Any]:
     except (OSError, subprocess.TimeoutExpired):
         env["git_commit"] = None
     return env
-
-
-def _cpu_count() -> int | None:
-    import os
-
-    return os.cpu_count()
 
 
 def write_json(path: str | Path, bench: str, env: dict[str, Any], rows: list[Row], settings: dict[str, Any]) -> Path:
@@ -260,8 +256,6 @@ def run_isolated(script: str | Path, phase: str, spec: dict[str, Any], timeout_s
     every measurement) are kept, the other systems are still measured, the table still printed.
     Returns {"rows": [...]} plus "error" when the process failed. Its output goes to ours (the log).
     """
-    import os
-
     spec_path, out_path = workdir / f"{phase}.spec.json", workdir / f"{phase}.out.json"
     spec_path.write_text(json.dumps(spec))
     out_path.unlink(missing_ok=True)
@@ -334,5 +328,9 @@ def fill_missing(rows: list[Row], expected: list[Row], error: str) -> list[Row]:
     return rows + missing
 
 
+_T0 = time.perf_counter()
+
+
 def log(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
+    """Progress on stderr, stamped with seconds since the benchmark started (the time budget)."""
+    print(f"[bench {time.perf_counter() - _T0:6.1f}s] {message}", file=sys.stderr, flush=True)

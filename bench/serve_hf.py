@@ -13,13 +13,13 @@ from typing import Any
 import common
 
 
-def load_model(hf_dir: str, device: str) -> Any:
-    """The exported Qwen3 directory in bf16 (fp32 on the CPU) with SDPA attention."""
+def load_model(hf_dir: str, device: str, dtype: str = "bfloat16") -> Any:
+    """The exported Qwen3 directory in `dtype` (float32 on the CPU) with SDPA attention."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, attn_implementation="sdpa")
+    torch_dtype = getattr(torch, dtype) if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch_dtype, attn_implementation="sdpa")
     return model.to(device).eval()
 
 
@@ -64,6 +64,18 @@ def generate_batch_throughput(model: Any, prompts: list[list[int]], max_new_toke
         problems.append(f"{tokens} tokens, expected {len(results) * max_new_tokens}")
     return {"tps": tokens / span if tokens else None, "requests": len(results), "wall": wall,
             "stamped": stamped, "problems": problems}
+
+
+def generate_batch_within(model: Any, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+                          device: str, budget_s: float, probe: int = 32) -> dict[str, Any]:
+    """generate_batch on as many of `prompts` as fit the time budget: first `probe` of them; then,
+    since a batch k times wider takes at most k times longer (at least as long), the most
+    requests that surely fit (all of them when the budget allows 8x the probe's time)."""
+    first = generate_batch_throughput(model, prompts[:probe], max_new_tokens, temperature, device)
+    n = min(len(prompts), probe * max(1, int(budget_s / max(first["wall"], 1e-9))))
+    if n <= probe:
+        return first
+    return generate_batch_throughput(model, prompts[:n], max_new_tokens, temperature, device)
 
 
 def generate_throughput(model: Any, prompts: list[list[int]], max_new_tokens: int, temperature: float,

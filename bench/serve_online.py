@@ -44,20 +44,28 @@ class Daemon:
         cmd = [sys.executable, "-m", "astrai_train.cli", "serve", "--model", model_dir, "--grpc-port", "0",
                "--http-port", "0", "--log-level", "warning", *engine_flags(engine)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=common.ROOT)
-        self._line: list[str] = []
-        self._reader = threading.Thread(target=lambda: self._line.append(self.proc.stdout.readline()), daemon=True)
+        self._ready: dict[str, str] = {}
+        self._seen = threading.Event()
+        self._reader = threading.Thread(target=self._read_stdout, daemon=True)
         self._reader.start()
         self.url = self.model = ""
 
+    def _read_stdout(self) -> None:
+        # Reads to EOF (so the daemon never blocks on a full pipe); the first `ready` line counts.
+        for line in self.proc.stdout:
+            if not self._seen.is_set() and " ready " in f" {line} ":
+                self._ready = dict(part.split("=", 1) for part in line.split() if "=" in part)
+                self._seen.set()
+        self._seen.set()  # EOF: the daemon exited
+
     def wait_ready(self, timeout_s: float = 300.0) -> "Daemon":
-        self._reader.join(timeout_s)
-        line = self._line[0] if self._line else ""
-        fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
-        if "ready" not in line or "http" not in fields:
+        self._seen.wait(timeout_s)
+        if "http" not in self._ready:
+            code = self.proc.poll()
             self.stop()
-            raise RuntimeError(f"astrai serve was not ready within {timeout_s:.0f} s (stdout: {line!r})")
-        threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # never block on a full pipe
-        self.url, self.model = fields["http"], fields.get("model", "model")
+            why = f"exited with code {code}" if code is not None else f"not ready within {timeout_s:.0f} s"
+            raise RuntimeError(f"astrai serve {why} (its log is above)")
+        self.url, self.model = self._ready["http"], self._ready.get("model", "model")
         deadline = time.monotonic() + 60
         while not self._healthy():
             if time.monotonic() > deadline:
@@ -105,12 +113,14 @@ async def _one(client: Any, model: str, prompt: list[int], max_tokens: int, send
     return {"start": start, "first": first, "last": last, "end": time.time(), "tokens": tokens or chunks}
 
 
-def client_worker(url: str, model: str, jobs: list[tuple[list[int], int, float]], temperature: float) -> dict[str, Any]:
-    """One client process: its share of the requests, each sent at its absolute time (time.time)."""
+def client_worker(url: str, model: str, jobs: list[tuple[list[int], int, float]], temperature: float,
+                  timeout_s: float = 300.0) -> dict[str, Any]:
+    """One client process: its share of the requests, each sent at its absolute time (time.time);
+    a request taking longer than timeout_s counts as an error (so a hang cannot stall the bench)."""
     from openai import AsyncOpenAI
 
     async def main() -> list[dict[str, Any]]:
-        client = AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=3600)
+        client = AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=timeout_s)
         try:
             return await asyncio.gather(*(_one(client, model, p, n, at, temperature) for p, n, at in jobs))
         finally:
@@ -122,17 +132,17 @@ def client_worker(url: str, model: str, jobs: list[tuple[list[int], int, float]]
 
 
 def load_test(url: str, model: str, requests: list[tuple[list[int], int]], rate: float, client_procs: int,
-              temperature: float) -> dict[str, Any]:
+              temperature: float, timeout_s: float = 300.0) -> dict[str, Any]:
     """Send `requests` (prompt ids, max_tokens) at `rate` per second, evenly spaced; summarise."""
-    client_worker(url, model, [(p, 16, time.time()) for p, _ in requests[:8]], temperature)  # warm-up burst
+    client_worker(url, model, [(p, 16, time.time()) for p, _ in requests[:8]], temperature, timeout_s)  # warm-up
     start = time.time() + (3.0 if client_procs > 1 else 0.2)  # time for the client processes to start
     jobs = [(p, n, start + i / rate) for i, (p, n) in enumerate(requests)]
     if client_procs == 1:
-        outs = [client_worker(url, model, jobs, temperature)]
+        outs = [client_worker(url, model, jobs, temperature, timeout_s)]
     else:
         ctx = multiprocessing.get_context("spawn")  # never fork a process that holds a CUDA context
         with concurrent.futures.ProcessPoolExecutor(client_procs, mp_context=ctx) as pool:
-            futures = [pool.submit(client_worker, url, model, jobs[k::client_procs], temperature)
+            futures = [pool.submit(client_worker, url, model, jobs[k::client_procs], temperature, timeout_s)
                        for k in range(client_procs)]
             outs = [f.result() for f in futures]
     results = [r for o in outs for r in o["results"]]

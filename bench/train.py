@@ -13,7 +13,8 @@ Systems (each in its own process on the GPU):
   astrai-compile  the same with model.compile=true (the recipe's torch.compile of the blocks)
   hf / hf-compile Qwen3ForCausalLM (SDPA), fp32 weights, bf16 autocast, fused AdamW, grad clip
                   1.0, use_cache=False; eager, and torch.compile(model)
-  --ddp-devices N adds astrai-compile on N GPUs (Lightning DDP, or --ddp-strategy fsdp) and its
+  --ddp-devices N adds the astrai system (compiled when astrai-compile is among --systems) on N
+                  GPUs (Lightning DDP, or --ddp-strategy fsdp; same micro-batch per GPU) and its
                   scaling efficiency = tokens/s on N GPUs / (N x tokens/s on one).
 
 Timing: `--warmup-steps` steps first (compilation happens there; their time is in the note),
@@ -38,6 +39,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import train_rollouts  # noqa: E402
 from common import Row, key, log  # noqa: E402
 
 FIRST_ID = 5  # below: the tokenizer's special tokens
@@ -47,7 +49,8 @@ TOKS = "tokens/s"
 
 
 def ddp_system(spec: dict[str, Any]) -> str:
-    return f"astrai (Lightning, compiled, {spec['ddp_devices']} GPUs {spec['ddp_strategy']})"
+    compiled = "compiled, " if spec["ddp_compile"] else ""
+    return f"astrai (Lightning, {compiled}{spec['ddp_devices']} GPUs {spec['ddp_strategy']})"
 
 
 def random_batches(spec: dict[str, Any]) -> list[dict[str, Any]]:
@@ -74,7 +77,8 @@ def flops_and_peak(spec: dict[str, Any], n_params: int) -> tuple[float, float | 
 
 
 def result_rows(spec: dict[str, Any], system: str, tokens_per_s: float, step_s: float, peak_mem: float | None,
-                n_params: int, warm_s: float, peers: list[str]) -> list[Row]:
+                n_params: int, warm_s: float, peers: list[str], devices: int = 1) -> list[Row]:
+    """tokens/s (all devices), step time, peak memory (of rank 0) and MFU (per device)."""
     flops, peak = flops_and_peak(spec, n_params)
     shape = f"micro-batch {spec['micro_batch']} x {spec['seq_len']}, {spec['steps']} steps timed"
     mfu_note = (f"6N + 12*L*H*Dh*T = {flops / 1e9:.2f} GFLOP/token (N = {n_params / 1e6:.1f}M); "
@@ -84,7 +88,7 @@ def result_rows(spec: dict[str, Any], system: str, tokens_per_s: float, step_s: 
             note=f"{shape}; warm-up {spec['warmup_steps']} steps took {warm_s:.1f} s"),
         Row("train", system, "step ms", 1e3 * step_s),
         Row("train", system, "peak memory GiB", peak_mem / 2**30 if peak_mem is not None else None),
-        Row("train", system, "MFU %", 100 * tokens_per_s * flops / peak if peak else None, note=mfu_note),
+        Row("train", system, "MFU %", 100 * tokens_per_s / devices * flops / peak if peak else None, note=mfu_note),
     ]
 
 
@@ -93,6 +97,7 @@ def result_rows(spec: dict[str, Any], system: str, tokens_per_s: float, step_s: 
 def phase_astrai(spec: dict[str, Any], out: common.Sink, compile: bool = False, devices: int = 1) -> None:
     import lightning as L
     import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
     from torch.utils.data import DataLoader
 
     from astrai_train.model import ModelConfig
@@ -115,8 +120,11 @@ def phase_astrai(spec: dict[str, Any], out: common.Sink, compile: bool = False, 
     L.seed_everything(recipe.seed, verbose=False)
     module = MODULES["seq"](recipe, ModelConfig.from_preset(spec["preset"], **spec["overrides"]))
     trainer = build_trainer(recipe, module)
+    # Checkpoints are not what is measured, and a 0.6B run writes ~7 GB per checkpoint: none here.
+    trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, ModelCheckpoint)
+                            and type(c).__module__ != "astrai_train.objectives.checkpointing"]
     timer = step_timer(spec["warmup_steps"], n, spec["micro_batch"] * spec["seq_len"] * trainer.world_size)
-    trainer.callbacks.append(timer)
+    trainer.callbacks.insert(0, timer)  # first: its end-of-step sync must precede other callbacks' work
     loader = DataLoader(random_batches(spec), batch_size=None, shuffle=False, pin_memory=torch.cuda.is_available())
     trainer.fit(module, train_dataloaders=loader)
     if not trainer.is_global_zero:
@@ -124,7 +132,7 @@ def phase_astrai(spec: dict[str, Any], out: common.Sink, compile: bool = False, 
     system = ddp_system(spec) if devices > 1 else SYSTEMS["astrai-compile" if compile else "astrai"]
     peers = [key("train", SYSTEMS[s], TOKS) for s in ("hf", "hf-compile")] if devices == 1 else []
     out.add(*result_rows(spec, system, timer.tokens / timer.elapsed, timer.elapsed / spec["steps"], timer.peak_mem,
-                         module.model.num_parameters(), timer.warm_s, peers))
+                         module.model.num_parameters(), timer.warm_s, peers, trainer.world_size))
 
 
 def step_timer(warmup: int, total: int, tokens_per_step: int) -> Any:
@@ -216,97 +224,25 @@ def phase_hf(spec: dict[str, Any], out: common.Sink, compile: bool = False) -> N
                          peak_mem, n_params, warm_s, []))
 
 
-# ---- GRPO rollouts: the serving engine in-process vs generate loops ---------------------------
-
-ROLLOUT = "rollout tok/s"
-ROLLOUT_SYSTEMS = {"engine": "astrai engine (in-process)", "generate": "astrai generate loop",
-                   "hf": "hf generate"}
-
-
-def rollout_prompts(spec: dict[str, Any]) -> list[list[int]]:
-    import random
-
-    rng = random.Random(3)
-    lo, hi = spec["rollout_prompt_range"]
-    return [[rng.randrange(FIRST_ID, spec["vocab"]) for _ in range(rng.randint(lo, hi))]
-            for _ in range(spec["rollout_prompts"])]
-
-
-def phase_rollout(spec: dict[str, Any], out: common.Sink, backend: str) -> None:
-    """Sample group_size completions per prompt, as GRPOModule does, and time it. engine and
-    generate go through objectives.rollout.RolloutSampler, the very sampler GRPO training uses."""
-    import torch
-
-    device, g = spec["device"], spec["group_size"]
-    prompts = rollout_prompts(spec)
-    if backend == "hf":
-        run = _hf_rollout(spec, prompts)
-    else:
-        from astrai_train.model import Transformer
-        from astrai_train.objectives.rollout import RolloutSampler
-        from astrai_train.tokenizer import Tokenizer
-
-        dtype = getattr(torch, spec["rollout_dtype"]) if device == "cuda" else torch.float32
-        model = Transformer.from_pretrained(spec["model_dir"], device=device, dtype=dtype)
-        sampler = RolloutSampler(model, Tokenizer.from_pretrained(spec["model_dir"]), g, spec["rollout_tokens"],
-                                 spec["temperature"], backend=backend, engine_args=spec["engine_args"])
-        run = sampler.sample
-    run(prompts[:2], 1)  # warm-up: engine start, kernels, allocator
-    secs, completions = common.timed(lambda: run(prompts, 0), device)
-    tokens = sum(len(c) for c in completions)
-    peers = [key("rollout", ROLLOUT_SYSTEMS[b], ROLLOUT) for b in ("generate", "hf")] if backend == "engine" else []
-    out.add(Row("rollout", ROLLOUT_SYSTEMS[backend], ROLLOUT, tokens / secs, peers=peers,
-                note=f"{len(prompts)} prompts x {g} samples, up to {spec['rollout_tokens']} new tokens, "
-                     f"T={spec['temperature']}, {spec['rollout_dtype'] if device == 'cuda' else 'float32'}; "
-                     f"{tokens} tokens in {secs:.1f} s"))
-
-
-def _hf_rollout(spec: dict[str, Any], prompts: list[list[int]]) -> Any:
-    """The TRL-without-vLLM way: HF `generate` on the left-padded batch of every sample."""
-    import torch
-
-    import serve_hf
-    from astrai_train.tokenizer import Tokenizer
-
-    model = serve_hf.load_model(spec["hf_dir"], spec["device"])
-    stop = sorted(Tokenizer.from_pretrained(spec["model_dir"]).stop_ids)
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-
-    def run(batch: list[list[int]], seed: int) -> list[list[int]]:
-        torch.manual_seed(seed)
-        rows = [p for p in batch for _ in range(spec["group_size"])]
-        width = max(len(p) for p in rows)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in rows], device=spec["device"])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows], device=spec["device"])
-        with torch.no_grad():
-            outs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=spec["rollout_tokens"],
-                                  eos_token_id=stop, pad_token_id=pad, **serve_hf.sampling(spec["temperature"]))
-        completions = []
-        for row in outs[:, width:].tolist():  # up to and including the first stop token
-            end = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
-            completions.append(row[:end])
-        return completions
-    return run
-
-
 # ---- command line -----------------------------------------------------------------------------
 
 PHASES = {
     "astrai": lambda spec, out: phase_astrai(spec, out),
     "astrai-compile": lambda spec, out: phase_astrai(spec, out, compile=True),
-    "astrai-compile-ddp": lambda spec, out: phase_astrai(spec, out, compile=True, devices=spec["ddp_devices"]),
+    "astrai-ddp": lambda spec, out: phase_astrai(spec, out, compile=spec["ddp_compile"], devices=spec["ddp_devices"]),
     "hf": lambda spec, out: phase_hf(spec, out),
     "hf-compile": lambda spec, out: phase_hf(spec, out, compile=True),
-    "rollout-engine": lambda spec, out: phase_rollout(spec, out, "engine"),
-    "rollout-generate": lambda spec, out: phase_rollout(spec, out, "generate"),
-    "rollout-hf": lambda spec, out: phase_rollout(spec, out, "hf"),
+    "rollout-engine": lambda spec, out: train_rollouts.phase_rollout(spec, out, "engine"),
+    "rollout-generate": lambda spec, out: train_rollouts.phase_rollout(spec, out, "generate"),
+    "rollout-hf": lambda spec, out: train_rollouts.phase_rollout(spec, out, "hf"),
 }
 
 
 def expected_rows(phase: str, spec: dict[str, Any]) -> list[Row]:
     if phase.startswith("rollout-"):
-        return [Row("rollout", ROLLOUT_SYSTEMS[phase.removeprefix("rollout-")], ROLLOUT, None)]
-    system = ddp_system(spec) if phase == "astrai-compile-ddp" else SYSTEMS[phase]
+        name = train_rollouts.SYSTEMS[phase.removeprefix("rollout-")]
+        return [Row("rollout", name, train_rollouts.METRIC, None)]
+    system = ddp_system(spec) if phase == "astrai-ddp" else SYSTEMS[phase]
     return [Row("train", system, TOKS, None)]
 
 
@@ -321,7 +257,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--systems", default=None, help="comma-separated: astrai,astrai-compile,hf,hf-compile "
                                                    "(default all four; astrai,hf with --tiny)")
     p.add_argument("--skip-peer", action="store_true", help="leave out the Hugging Face systems")
-    p.add_argument("--ddp-devices", type=int, default=0, help="also run astrai-compile on this many GPUs (0: no)")
+    p.add_argument("--ddp-devices", type=int, default=0, help="also run the astrai system on this many GPUs (0: no)")
     p.add_argument("--ddp-strategy", default="ddp", choices=["ddp", "fsdp"], help="strategy for --ddp-devices")
     p.add_argument("--precision", default="bf16-mixed", help="Lightning precision of the astrai systems (default bf16-mixed)")
     p.add_argument("--peak-tflops", type=float, default=None,
@@ -367,7 +303,7 @@ def build_spec(args: argparse.Namespace, device: str, workdir: Path) -> dict[str
             "micro_batch": pick(args.micro_batch, 8, 2), "seq_len": pick(args.seq_len, 2048, 32),
             "steps": pick(args.steps, 10, 2), "warmup_steps": pick(args.warmup_steps, 3, 1),
             "precision": args.precision, "peak_tflops": args.peak_tflops,
-            "ddp_devices": args.ddp_devices, "ddp_strategy": args.ddp_strategy,
+            "ddp_devices": args.ddp_devices, "ddp_strategy": args.ddp_strategy, "ddp_compile": False,
             "rollout_prompts": prompts, "group_size": group, "rollout_tokens": pick(args.rollout_tokens, 256, 6),
             "rollout_prompt_range": (64, 256) if not tiny else (4, 12), "rollout_dtype": args.rollout_dtype,
             "temperature": args.temperature,
@@ -376,7 +312,14 @@ def build_spec(args: argparse.Namespace, device: str, workdir: Path) -> dict[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    try:
+        return _main(parse_args(argv))
+    except (ValueError, FileNotFoundError) as exc:  # a bad preset, size or path: one line, no traceback
+        print(f"bench/train.py: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.phase:  # a child process measuring one system
         return common.phase_main(PHASES, args.phase, args.spec, args.phase_out)
     import torch
@@ -406,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             systems = (args.systems or ("astrai,hf" if args.tiny else "astrai,astrai-compile,hf,hf-compile")).split(",")
             phases = [s for s in systems if not (args.skip_peer and s.startswith("hf"))]
-            phases += ["astrai-compile-ddp"] if args.ddp_devices > 1 else []
+            spec["ddp_compile"] = "astrai-compile" in systems
+            phases += ["astrai-ddp"] if args.ddp_devices > 1 else []
             default_json = "bench-train.json"
         spec["vocab"] = json.loads((workdir / "model" / "config.json").read_text())["vocab_size"] \
             if args.grpo_rollouts else _vocab(spec)
@@ -434,7 +378,7 @@ def _vocab(spec: dict[str, Any]) -> int:
 
 def scaling_rows(rows: list[Row], spec: dict[str, Any]) -> list[Row]:
     by_key = {r.key: r for r in rows}
-    one = by_key.get(key("train", SYSTEMS["astrai-compile"], TOKS))
+    one = by_key.get(key("train", SYSTEMS["astrai-compile" if spec["ddp_compile"] else "astrai"], TOKS))
     many = by_key.get(key("train", ddp_system(spec), TOKS))
     n = spec["ddp_devices"]
     value = many.value / (n * one.value) * 100 if one and many and one.value and many.value else None

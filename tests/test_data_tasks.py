@@ -94,6 +94,21 @@ def test_task_files_have_trl_formats_and_correct_answers(tasks):
         assert r["chosen"][0]["content"] != r["rejected"][0]["content"]
 
 
+def test_eval_choices_are_the_plays_speakers_and_train_mixes_in_renamed_ones(tasks, corpus_dir):
+    plays = {w.title: frequent_speakers(w.turns, 4) for w in load_corpus(corpus_dir) if w.is_play}
+
+    def split(r):
+        prompt = r["prompt"][0]["content"]
+        title = prompt.removeprefix("Who speaks this line in ").split("? Choose from: ")[0]
+        return title, prompt.split("Choose from: ")[1].split(".\n")[0].split(", ")
+
+    evals = [split(r) for r in _read(tasks / "grpo_eval.jsonl") if r["task"] == "speaker"]
+    assert evals and all(choices == plays[title] for title, choices in evals)  # most frequent first
+    train = [split(r) for r in _read(tasks / "grpo_train.jsonl") if r["task"] == "speaker"]
+    renamed = sum(choices != plays[title] for title, choices in train)
+    assert 0.3 < renamed / len(train) < 0.7  # renamed_pct=50
+
+
 def test_held_out_plays_never_reach_training(tasks, corpus_dir):
     works = {w.name: w for w in load_corpus(corpus_dir)}
     train_text = (tasks / "seq_train.txt").read_text()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -9,6 +10,8 @@ from astrai_train.objectives.config import RecipeError, TrainerSection, load_rec
 from astrai_train.objectives.launch import resolve_world
 from astrai_train.objectives.rewards import arithmetic, combined_reward, exact_match, get_reward, register_reward
 from astrai_train.objectives.schedules import make_schedule
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_recipe_overrides_and_coercion(tmp_path) -> None:
@@ -103,3 +106,11 @@ def test_rewards() -> None:
     def length(completion: str, answer: str, prompt: str) -> float:
         return float(len(completion))
     assert get_reward("test_length")("abc", "", "") == 3.0
+
+
+def test_shipped_recipes_load() -> None:
+    recipes = sorted((ROOT / "configs" / "train").glob("*.yaml"))
+    objectives = {load_recipe(p).objective for p in recipes}
+    assert objectives == {"seq", "sft", "dpo", "grpo"}
+    for size in ("tiny", "125m", "qwen3-0.6b"):
+        assert {p.stem.split("-", 1)[0] for p in recipes if p.stem.endswith(size)} == objectives, size

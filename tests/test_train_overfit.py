@@ -108,3 +108,19 @@ def test_grpo_raises_reward(tokenizer_dir) -> None:
                   tokenizer=tok, key="train/reward")
     start, end = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert end > start + 0.2, rewards  # ~0.28 at init
+
+
+def test_activation_checkpointing_keeps_loss_and_gradients() -> None:
+    batch = random_windows(2, 16, seed=3)
+    grads = []
+    for ac in ("false", "true"):
+        recipe = load_recipe(None, [*TINY, f"model.activation_checkpointing={ac}"])
+        torch.manual_seed(0)
+        module = MODULES["seq"](recipe, model_config_for(recipe.model, 256))
+        loss, _, _ = module.compute_loss(batch)
+        loss.backward()
+        grads.append({n.replace("_checkpoint_wrapped_module.", ""): p.grad.clone()
+                      for n, p in module.model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name])

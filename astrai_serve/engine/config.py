@@ -33,6 +33,10 @@ class EngineConfig:
     device: str | None = None                # e.g. cuda, cuda:1, cpu; default cuda when available
     seed: int = 0                            # RNG seed for requests that give no seed of their own
     attention_impl: str | None = None        # torch | triton; default triton on CUDA, torch on CPU
+    enable_cuda_graphs: bool | None = None   # run pure-decode steps as CUDA graphs; default on with CUDA and triton attention
+    cuda_graph_max_batch: int | None = None  # largest decode batch captured in a graph; default max_num_seqs (larger run eagerly)
+    cuda_graph_capture_budget_s: float = 60.0  # seconds of graph capture at startup; sizes not reached (smallest last) are padded up
+    overlap_steps: bool | None = None        # launch step N+1 before building step N's outputs (text work hides behind the GPU); default on with CUDA
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -42,7 +46,7 @@ class EngineConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise bad(name, "must be a positive integer")
-        for name in ("max_model_len", "num_pages"):
+        for name in ("max_model_len", "num_pages", "cuda_graph_max_batch"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise bad(name, "must be a positive integer or None")
@@ -56,6 +60,12 @@ class EngineConfig:
             raise bad("device", "must look like cpu, cuda or cuda:N")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise bad("seed", "must be an integer")
+        for name in ("enable_cuda_graphs", "overlap_steps"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be true, false or None (auto)")
+        budget = self.cuda_graph_capture_budget_s
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
+            raise bad("cuda_graph_capture_budget_s", "must be a positive number of seconds")
 
     @classmethod
     def build(cls, config: "EngineConfig | None" = None, **overrides: Any) -> "EngineConfig":
@@ -88,3 +98,21 @@ class EngineConfig:
         if self.attention_impl is not None:
             return self.attention_impl
         return "triton" if self.torch_device().type == "cuda" else "torch"
+
+    def resolved_cuda_graphs(self) -> bool:
+        """Whether decode steps run as CUDA graphs: they need the device and a capturable kernel
+        (the torch reference reads lengths back to the host, which a graph cannot do)."""
+        capturable = self.torch_device().type == "cuda" and self.resolved_attention_impl() == "triton"
+        if self.enable_cuda_graphs is None:
+            return capturable
+        if self.enable_cuda_graphs and not capturable:
+            raise ValueError(f"invalid engine config enable_cuda_graphs=True: CUDA graphs need a CUDA device and "
+                             f"attention_impl='triton' (device={self.torch_device()}, "
+                             f"attention_impl={self.resolved_attention_impl()!r})")
+        return self.enable_cuda_graphs
+
+    def resolved_overlap_steps(self) -> bool:
+        return self.torch_device().type == "cuda" if self.overlap_steps is None else self.overlap_steps
+
+    def resolved_graph_max_batch(self) -> int:
+        return min(self.cuda_graph_max_batch or self.max_num_seqs, self.max_num_seqs)

@@ -22,11 +22,11 @@ from astrai_train.model import Transformer, kv_layout
 from .config import EngineConfig
 from .kv_manager import KVCacheManager
 from .model_runner import ModelRunner
-from .outputs import RequestOutput, check_stop, make_output, new_state
+from .outputs import RequestOutput, advance_text, finish_reasons, make_output, new_state
 from .paged_attention import PagedKVCache
-from .sampler import SampleResult, Sampler
+from .sampler import PendingSample, SampleResult, Sampler
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler
+from .scheduler import Scheduler, StepPlan
 from .sequence import Sequence
 
 Prompt = str | list[dict] | list[int]
@@ -92,24 +92,36 @@ class LLMEngine:
         if max_len > mc.max_len:
             raise ValueError(f"max_model_len={max_len} exceeds the model's max_len={mc.max_len}")
         layout = kv_layout(mc)
+        graphs = config.resolved_cuda_graphs()
+        graph_batch = config.resolved_graph_max_batch() if graphs else 0
         num_pages = config.num_pages
         if num_pages is None:
             if device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(device)
                 budget = int(free * config.gpu_memory_utilization)
+                # Graphs keep fp32 logits for their largest batch (plus the bf16 ones they are cast
+                # from) and a pool of activations: leave room for them beside the KV cache.
+                budget -= graph_batch * mc.vocab_size * 6 + (256 << 20 if graphs else 0)
             else:
                 budget = config.kv_cache_memory_bytes
             num_pages = PagedKVCache.pages_for_budget(budget, layout, mc.n_layers, config.page_size, dtype)
+            if graphs:
+                num_pages -= 1          # the padding page comes out of the same budget
             if num_pages < 1:
                 raise ValueError(f"a KV budget of {budget} bytes holds no page of {config.page_size} tokens "
                                  f"({layout.bytes_per_token(mc.n_layers, dtype)} bytes per token)")
-        cache = PagedKVCache(layout, mc.n_layers, num_pages, config.page_size, dtype, device)
+        # With graphs the cache holds one page more than the pool hands out: padding rows write there.
+        cache = PagedKVCache(layout, mc.n_layers, num_pages + int(graphs), config.page_size, dtype, device)
         kernel = get_attention_impl(config.resolved_attention_impl())
         self.kv = KVCacheManager(num_pages, config.page_size, config.enable_prefix_cache)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, max_len)
         # from_model's module is left in whatever mode its owner put it (training, for GRPO).
-        self.runner = ModelRunner(model, cache, kernel, device)
+        self.runner = ModelRunner(model, cache, kernel, device, config.max_num_seqs, max_len,
+                                  pad_page=num_pages if graphs else None, graph_max_batch=graph_batch,
+                                  graph_budget_s=config.cuda_graph_capture_budget_s)
         self.sampler = Sampler(device, config.seed)
+        self._overlap = config.resolved_overlap_steps()
+        self._inflight: tuple[StepPlan, list[Sequence], PendingSample | None] | None = None  # launched, not yet applied
         self._requests: dict[str, list[Sequence]] = {}
         self._next_id = 0
         self._prompt_tokens_total = 0
@@ -164,33 +176,56 @@ class LLMEngine:
                 self.scheduler.finish(seq, "abort")
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     # ---- one step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        plan = self.scheduler.schedule()
-        if not plan.chunks:
-            return []
-        logits = self.runner.execute(plan)
-        seqs = [c.seq for c in plan.sampling]
-        if seqs:
-            result = self.sampler(logits, [s.params for s in seqs], [s.state.generator for s in seqs],
-                                  [(s.token_ids, s.num_prompt_tokens) for s in seqs])
-        else:
-            result = SampleResult([], [])
-        for seq, lp in zip(seqs, result.logprobs):
-            if lp is not None:
-                seq.state.logprobs.append(lp)
-        outputs = []
-        for seq in self.scheduler.update(plan, result.token_ids):
-            self._generation_tokens_total += 1
-            reason = check_stop(seq, self.scheduler.max_seq_len)
+        """Run one model step and return its outputs.
+
+        With overlap_steps, the NEXT step is scheduled and launched before this step's text and
+        outputs are built, so that CPU work runs while the GPU computes; requests added after
+        this call returns join one step later than they would otherwise. Tokens are the same.
+        """
+        inflight, self._inflight = self._inflight, None
+        if inflight is None:
+            inflight = self._launch(self.scheduler.schedule())
+            if inflight is None:
+                return []
+        plan, seqs, pending = inflight
+        result = pending.result() if pending is not None else SampleResult([], [])  # the one host sync
+        if any(lp is not None for lp in result.logprobs):
+            for seq, lp in zip(seqs, result.logprobs):
+                if lp is not None and not seq.is_finished:
+                    seq.state.logprobs.append(lp)
+        grew = self.scheduler.update(plan, result.token_ids)
+        self._generation_tokens_total += len(grew)
+        reasons, later = finish_reasons(grew, self.scheduler.max_seq_len)
+        for seq, reason in zip(grew, reasons):
             if reason is not None:
                 self.scheduler.finish(seq, reason)
+        if self._overlap:
+            self._inflight = self._launch(self.scheduler.schedule())
+        advance_text(grew, reasons, later)
+        outputs = []
+        for seq, reason in zip(grew, reasons):
             outputs.append(make_output(seq, finished=reason is not None))
             if reason is not None and all(s.is_finished for s in self._requests.get(seq.request_id, [])):
                 self._requests.pop(seq.request_id, None)
         return outputs
+
+    def _launch(self, plan: StepPlan) -> tuple[StepPlan, list[Sequence], PendingSample | None] | None:
+        """Enqueue a step's forward and sampling on the device; nothing waits for it here."""
+        if not plan.chunks:
+            return None
+        logits = self.runner.execute(plan)
+        seqs = [c.seq for c in plan.chunks if c.samples]
+        if not seqs:
+            return plan, seqs, None
+        params = [s.params for s in seqs]
+        histories = None
+        if any(p.uses_penalties for p in params):
+            histories = [(s.token_ids, s.num_prompt_tokens) for s in seqs]
+        return plan, seqs, self.sampler.sample_async(logits, params, [s.state.generator for s in seqs], histories)
 
     # ---- state -------------------------------------------------------------------------------
     def stats(self) -> EngineStats:

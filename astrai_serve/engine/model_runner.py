@@ -3,64 +3,169 @@
 Per step, for S scheduled chunks with N tokens in all:
     input_ids [N], positions [N], slot_mapping [N]        one row per new token
     cu_seqlens_q [S+1], context_lens [S], page_table [S, max_pages]   one row per sequence
-The host builds every index in one int64 buffer and ships it with ONE (non-blocking, pinned)
+The host builds every index with numpy into a pinned buffer and ships it with ONE non-blocking
 copy; nothing in the step reads back from the device. Only rows that end a chunk reaching the
 newest token of its sequence (every decode, and the last prompt token of a finishing prefill)
 go through the LM head.
+
+Pure-decode steps of at most `graph_max_batch` sequences replay a CUDA graph (cuda_graphs.py)
+when graphs are on; everything else runs eagerly.
+
+Page tables are kept on the host between steps (PageTables), one numpy row per running
+sequence, so a decode step of 256 sequences touches only the pages added since the last step
+instead of rebuilding 256 x max_pages entries in Python.
 """
 from __future__ import annotations
 
+from typing import Sequence as Seq
+
+import numpy as np
 import torch
 
 from astrai_serve.kernels import PagedAttentionFn
 
+from .cuda_graphs import DecodeGraphs
 from .paged_attention import PagedAttention, PagedKVCache, StepMetadata
-from .scheduler import StepPlan
-from .transfer import to_device
+from .scheduler import ScheduledChunk, StepPlan
+from .transfer import HostStaging
+
+
+class PageTables:
+    """Host copy of the scheduled sequences' page tables: row r of `array` holds one sequence's
+    pages (a sequence keeps its row while it is scheduled step after step); row `pad_row` holds
+    `pad_page` everywhere, for the padding rows of a CUDA graph.
+
+    Rewriting only the new pages is exact because a sequence's page table only grows while it is
+    `published` (the scheduler's state after its prefill finished): publishing may swap pages
+    for the prefix cache's copies in place, and preemption empties the table, but both happen
+    only while `published` is False or right after the step that set it. So a row is patched
+    incrementally only when it was last written while the sequence was already published.
+    """
+
+    def __init__(self, max_rows: int, width: int, pad_page: int) -> None:
+        self.width = width
+        self.pad_row = max_rows
+        self.array = np.zeros((max_rows + 1, width), dtype=np.int64)
+        self.array[max_rows] = pad_page
+        self._free = list(range(max_rows - 1, -1, -1))
+        self._rows: dict[int, list] = {}       # seq_id -> [row, pages written, written while published]
+
+    def rows_for(self, chunks: Seq[ScheduledChunk]) -> list[int]:
+        """Sync the rows of this step's sequences; rows of sequences not in the step are freed."""
+        old, arr = self._rows, self.array
+        entries = [old.pop(c.seq.seq_id, None) for c in chunks]
+        for e in old.values():
+            self._free.append(e[0])
+        new: dict[int, list] = {}
+        rows = []
+        for c, e in zip(chunks, entries):
+            seq = c.seq
+            table, published = seq.page_table, seq.published
+            n = len(table)
+            if n > self.width:
+                raise RuntimeError(f"sequence {seq.seq_id} holds {n} pages, more than max_model_len allows "
+                                   f"({self.width})")
+            if e is None:
+                e = [self._free.pop(), 0, False]
+            if e[2] and published:
+                if n > e[1]:
+                    arr[e[0], e[1]:n] = table[e[1]:]
+            else:
+                arr[e[0], :n] = table
+            e[1], e[2] = n, published
+            new[seq.seq_id] = e
+            rows.append(e[0])
+        self._rows = new
+        return rows
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, cache: PagedKVCache, kernel: PagedAttentionFn,
-                 device: torch.device) -> None:
+                 device: torch.device, max_num_seqs: int, max_model_len: int, pad_page: int | None = None,
+                 graph_max_batch: int = 0, graph_budget_s: float = 60.0) -> None:
+        """pad_page: a cache page outside the page pool, for padding rows (needed with graphs);
+        graph_max_batch > 0 captures decode graphs up to that batch size."""
         self.model = model
         self.cache = cache
         self.kernel = kernel
         self.device = device
         self.page_size = cache.page_size
+        width = -(-max_model_len // cache.page_size)
+        self.tables = PageTables(max_num_seqs, width, 0 if pad_page is None else pad_page)
+        self._staging = HostStaging(device, torch.int64)
+        self.graphs: DecodeGraphs | None = None
+        if graph_max_batch > 0:
+            if pad_page is None:
+                raise ValueError("CUDA graphs need a reserved padding page")
+            self.graphs = DecodeGraphs(model, cache, kernel, graph_max_batch, width, pad_page)
+            self.graphs.capture(graph_budget_s)
 
-    def _build(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, StepMetadata, torch.Tensor]:
-        ps = self.page_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        cu = [0]
-        ctx: list[int] = []
-        rows: list[int] = []
-        tables: list[list[int]] = []
-        for c in plan.chunks:
-            seq, end = c.seq, c.start + c.num_tokens
-            table = seq.page_table
-            ids.extend(seq.token_ids[c.start:end])
-            positions.extend(range(c.start, end))
-            slots.extend(table[t // ps] * ps + t % ps for t in range(c.start, end))
-            cu.append(cu[-1] + c.num_tokens)
-            ctx.append(end)
-            tables.append(table[:(end + ps - 1) // ps])
-            if c.samples:
-                rows.append(cu[-1] - 1)
-        n, s = len(ids), len(ctx)
-        width = max(len(t) for t in tables)
-        flat_tables = [p for t in tables for p in t + [0] * (width - len(t))]
-        buf = to_device(ids + positions + slots + cu + ctx + rows + flat_tables, torch.int64, self.device)
-        parts = torch.split(buf, [n, n, n, s + 1, s, len(rows), s * width])
-        input_ids, pos, slot_mapping, cu_t, ctx_t, rows_t, table_t = parts
-        meta = StepMetadata(slot_mapping=slot_mapping, page_table=table_t.view(s, width).to(torch.int32),
-                            cu_seqlens_q=cu_t.to(torch.int32), context_lens=ctx_t.to(torch.int32))
-        return input_ids, pos, meta, rows_t
+    def _indices(self, plan: StepPlan) -> dict[str, np.ndarray | int]:
+        """Every index of the step as numpy arrays (see the module docstring for the layout)."""
+        chunks, ps = plan.chunks, self.page_size
+        s = len(chunks)
+        rows = np.asarray(self.tables.rows_for(chunks), dtype=np.int64)
+        starts = np.fromiter((c.start for c in chunks), np.int64, s)
+        counts = [c.num_tokens for c in chunks]
+        n = sum(counts)
+        if n == s:                                   # every chunk is one token (a decode)
+            ids = np.fromiter((c.seq.token_ids[c.start] for c in chunks), np.int64, s)
+            positions, token_rows = starts, rows
+            cu = np.arange(s + 1, dtype=np.int64)
+            ctx = starts + 1
+        else:
+            ns = np.asarray(counts, dtype=np.int64)
+            cu = np.zeros(s + 1, dtype=np.int64)
+            np.cumsum(ns, out=cu[1:])
+            flat: list[int] = []
+            for c in chunks:
+                flat += c.seq.token_ids[c.start:c.start + c.num_tokens]
+            ids = np.asarray(flat, dtype=np.int64)
+            positions = np.arange(n, dtype=np.int64) + np.repeat(starts - cu[:-1], ns)
+            token_rows = np.repeat(rows, ns)
+            ctx = starts + ns
+        slots = self.tables.array[token_rows, positions // ps] * ps + positions % ps
+        sampling = [i for i, c in enumerate(chunks) if c.samples]
+        sample_rows = cu[1:][sampling] - 1 if len(sampling) < s else cu[1:] - 1
+        width = int(ctx.max() + ps - 1) // ps
+        return dict(ids=ids, positions=positions, slots=slots, cu=cu, ctx=ctx, rows=rows,
+                    sample_rows=sample_rows, width=width, all_sample=len(sampling) == s)
+
+    def uses_graph(self, plan: StepPlan) -> bool:
+        """Whether `execute(plan)` replays a CUDA graph: a pure decode that fits the largest one."""
+        g = self.graphs
+        return (g is not None and 0 < len(plan.chunks) <= g.max_batch and bool(g.sizes)
+                and all(c.num_tokens == 1 and c.samples for c in plan.chunks))
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor:
         """Logits [len(plan.sampling), vocab] (float32) for the chunks that sample this step."""
-        input_ids, positions, meta, rows = self._build(plan)
+        idx = self._indices(plan)
+        if self.uses_graph(plan) and self.graphs.padded_size(len(plan.chunks)) is not None:
+            return self.graphs.run(idx["ids"], idx["positions"], idx["slots"], self.tables.array, idx["rows"],
+                                   self.tables.pad_row, idx["width"])
+        return self._eager(idx)
+
+    def _eager(self, idx: dict) -> torch.Tensor:
+        ids, sample_rows, rows = idx["ids"], idx["sample_rows"], idx["rows"]
+        n, s, r, w = len(ids), len(rows), len(sample_rows), idx["width"]
+        # int64 part first (ids, positions, slots, sampled rows), then the int32 part in one run
+        # (cu_seqlens, context lens, page table), so one copy in and one cast make all of it.
+        parts = [ids, idx["positions"], idx["slots"], sample_rows, idx["cu"], idx["ctx"],
+                 self.tables.array[rows, :w].reshape(-1)]
+        total = 3 * n + r + (s + 1) + s + s * w
+        host_t, host = self._staging.take(total)
+        np.concatenate(parts, out=host)
+        if self.device.type == "cpu":
+            buf = host_t.clone()                      # the staging buffer is reused next step
+        else:
+            buf = host_t.to(self.device, non_blocking=True)
+            self._staging.copied()
+        input_ids, positions, slots, rows_t = torch.split(buf[:3 * n + r], [n, n, n, r])
+        cu_t, ctx_t, table_t = torch.split(buf[3 * n + r:].to(torch.int32), [s + 1, s, s * w])
+        meta = StepMetadata(slot_mapping=slots, page_table=table_t.view(s, w), cu_seqlens_q=cu_t,
+                            context_lens=ctx_t)
         hidden = self.model.forward_flat(input_ids, positions, PagedAttention(self.cache, meta, self.kernel))
-        return self.model.compute_logits(hidden[rows]).float()
+        if not (idx["all_sample"] and n == s):        # keep only the rows that sample
+            hidden = hidden[rows_t]
+        return self.model.compute_logits(hidden).float()

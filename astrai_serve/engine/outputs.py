@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from astrai_train.tokenizer import IncrementalDetokenizer
+from astrai_train.tokenizer.detokenizer import push_many
 
 from .sampler import Logprob
 from .sequence import Sequence
@@ -26,7 +27,6 @@ class RequestOutput:
     index: int                          # sample index (0..n-1)
     new_token_ids: list[int]            # tokens generated this step
     new_text: str                       # text delta this step
-    token_ids: list[int]                # all generated tokens so far
     text: str                           # all text so far (final text once finished)
     finished: bool
     finish_reason: str | None           # "stop" | "length" | "abort" | None
@@ -34,6 +34,14 @@ class RequestOutput:
     completion_tokens: int
     cached_tokens: int                  # prompt tokens served from the prefix cache
     logprobs: list[Logprob] | None = None  # per new token: (id, logprob, [(top id, logprob), ...])
+    # The sequence's token list (prompt + output; it only ever grows): token_ids is cut from it on
+    # demand, since copying every generated token into every step's output is O(length) a step.
+    _all_ids: list[int] = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def token_ids(self) -> list[int]:
+        """All tokens generated up to this output (a new list on each access)."""
+        return self._all_ids[self.prompt_tokens:self.prompt_tokens + self.completion_tokens]
 
 
 @dataclass
@@ -48,6 +56,7 @@ class SampleState:
     emitted_tokens: int = 0
     logprobs: list[Logprob] = field(default_factory=list)
     holdback: int = 0                               # chars held back while stop strings may complete
+    pushed_from: int = 0                            # len(text) before the last pushed token's text
 
 
 def new_state(seq: Sequence, tokenizer, generator: torch.Generator | None) -> SampleState:
@@ -85,6 +94,69 @@ def check_stop(seq: Sequence, max_seq_len: int) -> str | None:
     return reason
 
 
+def check_stops(seqs: list[Sequence], max_seq_len: int) -> list[str | None]:
+    """`[check_stop(s, max_seq_len) for s in seqs]`, with the new tokens of all sequences
+    detokenized in batched calls (per-sequence calls dominate a large decode step)."""
+    reasons, later = finish_reasons(seqs, max_seq_len)
+    advance_text(seqs, reasons, later)
+    return reasons
+
+
+def finish_reasons(seqs: list[Sequence], max_seq_len: int) -> tuple[list[str | None], list[int]]:
+    """Phase 1 of check_stops: every sequence's finish reason (or None).
+
+    Only sequences with stop strings need their text for that, so only theirs is advanced here;
+    the indices of the others come back as the second value, for `advance_text`, which the
+    engine runs after launching the next step (their text cannot change their reason).
+    """
+    reasons: list[str | None] = [None] * len(seqs)
+    later: list[int] = []
+    now: list[int] = []
+    for i, seq in enumerate(seqs):
+        st, p = seq.state, seq.params
+        if seq.token_ids[-1] in st.stop_ids:
+            reasons[i] = "stop"
+        elif seq.num_completion_tokens >= p.max_tokens or seq.num_tokens >= max_seq_len:
+            reasons[i] = "length"
+        if st.detok is not None:
+            (now if p.stop else later).append(i)
+    if now:
+        pushing = [i for i in now if reasons[i] != "stop"]
+        _push(seqs, pushing)
+        for i in pushing:
+            st, stops = seqs[i].state, seqs[i].params.stop
+            if _cut_at_stop(st, stops, st.pushed_from):
+                reasons[i] = "stop"                # check_stop returns here: no flush
+                now.remove(i)
+        _flush(seqs, [i for i in now if reasons[i] is not None])
+    return reasons, later
+
+
+def advance_text(seqs: list[Sequence], reasons: list[str | None], later: list[int]) -> None:
+    """Phase 2 of check_stops: the text of the sequences `finish_reasons` left for later."""
+    _push(seqs, [i for i in later if reasons[i] != "stop"])
+    _flush(seqs, [i for i in later if reasons[i] is not None])
+
+
+def _push(seqs: list[Sequence], which: list[int]) -> None:
+    if not which:
+        return
+    deltas = push_many([seqs[i].state.detok for i in which], [[seqs[i].token_ids[-1]] for i in which])
+    for i, delta in zip(which, deltas):
+        st = seqs[i].state
+        st.pushed_from = len(st.text)
+        st.text += delta
+
+
+def _flush(seqs: list[Sequence], which: list[int]) -> None:
+    for i in which:
+        st, stops = seqs[i].state, seqs[i].params.stop
+        before = len(st.text)
+        st.text += st.detok.flush()
+        if stops:
+            _cut_at_stop(st, stops, before)
+
+
 def _cut_at_stop(st: SampleState, stops: tuple[str, ...], before: int) -> bool:
     # Only a match that ends in the new text can be new: start the search just before it.
     start = max(0, before - max(len(s) for s in stops) + 1)
@@ -98,14 +170,16 @@ def _cut_at_stop(st: SampleState, stops: tuple[str, ...], before: int) -> bool:
 def make_output(seq: Sequence, finished: bool) -> RequestOutput:
     """The delta since the last output of this sample (and the totals)."""
     st: SampleState = seq.state
-    completion = seq.completion_ids
-    visible = len(st.text) if finished else max(st.emitted_chars, len(st.text) - st.holdback)
-    new_text = st.text[st.emitted_chars:visible]
-    new_ids = completion[st.emitted_tokens:]
+    ids, prompt = seq.token_ids, seq.num_prompt_tokens
+    n_out = len(ids) - prompt
+    text = st.text
+    visible = len(text) if finished else max(st.emitted_chars, len(text) - st.holdback)
+    new_text = text[st.emitted_chars:visible]
+    new_ids = ids[prompt + st.emitted_tokens:]
     new_lp = st.logprobs[st.emitted_tokens:] if seq.params.logprobs else None
-    st.emitted_chars, st.emitted_tokens = visible, len(completion)
+    st.emitted_chars, st.emitted_tokens = visible, n_out
     return RequestOutput(
         request_id=seq.request_id, index=seq.index, new_token_ids=new_ids, new_text=new_text,
-        token_ids=list(completion), text=st.text[:visible], finished=finished,
-        finish_reason=seq.finish_reason if finished else None, prompt_tokens=seq.num_prompt_tokens,
-        completion_tokens=len(completion), cached_tokens=seq.cached_tokens, logprobs=new_lp)
+        text=text[:visible], finished=finished,
+        finish_reason=seq.finish_reason if finished else None, prompt_tokens=prompt,
+        completion_tokens=n_out, cached_tokens=seq.cached_tokens, logprobs=new_lp, _all_ids=ids)

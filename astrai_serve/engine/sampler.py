@@ -11,8 +11,12 @@ the same tokens whatever else is in the batch (seeded requests are drawn per req
 device call each).
 
 Log-probs are those of the model's distribution (log_softmax of the raw logits, before
-penalties and temperature), as vLLM reports them. The only host sync is the `.tolist()` that
-brings the sampled ids (and the log-probs, packed into the same transfer) back.
+penalties and temperature), as vLLM reports them.
+
+No host sync but one: `sample_async` only enqueues device work, ending in ONE non-blocking copy
+of the sampled ids (and the log-probs, packed into the same transfer) into pinned memory;
+`PendingSample.result()` waits for that copy alone (a CUDA event) and reads it. Everything the
+host sends (temperatures, penalties, ...) goes through pinned memory too.
 """
 from __future__ import annotations
 
@@ -43,15 +47,23 @@ class Sampler:
         g.manual_seed(seed)
         return g
 
-    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None],
-                 histories: list[tuple[list[int], int]]) -> SampleResult:
+                 histories: list[tuple[list[int], int]] | None = None) -> SampleResult:
         """logits [S, V] float32; per row: its params, its own generator (or None) and
-        (token_ids, num_prompt_tokens) for the penalties."""
+        (token_ids, num_prompt_tokens) for the penalties (needed only when a row has some)."""
+        return self.sample_async(logits, params, generators, histories).result()
+
+    @torch.inference_mode()
+    def sample_async(self, logits: torch.Tensor, params: list[SamplingParams],
+                     generators: list[torch.Generator | None],
+                     histories: list[tuple[list[int], int]] | None = None) -> "PendingSample":
+        """Enqueue the sampling of every row; the result comes with `.result()`."""
         want_lp = any(p.logprobs for p in params)
         raw_logprobs = logits.log_softmax(-1) if want_lp else None
         if any(p.uses_penalties for p in params):
+            if histories is None:
+                raise ValueError("rows with penalties need their token histories")
             logits = self._penalize(logits, params, histories)
         greedy_ids = logits.argmax(-1)
         if all(p.greedy for p in params):
@@ -118,16 +130,43 @@ class Sampler:
 
     @staticmethod
     def _to_host(tokens: torch.Tensor, raw_logprobs: torch.Tensor | None,
-                 params: list[SamplingParams]) -> SampleResult:
-        n = tokens.shape[0]
+                 params: list[SamplingParams]) -> "PendingSample":
+        top = 0
         if raw_logprobs is None:
-            return SampleResult(tokens.tolist(), [None] * n)
-        top = max(p.top_logprobs for p in params)
-        parts = [tokens.double(), raw_logprobs.gather(1, tokens[:, None])[:, 0].double()]
-        if top:
-            top_v, top_i = raw_logprobs.topk(top, dim=-1)
-            parts += [top_i.double().flatten(), top_v.double().flatten()]
-        host = torch.cat(parts).tolist()   # one transfer for ids and log-probs
+            packed = tokens
+        else:
+            top = max(p.top_logprobs for p in params)
+            parts = [tokens.double(), raw_logprobs.gather(1, tokens[:, None])[:, 0].double()]
+            if top:
+                top_v, top_i = raw_logprobs.topk(top, dim=-1)
+                parts += [top_i.double().flatten(), top_v.double().flatten()]
+            packed = torch.cat(parts)      # one transfer for ids and log-probs
+        return PendingSample(packed, tokens.shape[0], top, params, raw_logprobs is not None)
+
+
+class PendingSample:
+    """Sampled ids on their way to the host: one non-blocking copy into pinned memory, then an
+    event. `result()` waits for that event only: the step's single host synchronisation."""
+
+    def __init__(self, packed: torch.Tensor, n: int, top: int, params: list[SamplingParams],
+                 logprobs: bool) -> None:
+        self._n, self._top, self._params, self._logprobs = n, top, params, logprobs
+        self._event = None
+        if packed.device.type == "cuda":
+            self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            self._host.copy_(packed, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record(torch.cuda.current_stream(packed.device))
+        else:
+            self._host = packed
+
+    def result(self) -> SampleResult:
+        if self._event is not None:
+            self._event.synchronize()
+        host = self._host.tolist()
+        n, top, params = self._n, self._top, self._params
+        if not self._logprobs:
+            return SampleResult(host, [None] * n)
         ids = [int(t) for t in host[:n]]
         chosen = host[n:2 * n]
         out: list[Logprob | None] = []

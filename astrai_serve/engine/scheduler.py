@@ -20,9 +20,13 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from .kv_manager import KVCacheManager
 from .sequence import Sequence, SeqStatus
+
+
+_arrival = attrgetter("arrival")
 
 
 @dataclass(frozen=True)
@@ -110,23 +114,27 @@ class Scheduler:
         plan = StepPlan()
         budget = self.max_num_batched_tokens
         taken: set[int] = set()
-        by_age = sorted(self.running, key=lambda s: s.arrival)
-        order = [s for s in by_age if not s.is_prefill] + [s for s in by_age if s.is_prefill]
-        for seq in order:
+        decodes: list[Sequence] = []
+        prefills: list[Sequence] = []
+        for s in sorted(self.running, key=_arrival):
+            (prefills if len(s.token_ids) - s.num_computed > 1 else decodes).append(s)
+        running, ps = SeqStatus.RUNNING, self.kv.page_size
+        for seq in decodes + prefills:
             if budget == 0:
                 break
-            if seq.status is not SeqStatus.RUNNING:   # preempted earlier in this loop
+            if seq.status is not running:   # preempted earlier in this loop
                 continue
-            q = min(seq.num_to_compute, budget)
-            while not self.kv.ensure(seq, seq.num_computed + q):
+            q = min(len(seq.token_ids) - seq.num_computed, budget)
+            end = seq.num_computed + q
+            # (the first test is kv.ensure's own fast path, inlined: the pages already cover end)
+            while len(seq.page_table) * ps < end and not self.kv.ensure(seq, end):
                 victim = max((s for s in self.running if s.seq_id not in taken), key=lambda s: s.arrival)
                 self._preempt(victim)
                 plan.preempted.append(victim)
                 if victim is seq:
                     break
             else:
-                plan.chunks.append(ScheduledChunk(seq, seq.num_computed, q,
-                                                  seq.num_computed + q == seq.num_tokens))
+                plan.chunks.append(ScheduledChunk(seq, seq.num_computed, q, end == len(seq.token_ids)))
                 taken.add(seq.seq_id)
                 budget -= q
         if not plan.preempted:

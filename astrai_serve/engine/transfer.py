@@ -18,3 +18,42 @@ def to_device(data: Any, dtype: torch.dtype, device: torch.device) -> torch.Tens
     if device.type != "cuda":
         return host if device.type == "cpu" else host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
+
+
+class HostStaging:
+    """A reusable host buffer that per-step indices are written into (as numpy) and copied from.
+
+    On CUDA the buffer is pinned, so `device_tensor.copy_(view, non_blocking=True)` never blocks
+    the host. Reusing it is safe only once the copy out of it has run: two buffers alternate, and
+    `take` waits on the event `copied` recorded after the last copy out of the one it returns (a
+    copy enqueued a whole step earlier, so the wait is normally free). Steps that end in the
+    sampled-ids sync need no more; this also covers prefill-only steps, which end without one.
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+        self.device, self.dtype = device, dtype
+        self._pinned = device.type == "cuda"
+        self._buffers: list[torch.Tensor | None] = [None, None]
+        self._events: list[Any] = [None, None]
+        self._i = 0
+
+    def take(self, n: int) -> tuple[torch.Tensor, Any]:
+        """(host tensor, numpy view of it) of n elements, free to overwrite."""
+        self._i ^= 1
+        event = self._events[self._i]
+        if event is not None:
+            event.synchronize()
+            self._events[self._i] = None
+        buf = self._buffers[self._i]
+        if buf is None or buf.numel() < n:
+            size = max(n, 2 * buf.numel() if buf is not None else 1024)
+            buf = self._buffers[self._i] = torch.empty(size, dtype=self.dtype, pin_memory=self._pinned)
+        view = buf[:n]
+        return view, view.numpy()
+
+    def copied(self) -> None:
+        """Call after enqueuing the copy out of the buffer last taken."""
+        if self._pinned:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            self._events[self._i] = event

@@ -16,7 +16,6 @@ error or Ctrl-C never leaves a half-written file under the target's name.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any

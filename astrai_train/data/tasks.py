@@ -41,6 +41,7 @@ class TaskConfig:
     min_line_chars: int = 12    # shorter lines carry too little to guess from
     max_line_chars: int = 60    # longer lines are skipped: short targets are learnable by tiny models
     max_operand: int = 99       # arithmetic questions add two integers in [0, max_operand]
+    renamed_pct: int = 50       # % of training speaker questions whose names are swapped (see _speaker_qa)
     seed: int = 0               # every random choice derives from this
 
     def __post_init__(self) -> None:
@@ -48,6 +49,8 @@ class TaskConfig:
             value = getattr(self, f.name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"TaskConfig.{f.name} must be a non-negative integer, got {value!r}")
+        if self.renamed_pct > 100:
+            raise ValueError(f"TaskConfig.renamed_pct must be at most 100, got {self.renamed_pct}")
         if self.choices < 2:
             raise ValueError(f"TaskConfig.choices must be at least 2, got {self.choices}")
         if self.min_line_chars > self.max_line_chars:
@@ -94,7 +97,7 @@ class _Pool:
 
     def __init__(self, plays: list[Work], cfg: TaskConfig) -> None:
         ok = lambda s: cfg.min_line_chars <= len(s) <= cfg.max_line_chars  # noqa: E731
-        self.speaker: list[tuple[str, str, str]] = []  # (prompt, answer, play)
+        self.speaker: list[tuple[str, tuple[str, ...], str, str]] = []  # (title, choices, line, speaker)
         self.next_line: list[tuple[str, str, str]] = []  # (line, next line, play)
         for play in plays:
             # Most frequent first: "the lead speaks most" is a real prior that carries over to
@@ -102,14 +105,29 @@ class _Pool:
             top = frequent_speakers(play.turns, cfg.choices)
             for turn in play.turns:
                 if turn.speaker in top:
-                    self.speaker += [(speaker_prompt(play.title, top, ln), turn.speaker, play.name)
-                                     for ln in turn.lines if ok(ln)]
+                    self.speaker += [(play.title, tuple(top), ln, turn.speaker) for ln in turn.lines if ok(ln)]
                 for a, b in zip(turn.lines, turn.lines[1:]):
                     if ok(a) and ok(b) and a != b:
                         self.next_line.append((a, b, play.name))
         self.lines_by_play: dict[str, list[str]] = {}
         for a, b, play in self.next_line:
             self.lines_by_play.setdefault(play, []).append(b)
+        self.names = sorted({name for _, top, _, _ in self.speaker for name in top})
+        self.renamed_pct = 0  # set for the training split
+
+
+def _speaker_qa(item: tuple[str, tuple[str, ...], str, str], pool: _Pool, rng: random.Random) -> tuple[str, str]:
+    """(prompt, answer) of a speaker question. With probability renamed_pct the play's names are
+    swapped, position for position, for names from other plays: then only the prompt tells which
+    name to answer, so the model learns to answer from the listed choices instead of memorising
+    line -> name, and that is what carries over to the held-out plays."""
+    title, top, line, speaker = item
+    if pool.renamed_pct and rng.randrange(100) < pool.renamed_pct:
+        others = [n for n in pool.names if n not in top]
+        if len(others) >= len(top):
+            names = rng.sample(others, len(top))
+            return speaker_prompt(title, names, line), names[top.index(speaker)]
+    return speaker_prompt(title, list(top), line), speaker
 
 
 def _arithmetic_split(cfg: TaskConfig, n_eval: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -127,7 +145,7 @@ def _split_records(pool: _Pool, arith: list[tuple[str, str]], n: int, rng: rando
                    repeat: bool) -> dict[str, list[dict[str, Any]]]:
     n_sp, n_ar = int(n * SFT_SPEAKER_SHARE), int(n * SFT_ARITHMETIC_SHARE)
     sft = [{"messages": _user(p) + _assistant(a), "task": "speaker"}
-           for p, a, _ in _take(pool.speaker, n_sp, rng, repeat)]
+           for p, a in (_speaker_qa(it, pool, rng) for it in _take(pool.speaker, n_sp, rng, repeat))]
     sft += [{"messages": _user(next_line_prompt(x)) + _assistant(y), "task": "next_line"}
             for x, y, _ in _take(pool.next_line, n - n_sp - n_ar, rng, repeat)]
     sft += [{"messages": _user(p) + _assistant(a), "task": "arithmetic"} for p, a in _take(arith, n_ar, rng, repeat)]
@@ -146,7 +164,8 @@ def _split_records(pool: _Pool, arith: list[tuple[str, str]], n: int, rng: rando
                     "rejected": _assistant(rejected), "task": "next_line"})
 
     n_ga = int(n * GRPO_ARITHMETIC_SHARE)
-    grpo = [{"prompt": _user(p), "answer": a, "task": "speaker"} for p, a, _ in _take(pool.speaker, n - n_ga, rng, repeat)]
+    grpo = [{"prompt": _user(p), "answer": a, "task": "speaker"}
+            for p, a in (_speaker_qa(it, pool, rng) for it in _take(pool.speaker, n - n_ga, rng, repeat))]
     grpo += [{"prompt": _user(p), "answer": a, "task": "arithmetic"} for p, a in _take(arith, n_ga, rng, repeat)]
     rng.shuffle(grpo)
     return {"sft": sft, "dpo": dpo, "grpo": grpo}
@@ -182,6 +201,7 @@ def derive_tasks(corpus_dir: str | Path, out_dir: str | Path, cfg: TaskConfig = 
         ("eval", eval_works, cfg.eval_size, _arith(arith_eval), False),
     ):
         pool = _Pool([w for w in group if w.is_play], cfg)
+        pool.renamed_pct = cfg.renamed_pct if split == "train" else 0
         rng = random.Random(f"{cfg.seed}-{split}")
         for kind, records in _split_records(pool, arith, n, rng, repeat).items():
             _write_jsonl(out / f"{kind}_{split}.jsonl", records)

@@ -125,10 +125,14 @@ class ObjectiveModule(L.LightningModule):
             self.log(f"val/{name}", value, sync_dist=True)
 
     # ---- optimisation ----------------------------------------------------------------------
+    def _fp16_scaled(self) -> bool:
+        return str(self.trainer.precision).startswith("16")  # "16-mixed": a GradScaler is in play
+
     def configure_optimizers(self) -> Any:
         o = self.recipe.optim
         # Fused AdamW on CUDA: one kernel for the whole update instead of a few per parameter.
-        fused = True if self.device.type == "cuda" else None
+        # Not under fp16 loss scaling, where Lightning must unscale before clipping.
+        fused = True if self.device.type == "cuda" and not self._fp16_scaled() else None
         optimizer = torch.optim.AdamW(decay_groups(self.model, o.weight_decay), lr=o.lr, betas=o.betas,
                                       eps=o.eps, fused=fused)
         total = o.total_steps or self.recipe.trainer.max_steps
@@ -136,14 +140,33 @@ class ObjectiveModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def _log_step(self) -> bool:
+        return self.trainer.global_step % self.trainer.log_every_n_steps == 0
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clip the global grad norm ourselves: Lightning refuses to clip with a fused optimizer
+        (even under bf16, where nothing is scaled) and cannot clip by norm under FSDP. The norm
+        the clip computes anyway is the one logged (before clipping)."""
+        if not gradient_clip_val or gradient_clip_algorithm not in (None, "norm") or self._fp16_scaled():
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        root = self.trainer.strategy.model
+        if hasattr(root, "clip_grad_norm_"):  # FSDP: the sharded root all-reduces the shard norms
+            norm = root.clip_grad_norm_(gradient_clip_val)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), gradient_clip_val, foreach=True)
+        if self._log_step():
+            self.log("train/grad_norm", norm)
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # The pre-clip global norm, computed only on logging steps (it is an extra pass over grads).
-        if self.trainer.global_step % self.trainer.log_every_n_steps:
+        if not self._log_step():
             return
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if grads:
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
         self.log("train/lr", optimizer.param_groups[0]["lr"])
+        if not self.trainer.gradient_clip_val:
+            # No clip computes the norm for us: one extra pass over the grads on logging steps.
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            if grads:
+                self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
 
     # ---- exact resume ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

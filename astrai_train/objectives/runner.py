@@ -204,7 +204,9 @@ def run_cli(args: argparse.Namespace) -> int:
         # Only errors raised before fit() reach here as user errors; a crash inside training
         # still shows its traceback (ValueError from deep inside would be a bug worth seeing).
         if not _inside_fit(e):
-            print(f"error: {e}", file=sys.stderr)
+            # Under a launcher every process hits the same error: one message per machine is enough.
+            if os.environ.get("LOCAL_RANK", "0") == "0":
+                print(f"error: {e}", file=sys.stderr)
             return 2
         raise
     return 0

@@ -1,0 +1,158 @@
+"""CUDA graphs for pure-decode steps: one graph per batch size on a ladder, replayed with padding.
+
+Why: a decode step of a small model is hundreds of tiny kernels; launched eagerly from Python the
+GPU waits on the launches (a 125m model spends ~90% of its eager decode step launching). A graph
+replays the whole forward, LM head included, with one launch.
+
+How:
+- Static inputs live in device buffers that every step copies into (non_blocking, from pinned
+  memory): token ids, positions and cache slots in ONE int64 buffer laid out [ids | positions |
+  slots] for the graph's batch size b, and a page table of fixed width (the pages of the longest
+  sequence, max_model_len). Context lengths are computed inside the graph (position + 1: every
+  row is a decode), and cu_seqlens is a constant arange.
+- A batch of n sequences runs in the graph of the smallest captured size b >= n. The b - n padding
+  rows decode token 0 at position 0 into a page reserved for them (never handed out by the page
+  pool), so they write nothing anyone reads; their logits are computed and ignored.
+- The logits of every graph land in one shared float32 buffer [max_batch, vocab]: the bf16 -> fp32
+  cast the eager path does anyway is the copy into it, so sharing costs nothing.
+- Graphs share one memory pool and are captured largest first, so the smaller ones reuse the
+  blocks the largest one freed. Capture stops at a time budget; batch sizes not reached (the
+  smallest) pad up to the smallest captured size.
+Mixed prefill/decode and prefill steps stay eager (their shapes vary with every step).
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from astrai_serve.kernels import PagedAttentionFn
+
+from .paged_attention import PagedAttention, PagedKVCache, StepMetadata
+from .transfer import HostStaging
+
+log = logging.getLogger("astrai.serve.engine")
+
+_LADDER = (1, 2, 4, 8, 16, 24, 32, 48, 64)  # then steps of 32
+
+
+def graph_batch_sizes(max_batch: int) -> list[int]:
+    """Batch sizes to capture: the ladder up to max_batch, then steps of 32, then max_batch itself."""
+    if max_batch < 1:
+        raise ValueError(f"cuda_graph_max_batch={max_batch} must be >= 1")
+    sizes = [b for b in _LADDER if b < max_batch]
+    b = _LADDER[-1] + 32
+    while b < max_batch:
+        sizes.append(b)
+        b += 32
+    return sizes + [max_batch]
+
+
+class DecodeGraphs:
+    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, kernel: PagedAttentionFn,
+                 max_batch: int, max_pages: int, pad_page: int) -> None:
+        device = cache.k.device
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
+        self.model, self.cache, self.kernel = model, cache, kernel
+        self.device = device
+        self.max_batch = max_batch
+        self.width = max_pages
+        self.pad_page = pad_page
+        self.pad_slot = pad_page * cache.page_size
+        vocab = model.compute_logits(torch.zeros(1, model.config.dim, device=device,
+                                                 dtype=cache.k.dtype)).shape[-1]
+        self.meta = torch.zeros(3 * max_batch, dtype=torch.int64, device=device)    # [ids | positions | slots]
+        self.page_table = torch.full((max_batch, max_pages), pad_page, dtype=torch.int32, device=device)
+        self.context_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
+        self.cu_seqlens = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
+        self.logits = torch.zeros(max_batch, vocab, dtype=torch.float32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.sizes: list[int] = []          # captured sizes, ascending
+        self.capture_seconds = 0.0
+        self._meta_host = HostStaging(device, torch.int64)
+        self._table_host = HostStaging(device, torch.int32)
+
+    # ---- capture -----------------------------------------------------------------------------
+    def _fill_padding(self, b: int) -> None:
+        """Every row a padding row: token 0 at position 0, written to the reserved page."""
+        self.meta[:2 * b].zero_()
+        self.meta[2 * b:3 * b].fill_(self.pad_slot)
+        self.page_table[:b].fill_(self.pad_page)
+
+    def _forward(self, b: int) -> None:
+        ids, positions, slots = self.meta[:b], self.meta[b:2 * b], self.meta[2 * b:3 * b]
+        context_lens = self.context_lens[:b]
+        context_lens.copy_(positions + 1)
+        meta = StepMetadata(slot_mapping=slots, page_table=self.page_table[:b],
+                            cu_seqlens_q=self.cu_seqlens[:b + 1], context_lens=context_lens)
+        hidden = self.model.forward_flat(ids, positions, PagedAttention(self.cache, meta, self.kernel))
+        self.logits[:b].copy_(self.model.compute_logits(hidden))
+
+    @torch.inference_mode()
+    def capture(self, budget_s: float) -> None:
+        """Capture the ladder, largest first, until budget_s seconds have passed (>= 1 graph)."""
+        start = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        wanted = graph_batch_sizes(self.max_batch)
+        for b in reversed(wanted):
+            if self.graphs and time.perf_counter() - start > budget_s:
+                break
+            self._fill_padding(b)
+            # Warm-up outside the capture: Triton compiles this shape's kernels, cuBLAS picks its
+            # algorithms, the allocator sizes its blocks. Nothing here may run first in a capture.
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                self._forward(b)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                self._forward(b)
+            self.graphs[b] = graph
+        torch.cuda.synchronize(self.device)
+        self.sizes = sorted(self.graphs)
+        self.capture_seconds = time.perf_counter() - start
+        skipped = [b for b in wanted if b not in self.graphs]
+        log.info("captured %d decode CUDA graphs (batch sizes %s) in %.1f s%s", len(self.sizes),
+                 ",".join(map(str, self.sizes)), self.capture_seconds,
+                 f"; out of time for {skipped} (they pad up to {self.sizes[0]})" if skipped else "")
+
+    # ---- replay ------------------------------------------------------------------------------
+    def padded_size(self, n: int) -> int | None:
+        """The captured batch size a batch of n sequences runs in (None: too large, run eagerly)."""
+        for b in self.sizes:
+            if b >= n:
+                return b
+        return None
+
+    def run(self, ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, tables: np.ndarray,
+            rows: np.ndarray, pad_row: int, width: int) -> torch.Tensor:
+        """Logits [n, vocab] float32 for a decode batch of n = len(ids) sequences.
+
+        `tables[rows[i], :width]` is the page table of row i; `tables[pad_row]` is the padding
+        row (the reserved page everywhere). The result is a view of the shared logits buffer:
+        valid until the next replay.
+        """
+        n = len(ids)
+        b = self.padded_size(n)
+        if b is None:
+            raise ValueError(f"decode batch of {n} exceeds the largest captured graph ({self.sizes[-1]})")
+        if width > self.width:
+            raise ValueError(f"page table of {width} pages exceeds the graph's width {self.width}")
+        meta_t, meta = self._meta_host.take(3 * b)
+        meta[:n], meta[n:b] = ids, 0
+        meta[b:b + n], meta[b + n:2 * b] = positions, 0
+        meta[2 * b:2 * b + n], meta[2 * b + n:] = slots, self.pad_slot
+        table_t, table = self._table_host.take(b * width)
+        table = table.reshape(b, width)
+        table[:n] = tables[rows, :width]
+        table[n:] = tables[pad_row, :width]
+        self.meta[:3 * b].copy_(meta_t, non_blocking=True)
+        self.page_table[:b, :width].copy_(table_t.view(b, width), non_blocking=True)
+        self._meta_host.copied()
+        self._table_host.copied()
+        self.graphs[b].replay()
+        return self.logits[:n]
