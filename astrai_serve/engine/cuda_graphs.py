@@ -19,6 +19,9 @@ How:
   blocks the largest one freed. Capture stops at a time budget; batch sizes not reached (the
   smallest) pad up to the smallest captured size.
 Mixed prefill/decode and prefill steps stay eager (their shapes vary with every step).
+
+On the CPU (tests only: EngineConfig refuses graphs there) "capturing" keeps the forward and a
+replay runs it eagerly over the same static buffers, which exercises the padding and layout.
 """
 from __future__ import annotations
 
@@ -54,22 +57,21 @@ class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, cache: PagedKVCache, kernel: PagedAttentionFn,
                  max_batch: int, max_pages: int, pad_page: int) -> None:
         device = cache.k.device
-        if device.type != "cuda":
-            raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
         self.model, self.cache, self.kernel = model, cache, kernel
         self.device = device
         self.max_batch = max_batch
         self.width = max_pages
         self.pad_page = pad_page
         self.pad_slot = pad_page * cache.page_size
-        vocab = model.compute_logits(torch.zeros(1, model.config.dim, device=device,
-                                                 dtype=cache.k.dtype)).shape[-1]
+        with torch.inference_mode():
+            vocab = model.compute_logits(torch.zeros(1, model.config.dim, device=device,
+                                                     dtype=cache.k.dtype)).shape[-1]
         self.meta = torch.zeros(3 * max_batch, dtype=torch.int64, device=device)    # [ids | positions | slots]
         self.page_table = torch.full((max_batch, max_pages), pad_page, dtype=torch.int32, device=device)
         self.context_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
         self.cu_seqlens = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
         self.logits = torch.zeros(max_batch, vocab, dtype=torch.float32, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph | _EagerReplay] = {}
         self.sizes: list[int] = []          # captured sizes, ascending
         self.capture_seconds = 0.0
         self._meta_host = HostStaging(device, torch.int64)
@@ -95,30 +97,36 @@ class DecodeGraphs:
     def capture(self, budget_s: float) -> None:
         """Capture the ladder, largest first, until budget_s seconds have passed (>= 1 graph)."""
         start = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream(self.device)
+        cuda = self.device.type == "cuda"
+        pool = torch.cuda.graph_pool_handle() if cuda else None
+        stream = torch.cuda.Stream(self.device) if cuda else None
         wanted = graph_batch_sizes(self.max_batch)
         for b in reversed(wanted):
             if self.graphs and time.perf_counter() - start > budget_s:
                 break
             self._fill_padding(b)
-            # Warm-up outside the capture: Triton compiles this shape's kernels, cuBLAS picks its
-            # algorithms, the allocator sizes its blocks. Nothing here may run first in a capture.
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                self._forward(b)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
-                self._forward(b)
-            self.graphs[b] = graph
-        torch.cuda.synchronize(self.device)
+            self.graphs[b] = self._capture_one(b, pool, stream) if cuda else _EagerReplay(self, b)
+        if cuda:
+            torch.cuda.synchronize(self.device)
         self.sizes = sorted(self.graphs)
         self.capture_seconds = time.perf_counter() - start
         skipped = [b for b in wanted if b not in self.graphs]
         log.info("captured %d decode CUDA graphs (batch sizes %s) in %.1f s%s", len(self.sizes),
                  ",".join(map(str, self.sizes)), self.capture_seconds,
                  f"; out of time for {skipped} (they pad up to {self.sizes[0]})" if skipped else "")
+
+    def _capture_one(self, b: int, pool: object, stream: torch.cuda.Stream) -> torch.cuda.CUDAGraph:
+        # Warm-up outside the capture: Triton compiles this shape's kernels, cuBLAS picks its
+        # algorithms, the allocator sizes its blocks. Nothing may run for the first time in a capture.
+        current = torch.cuda.current_stream(self.device)
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream):
+            self._forward(b)
+        current.wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
+            self._forward(b)
+        return graph
 
     # ---- replay ------------------------------------------------------------------------------
     def padded_size(self, n: int) -> int | None:
@@ -156,3 +164,14 @@ class DecodeGraphs:
         self._table_host.copied()
         self.graphs[b].replay()
         return self.logits[:n]
+
+
+class _EagerReplay:
+    """The CPU stand-in for a captured graph: replay runs the forward over the static buffers."""
+
+    def __init__(self, graphs: DecodeGraphs, b: int) -> None:
+        self.graphs, self.b = graphs, b
+
+    @torch.inference_mode()
+    def replay(self) -> None:
+        self.graphs._forward(self.b)

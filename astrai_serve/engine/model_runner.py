@@ -133,15 +133,15 @@ class ModelRunner:
 
     def uses_graph(self, plan: StepPlan) -> bool:
         """Whether `execute(plan)` replays a CUDA graph: a pure decode that fits the largest one."""
-        g = self.graphs
-        return (g is not None and 0 < len(plan.chunks) <= g.max_batch and bool(g.sizes)
+        g = self.graphs     # the largest size (max_batch) is always captured: capture starts there
+        return (g is not None and 0 < len(plan.chunks) <= g.max_batch
                 and all(c.num_tokens == 1 and c.samples for c in plan.chunks))
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor:
         """Logits [len(plan.sampling), vocab] (float32) for the chunks that sample this step."""
         idx = self._indices(plan)
-        if self.uses_graph(plan) and self.graphs.padded_size(len(plan.chunks)) is not None:
+        if self.uses_graph(plan):
             return self.graphs.run(idx["ids"], idx["positions"], idx["slots"], self.tables.array, idx["rows"],
                                    self.tables.pad_row, idx["width"])
         return self._eager(idx)

@@ -1,7 +1,8 @@
 """What every objective shares: the model, AdamW with decay groups, the LR schedule, grad-norm
 logging, and the extra state an exact resume needs (RNG of every rank, the recipe).
 
-Subclasses implement `compute_loss(batch) -> (loss, metrics, n_tokens)`; this class logs it.
+Subclasses implement `compute_loss(batch) -> (loss, metrics, shape)`, shape being [rows, tokens]
+of what went through the model (for tokens/s and MFU); this class logs the rest.
 """
 from __future__ import annotations
 
@@ -93,6 +94,8 @@ class ObjectiveModule(L.LightningModule):
         self.recipe = recipe
         self.model_config = model_config
         self.tokenizer_dir = tokenizer_dir
+        # The whole recipe as hyperparameters: shown by TensorBoard, stored in every checkpoint.
+        self.save_hyperparameters(recipe.to_dict())
         self.model = model if model is not None else build_model(recipe.model, model_config)
         if recipe.model.activation_checkpointing:
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
@@ -106,13 +109,13 @@ class ObjectiveModule(L.LightningModule):
                 block.compile()
 
     # ---- the objective ---------------------------------------------------------------------
-    def compute_loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-        """(loss, extra metrics, tokens processed on this rank) for one micro-batch."""
+    def compute_loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Size]:
+        """(loss, extra metrics, [rows, seq_len] of the forward pass on this rank) for one micro-batch."""
         raise NotImplementedError
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss, metrics, n_tokens = self.compute_loss(batch)
-        self.tokens_seen_in_step = n_tokens  # read by the throughput callback, a host int: no sync
+        loss, metrics, shape = self.compute_loss(batch)
+        self.step_shape = tuple(shape)  # read by the throughput callback: host ints, no device sync
         self.log("train/loss", loss, prog_bar=True, sync_dist=False)
         for name, value in metrics.items():
             self.log(f"train/{name}", value, sync_dist=False)

@@ -12,6 +12,7 @@ on the host before the batch is moved to the device, so the lookup costs no devi
 from __future__ import annotations
 
 import hashlib
+import warnings
 from typing import Any
 
 import torch
@@ -22,6 +23,11 @@ from astrai_train.objectives.base import ObjectiveModule
 from astrai_train.objectives.logprobs import masked_mean, masked_sum, shifted_logprobs
 from astrai_train.objectives.preference_loss import preference_loss
 from astrai_train.objectives.reference import FrozenReference
+
+
+# Lightning warns that a module's on_before_batch_transfer takes precedence over the data module's:
+# here that is the point (the lookup belongs to the objective, not to the data).
+warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_transfer`")
 
 
 def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:
@@ -114,7 +120,7 @@ class DPOModule(ObjectiveModule):
             batch["ref_logps"] = torch.tensor(refs, dtype=torch.float32)
         return batch
 
-    def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Size]:
         ids, mask = pair_inputs(batch)
         b = batch["chosen_ids"].shape[0]
         policy = sequence_logps(self.model(ids), ids, mask, self._mean_logps)
@@ -129,4 +135,4 @@ class DPOModule(ObjectiveModule):
         metrics = out.metrics()
         metrics["logps/chosen"] = policy[:b].detach().mean()
         metrics["logps/rejected"] = policy[b:].detach().mean()
-        return out.loss, metrics, ids.numel()
+        return out.loss, metrics, ids.shape

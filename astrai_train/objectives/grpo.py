@@ -57,7 +57,7 @@ class GRPOModule(ObjectiveModule):
         super().optimizer_step(*args, **kwargs)
         self.sampler.weights_changed()
 
-    def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Size]:
         g = self.recipe.grpo
         prompts = [list(map(int, p)) for p in batch["prompts"]]
         answers = list(batch["answers"])
@@ -86,4 +86,4 @@ class GRPOModule(ObjectiveModule):
             "clip_frac": out.clip_frac,
             "completion_len": mask.sum(-1).mean(),
         }
-        return out.loss, metrics, ids.numel()
+        return out.loss, metrics, ids.shape

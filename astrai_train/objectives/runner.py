@@ -175,6 +175,10 @@ def finish(trainer: Any, recipe: Recipe, export: bool = True) -> Path | None:
     last = recipe.run_dir / "checkpoints" / "last.ckpt"
     if not trainer.is_global_zero:
         return None
+    if trainer.interrupted:  # Ctrl-C: Lightning stopped the loop and fit() returned
+        print(f"[astrai] interrupted at step {trainer.global_step}; continue with --resume last "
+              f"(the newest checkpoint is in {last.parent})", file=sys.stderr)
+        return None
     from astrai_train.objectives.plots import plot_loss_curve
 
     png = plot_loss_curve(recipe.run_dir / "logs", recipe.run_dir / "loss.png", f"{recipe.objective} - {recipe.name}")

@@ -30,8 +30,8 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torc
 class SeqModule(ObjectiveModule):
     """batch: input_ids [B, T], target_ids [B, T] (input shifted by one)."""
 
-    def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Size]:
         input_ids, targets = batch["input_ids"], batch["target_ids"]
         logits = self.model(input_ids)
         loss = next_token_loss(logits, targets, label_smoothing=self.recipe.seq.label_smoothing)
-        return loss, {}, input_ids.numel()
+        return loss, {}, input_ids.shape

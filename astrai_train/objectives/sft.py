@@ -12,8 +12,8 @@ from astrai_train.objectives.seq import next_token_loss
 class SFTModule(ObjectiveModule):
     """batch: input_ids [B, T], target_ids [B, T], loss_mask [B, T] aligned with target_ids."""
 
-    def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Size]:
         input_ids, targets, mask = batch["input_ids"], batch["target_ids"], batch["loss_mask"]
         logits = self.model(input_ids)
         loss = next_token_loss(logits, targets, loss_mask=mask, label_smoothing=self.recipe.sft.label_smoothing)
-        return loss, {"assistant_tokens": mask.sum().float()}, input_ids.numel()
+        return loss, {"assistant_tokens": mask.sum().float()}, input_ids.shape

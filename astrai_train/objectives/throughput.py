@@ -72,9 +72,9 @@ class ThroughputMonitor(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        tokens = getattr(pl_module, "tokens_seen_in_step", 0)
-        self._tokens += tokens
-        self._seq_len = max(self._seq_len, getattr(pl_module, "seq_len_in_step", 0))
+        rows, seq_len = getattr(pl_module, "step_shape", (0, 0))
+        self._tokens += rows * seq_len
+        self._seq_len = max(self._seq_len, seq_len)
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return
         self._steps += 1

@@ -1,0 +1,142 @@
+"""CUDA graphs for decode and the no-host-sync rule, on a real GPU. Run with `pytest -m gpu`.
+
+- greedy outputs with graphs (padded batches, eager fallback above the largest graph, overlapped
+  steps) equal those without graphs and a full recomputation;
+- every step path (graph decode, eager decode, chunked prefill mixed with decodes, the sampler
+  with penalties / top-k / top-p / min-p / seeds / log-probs, n > 1, prefix-cache hits) runs
+  under `torch.cuda.set_sync_debug_mode("error")`: the only wait allowed is the event on the
+  sampled ids' copy, which that mode does not count, so any other host sync fails the test;
+- capture honours its time budget (the largest graph always, smaller batches pad up to it).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from astrai_serve.engine import LLMEngine, SamplingParams
+from astrai_serve.engine.cuda_graphs import graph_batch_sizes
+from astrai_train.model import ModelConfig, Transformer
+
+pytestmark = pytest.mark.gpu
+
+CONFIGS = {
+    "gqa": ModelConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, dim_ffn=128, max_len=256,
+                       init_std=0.5),
+    "mla": ModelConfig.from_preset("mla-tiny", vocab_size=300, dim=64, n_layers=2, dim_ffn=128, max_len=256,
+                                   kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                                   init_std=0.5),
+}
+
+
+def model_of(arch: str, dtype=torch.float32) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(CONFIGS[arch]).to("cuda", dtype).eval()
+
+
+def prompts_of(lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 300, (n,), generator=g).tolist() for n in lengths]
+
+
+PROMPTS = prompts_of((3, 17, 40, 9, 33, 21, 5, 12, 26, 8, 15))
+# The first admitted runs longest, so padded batches (and their writes) happen while it still runs.
+LENGTHS = [24 - 2 * i for i in range(len(PROMPTS))]
+
+
+@torch.no_grad()
+def recompute_greedy(model, prompt, n):
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids], device="cuda"))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def count_graph_steps(engine) -> list[bool]:
+    seen: list[bool] = []
+    uses = engine.runner.uses_graph
+    engine.runner.uses_graph = lambda plan: seen.append(uses(plan)) or seen[-1]
+    return seen
+
+
+def run_all(engine, prompts, params):
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, params[i] if isinstance(params, list) else params)
+    done, steps = {}, 0
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            done.setdefault(o.request_id, {})[o.index] = o
+        steps += 1
+    return [[done[f"r{i}"][k] for k in sorted(done[f"r{i}"])] for i in range(len(prompts))], steps
+
+
+@pytest.mark.parametrize("arch", ["gqa", "mla"])
+def test_graph_decode_equals_eager_and_recompute(arch):
+    model = model_of(arch)
+    params = [SamplingParams(max_tokens=n, temperature=0.0) for n in LENGTHS]
+    expected = [recompute_greedy(model, p, n) for p, n in zip(PROMPTS, LENGTHS)]
+    common = dict(num_pages=96, page_size=4, max_num_seqs=10)
+    eager = LLMEngine.from_model(model, None, enable_cuda_graphs=False, overlap_steps=False, **common)
+    assert eager.runner.graphs is None
+    eager_outs, _ = run_all(eager, PROMPTS, params)
+    for overlap in (False, True):
+        engine = LLMEngine.from_model(model, None, cuda_graph_max_batch=6, overlap_steps=overlap, **common)
+        graphs = engine.runner.graphs
+        assert graphs.sizes == [1, 2, 4, 6] and graphs.capture_seconds > 0
+        assert engine.kv.num_pages == engine.runner.cache.num_pages - 1 == graphs.pad_page
+        used = count_graph_steps(engine)
+        outs, _ = run_all(engine, PROMPTS, params)
+        assert [o[0].token_ids for o in outs] == [o[0].token_ids for o in eager_outs] == expected
+        assert sum(used) >= 10 and not all(used)          # graph steps, and eager ones (prefill, > 6)
+        assert engine.stats().pages_in_use == 0
+
+
+@pytest.mark.parametrize("graphs, overlap", [(True, True), (True, False), (False, False)])
+def test_no_host_sync_in_any_step(graphs, overlap):
+    model = model_of("gqa", torch.bfloat16)
+    shared = PROMPTS[2][:32]
+    prompts = PROMPTS[:6] + [shared + [7, 8, 9], shared + [1, 2]]        # a prefix-cache hit
+    params = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, top_k=40, min_p=0.05),
+              SamplingParams(max_tokens=9, temperature=1.0, seed=7),
+              SamplingParams(max_tokens=11, temperature=0.0, repetition_penalty=1.2, presence_penalty=0.5,
+                             frequency_penalty=0.3),
+              SamplingParams(max_tokens=8, temperature=0.0, logprobs=True, top_logprobs=3),
+              SamplingParams(max_tokens=7, temperature=0.9, n=2, seed=3),
+              SamplingParams(max_tokens=10, temperature=0.0),
+              SamplingParams(max_tokens=6, temperature=0.5, logprobs=True)]
+    engine = LLMEngine.from_model(model, None, num_pages=128, page_size=8, max_num_seqs=16,
+                                  max_num_batched_tokens=24, enable_cuda_graphs=graphs, cuda_graph_max_batch=8,
+                                  overlap_steps=overlap)
+    first, _ = run_all(engine, prompts, params)           # warm-up: kernels compile, pools grow
+    torch.cuda.synchronize()
+    engine.reset_prefix_cache()
+    used = count_graph_steps(engine)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"s{i}", p, params[i])          # seeded generators are made here, outside
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        steps, outs = 0, {}
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                outs[(o.request_id, o.index)] = o
+            steps += 1
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert steps > 10 and len(outs) == 9 and all(o.finished for o in outs.values())
+    assert outs[("s4", 0)].logprobs is not None
+    assert any(used) == graphs and not all(used)           # graph decodes and eager (mixed) steps
+    # Same greedy tokens as the warm-up round for the greedy requests (0, 3, 4, 6).
+    for i in (0, 3, 4, 6):
+        assert outs[(f"s{i}", 0)].token_ids == first[i][0].token_ids
+
+
+def test_capture_budget_keeps_the_largest_graph():
+    model = model_of("gqa")
+    full = LLMEngine.from_model(model, None, num_pages=64, page_size=16, max_num_seqs=20)
+    assert full.runner.graphs.sizes == graph_batch_sizes(20) == [1, 2, 4, 8, 16, 20]
+    short = LLMEngine.from_model(model, None, num_pages=64, page_size=16, max_num_seqs=8,
+                                 cuda_graph_capture_budget_s=1e-9)
+    assert short.runner.graphs.sizes == [8]                # one batch of 1 pads up to 8 rows
+    used = count_graph_steps(short)
+    outs, _ = run_all(short, PROMPTS[:1], SamplingParams(max_tokens=10, temperature=0.0))
+    assert outs[0][0].token_ids == recompute_greedy(model, PROMPTS[0], 10) and sum(used) == 9

@@ -1,0 +1,192 @@
+"""The decode fast path on the CPU: graph padding and static buffers (CUDA graphs emulated by eager
+replays), host page tables kept between steps, overlapped steps, batched detokenization, and the
+engine settings that turn these on. The real CUDA graphs are in test_engine_graphs_gpu.py."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from astrai_serve.engine import EngineConfig, LLMEngine, SamplingParams
+from astrai_serve.engine.cuda_graphs import graph_batch_sizes
+from astrai_serve.engine.model_runner import ModelRunner
+from astrai_serve.engine.paged_attention import PagedKVCache
+from astrai_serve.kernels import get_attention_impl
+from astrai_train.model import ModelConfig, Transformer, kv_layout
+from astrai_train.tokenizer import IncrementalDetokenizer, Tokenizer
+from astrai_train.tokenizer.detokenizer import push_many
+
+GQA = ModelConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, dim_ffn=128, max_len=256,
+                  init_std=0.5)
+MLA = ModelConfig.from_preset("mla-tiny", vocab_size=300, dim=64, n_layers=2, dim_ffn=128, max_len=256,
+                              kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                              init_std=0.5)
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models():
+    out = {}
+    for name, config in (("gqa", GQA), ("mla", MLA)):
+        torch.manual_seed(0)
+        out[name] = Transformer(config).eval()
+    return out
+
+
+def prompts_of(lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 300, (n,), generator=g).tolist() for n in lengths]
+
+
+PROMPTS = prompts_of((3, 17, 40, 9, 33, 21, 5))
+
+
+@torch.no_grad()
+def recompute_greedy(model, prompt, n=10):
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def run_all(engine, prompts, params=GREEDY, abort_after=None):
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, params[i] if isinstance(params, list) else params)
+    done, steps = {}, 0
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+        steps += 1
+        if steps == abort_after:
+            engine.abort_request("r0")
+    return [done.get(f"r{i}") for i in range(len(prompts))]
+
+
+def with_emulated_graphs(engine, max_batch):
+    """Swap in a runner with 'graphs' (eager replays on the CPU) and the padding page they need."""
+    mc, kv = engine.model_config, engine.kv
+    cache = PagedKVCache(kv_layout(mc), mc.n_layers, kv.num_pages + 1, kv.page_size, torch.float32,
+                         torch.device("cpu"))
+    engine.runner = ModelRunner(engine.runner.model, cache, get_attention_impl("torch"), torch.device("cpu"),
+                                engine.config.max_num_seqs, mc.max_len, pad_page=kv.num_pages,
+                                graph_max_batch=max_batch)
+    used = []
+    uses_graph = engine.runner.uses_graph
+    engine.runner.uses_graph = lambda plan: used.append(len(plan.chunks)) or uses_graph(plan)
+    return used
+
+
+@pytest.mark.parametrize("arch", ["gqa", "mla"])
+@pytest.mark.parametrize("overlap", [False, True])
+def test_padded_graph_decode_equals_recompute(models, arch, overlap):
+    model = models[arch]
+    engine = LLMEngine.from_model(model, None, num_pages=80, page_size=4, max_num_seqs=8, overlap_steps=overlap)
+    used = with_emulated_graphs(engine, max_batch=6)
+    assert engine.runner.graphs.sizes == [1, 2, 4, 6]
+    # The batch shrinks as requests finish; the first admitted (holding page 0) runs longest.
+    lengths = [16 - 2 * i for i in range(len(PROMPTS))]
+    outs = run_all(engine, PROMPTS, [SamplingParams(max_tokens=n, temperature=0.0) for n in lengths])
+    assert [o.token_ids for o in outs] == [recompute_greedy(model, p, n) for p, n in zip(PROMPTS, lengths)]
+    graph_steps = [n for n in used if engine.runner.graphs.padded_size(n) is not None]
+    assert {3, 5} & set(graph_steps) and any(n == 7 for n in used)   # padded batches and an eager one
+    assert engine.stats().pages_in_use == 0
+    pad = engine.runner.graphs.pad_page
+    assert pad == engine.kv.num_pages == engine.runner.cache.num_pages - 1   # never handed out
+
+
+def test_host_page_tables_follow_sequences(models):
+    """Rows patched incrementally must equal the sequences' tables through prefix-cache hits,
+    page swaps at publish, n > 1 sharing, chunked prefill and preemption."""
+    model = models["gqa"]
+    checked = []
+    for setup in (dict(num_pages=64, page_size=4), dict(num_pages=13, page_size=4),
+                  dict(num_pages=40, page_size=4, max_num_batched_tokens=7),
+                  dict(num_pages=64, page_size=4, enable_prefix_cache=False)):
+        engine = LLMEngine.from_model(model, None, **setup)
+        tables = engine.runner.tables
+        rows_for = tables.rows_for
+
+        def checking(chunks, rows_for=rows_for, tables=tables):
+            rows = rows_for(chunks)
+            for c, r in zip(chunks, rows):
+                table = c.seq.page_table
+                assert tables.array[r, :len(table)].tolist() == table
+            assert len(set(rows)) == len(rows)
+            checked.append(len(rows))
+            return rows
+
+        tables.rows_for = checking
+        shared = prompts_of((20, 20, 30), seed=3)
+        shared[1][:16] = shared[0][:16]                 # a prefix-cache hit, published concurrently
+        run_all(engine, shared + PROMPTS[:4], SamplingParams(max_tokens=12, temperature=0.0, n=2))
+        if setup["num_pages"] == 13:
+            assert engine.stats().num_preemptions_total > 0
+    assert sum(checked) > 100
+
+
+def test_overlapped_steps_give_the_same_tokens(models):
+    model = models["gqa"]
+    params = [SamplingParams(max_tokens=9, temperature=0.0, logprobs=True, top_logprobs=2),
+              SamplingParams(max_tokens=7, temperature=0.9, seed=5, top_p=0.8, repetition_penalty=1.3),
+              SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=[PROMPTS[0][0]]),
+              SamplingParams(max_tokens=6, temperature=0.7, top_k=5, seed=11, n=2)]
+    got = {}
+    for overlap in (False, True):
+        engine = LLMEngine.from_model(model, None, num_pages=20, page_size=4, overlap_steps=overlap)
+        for i, (p, sp) in enumerate(zip(PROMPTS, params)):
+            engine.add_request(f"r{i}", p, sp)
+        outs = {}
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                outs.setdefault((o.request_id, o.index), []).append(o)
+        got[overlap] = {k: ([t for o in v for t in o.new_token_ids], v[-1].finish_reason,
+                            [lp for o in v for lp in (o.logprobs or [])]) for k, v in outs.items()}
+        assert engine.stats().pages_in_use == 0 and engine._inflight is None
+    assert got[True] == got[False] and len(got[True]) == 5
+
+
+def test_abort_while_a_step_is_in_flight(models):
+    model = models["gqa"]
+    engine = LLMEngine.from_model(model, None, num_pages=64, page_size=4, overlap_steps=True)
+    outs = run_all(engine, PROMPTS[:3], abort_after=2)
+    assert outs[0] is None and [o.token_ids for o in outs[1:]] == [recompute_greedy(model, p) for p in PROMPTS[1:3]]
+    assert engine.stats().pages_in_use == 0 and not engine.has_unfinished_requests()
+
+
+def test_push_many_equals_push(tokenizer_dir):
+    tok = Tokenizer.from_pretrained(tokenizer_dir)
+    rng = random.Random(0)
+    # Random ids split multi-byte characters (the corpus has Chinese) and include special tokens.
+    one = [IncrementalDetokenizer(tok, skip_special_tokens=i % 3 != 0) for i in range(24)]
+    many = [IncrementalDetokenizer(tok, skip_special_tokens=i % 3 != 0) for i in range(24)]
+    pieces = 0
+    for _ in range(120):
+        ids = [[rng.randrange(tok.vocab_size) for _ in range(rng.choice((1, 1, 1, 2)))] for _ in one]
+        expected = [d.push(x) for d, x in zip(one, ids)]
+        assert push_many(many, ids) == expected
+        pieces += sum(map(bool, expected))
+    assert [d.flush() for d in many] == [d.flush() for d in one] and pieces > 500
+
+
+def test_graph_settings_are_validated():
+    assert graph_batch_sizes(256)[-7:] == [64, 96, 128, 160, 192, 224, 256]
+    assert graph_batch_sizes(10) == [1, 2, 4, 8, 10]
+    cpu = EngineConfig(device="cpu")
+    assert not cpu.resolved_cuda_graphs() and not cpu.resolved_overlap_steps()
+    with pytest.raises(ValueError, match="enable_cuda_graphs=True: CUDA graphs need a CUDA device"):
+        EngineConfig(device="cpu", enable_cuda_graphs=True).resolved_cuda_graphs()
+    for bad, message in ((dict(cuda_graph_max_batch=0), "cuda_graph_max_batch=0"),
+                         (dict(cuda_graph_capture_budget_s=-1), "cuda_graph_capture_budget_s=-1"),
+                         (dict(overlap_steps="yes"), "overlap_steps='yes'"),
+                         (dict(enable_cuda_graphs=1), "enable_cuda_graphs=1")):
+        with pytest.raises(ValueError, match=message):
+            EngineConfig(**bad)
+    assert EngineConfig(max_num_seqs=32, cuda_graph_max_batch=100).resolved_graph_max_batch() == 32
