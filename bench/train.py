@@ -119,6 +119,7 @@ def phase_astrai(spec: dict[str, Any], out: common.Sink, compile: bool = False, 
     recipe = dataclasses.replace(recipe, trainer=resolve_world(recipe.trainer, {}, torch.cuda.is_available()))
     L.seed_everything(recipe.seed, verbose=False)
     module = MODULES["seq"](recipe, ModelConfig.from_preset(spec["preset"], **spec["overrides"]))
+    n_params = module.model.num_parameters()  # before FSDP shards it: afterwards each rank sees its shard
     trainer = build_trainer(recipe, module)
     # Checkpoints are not what is measured, and a 0.6B run writes ~7 GB per checkpoint: none here.
     trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, ModelCheckpoint)
@@ -132,7 +133,7 @@ def phase_astrai(spec: dict[str, Any], out: common.Sink, compile: bool = False, 
     system = ddp_system(spec) if devices > 1 else SYSTEMS["astrai-compile" if compile else "astrai"]
     peers = [key("train", SYSTEMS[s], TOKS) for s in ("hf", "hf-compile")] if devices == 1 else []
     out.add(*result_rows(spec, system, timer.tokens / timer.elapsed, timer.elapsed / spec["steps"], timer.peak_mem,
-                         module.model.num_parameters(), timer.warm_s, peers, trainer.world_size))
+                         n_params, timer.warm_s, peers, trainer.world_size))
 
 
 def step_timer(warmup: int, total: int, tokens_per_step: int) -> Any:

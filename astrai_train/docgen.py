@@ -1,0 +1,346 @@
+"""`python -m astrai_train.docgen`: writes docs/configuration.md from the code, so it cannot rot.
+
+Every table comes from a source of truth: the config dataclasses (field, type, default and the
+one-line `# comment` written beside each field, read with `ast` + `tokenize`), the YAML presets
+and recipes in configs/, and the argparse parser of every `astrai` subcommand. tests/test_docs.py
+regenerates the page in memory and fails when the committed file differs.
+
+The output must not depend on the machine that generates it: paths are shown relative to the
+repository, and a CLI default computed from the CPU count is shown as such, not as this host's.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import dataclasses
+import importlib
+import inspect
+import io
+import os
+import sys
+import tokenize
+from pathlib import Path
+from typing import Any, Iterator
+from unittest import mock
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "configuration.md"
+MISSING_COMMENT = "(no comment in the source)"
+
+# (heading, how a user sets these values, dataclass path). Order is the page's order.
+CONFIGS: list[tuple[str, str, str]] = [
+    ("Model", "`config.json` of a model directory; the presets in `configs/model/`; a recipe's "
+     "`model.overrides`", "astrai_train.model.config:ModelConfig"),
+    ("Training recipe", "the YAML file given to `astrai train --config` (or `train.py`), plus "
+     "`section.key=value` overrides on the command line", "astrai_train.objectives.config:Recipe"),
+    ("Data module", "a recipe's `data:` section; `objective` defaults to the recipe's and "
+     "`tokenizer_hash` to the training tokenizer's", "astrai_train.data.datamodule:DataConfig"),
+    ("Prepare", "`astrai prepare` flags", "astrai_train.data.prepare:PrepareConfig"),
+    ("Tasks", "`astrai tasks` flags", "astrai_train.data.tasks:TaskConfig"),
+    ("Evaluation", "`astrai eval` flags", "astrai_train.evaluate:EvalConfig"),
+    ("Serving engine", "`astrai serve` / `astrai generate` flags (`--field-name`), or keyword "
+     "arguments of `LLMEngine` / `LLM`", "astrai_serve.engine.config:EngineConfig"),
+    ("Sampling", "per request: gRPC `SamplingParams`, the OpenAI request fields, or "
+     "`astrai_serve.SamplingParams` in Python", "astrai_serve.engine.sampling_params:SamplingParams"),
+    ("REST facade", "`astrai gateway` flags (`astrai serve` uses the defaults)",
+     "astrai_serve.openai_api:FacadeConfig"),
+]
+
+
+def load(path: str) -> type:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def cell(text: Any) -> str:
+    """Text safe inside a Markdown table cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def code(text: Any) -> str:
+    return f"`{cell(text)}`" if str(text) != "" else ""
+
+
+def relative(text: str) -> str:
+    return text.replace(f"{ROOT}{os.sep}", "").replace(str(ROOT), ".")
+
+
+# ---- dataclasses --------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class FieldDoc:
+    name: str     # field name
+    type: str     # annotation as written in the source
+    default: str  # rendered default ("required" when there is none)
+    comment: str  # the field's one-line comment (or docstring)
+
+
+def _class_node(tree: ast.Module, name: str) -> ast.ClassDef:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == name:
+            return node
+    raise ValueError(f"class {name} not found in its source file")
+
+
+def field_docs(cls: type) -> list[FieldDoc]:
+    """One FieldDoc per init field of dataclass `cls`, read from its source file."""
+    source = Path(inspect.getsourcefile(cls)).read_text()
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    body = _class_node(ast.parse(source), cls.__name__).body
+    nodes: dict[str, tuple[ast.AnnAssign, str]] = {}
+    for i, node in enumerate(body):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            lines = range(node.lineno, node.end_lineno + 1)
+            comment = next((comments[n] for n in lines if n in comments), "")
+            after = body[i + 1] if i + 1 < len(body) else None
+            if not comment and isinstance(after, ast.Expr) and isinstance(getattr(after, "value", None), ast.Constant) \
+                    and isinstance(after.value.value, str):
+                comment = after.value.value.strip().splitlines()[0]
+            nodes[node.target.id] = (node, comment)
+    docs = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        node, comment = nodes[f.name]
+        default = _default(f, node)
+        if not comment and default.startswith("section "):
+            comment = f"the `{f.name}:` section"
+        docs.append(FieldDoc(f.name, ast.unparse(node.annotation), default, comment or MISSING_COMMENT))
+    return docs
+
+
+def _default(f: dataclasses.Field, node: ast.AnnAssign) -> str:
+    if f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+        if dataclasses.is_dataclass(value):
+            return f"section {type(value).__name__}"
+        return code(repr(value))
+    if f.default is dataclasses.MISSING:
+        return "required"
+    shown = code(relative(repr(f.default)))
+    written = ast.unparse(node.value) if node.value is not None else ""
+    if written and written != repr(f.default) and not isinstance(node.value, ast.Call):
+        shown += f" ({code(written)})"
+    return shown
+
+
+def field_table(cls: type) -> list[str]:
+    lines = ["| field | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for d in field_docs(cls):
+        default = d.default
+        if default.startswith("section "):
+            name = default.split()[1]
+            default = f"see [`{name}`](#{name.lower()})"
+        lines.append(f"| `{d.name}` | {code(d.type)} | {default} | {cell(d.comment)} |")
+    return lines
+
+
+def config_sections() -> list[str]:
+    out: list[str] = []
+    for heading, where, path in CONFIGS:
+        cls = load(path)
+        out += [f"## {heading}: `{cls.__name__}`", "", f"`{path.replace(':', '.')}` — set by {where}.", ""]
+        out += field_table(cls) + [""]
+        # A recipe's nested sections, each a table of its own.
+        for d in field_docs(cls):
+            if d.default.startswith("section "):
+                section = load(f"{cls.__module__}:{d.default.split()[1]}")
+                out += [f"### {section.__name__}", "", f"The recipe's `{d.name}:` section.", ""]
+                out += field_table(section) + [""]
+        if heading == "Model":
+            out += preset_table()
+        if heading == "Training recipe":
+            out += recipe_table()
+    return out
+
+
+# ---- configs/ -----------------------------------------------------------------------------------
+
+def _yaml_description(path: Path) -> str:
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    return " ".join(lines)
+
+
+def _params(config: Any) -> str:
+    import torch
+
+    from astrai_train.model import Transformer
+
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        model = Transformer(config)
+    n = sum(p.numel() for p in model.parameters())
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def preset_table() -> list[str]:
+    from astrai_train.model.config import PRESET_DIR, ModelConfig
+
+    out = ["### Presets (`configs/model/*.yaml`)", "",
+           "`ModelConfig.from_preset(name)`, or `model.preset: name` in a recipe. Parameters are counted "
+           "from the built model (embeddings included; a tied LM head counted once).", "",
+           "| preset | params | vocab | dim | layers | heads | KV heads | head dim | FFN | context | attention "
+           "| tied | QK-norm | description |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | --- |"]
+    for path in sorted(PRESET_DIR.glob("*.yaml")):
+        c = ModelConfig.from_preset(path.stem)
+        attention = c.attention if c.attention == "gqa" else (
+            f"mla (latent {c.kv_lora_rank}, rope {c.qk_rope_head_dim})")
+        out.append(f"| `{path.stem}` | {_params(c)} | {c.vocab_size} | {c.dim} | {c.n_layers} | {c.n_heads} | "
+                   f"{c.n_kv_heads if c.attention == 'gqa' else '—'} | {c.resolved_head_dim} | {c.dim_ffn} | "
+                   f"{c.max_len} | {attention} | {'yes' if c.tie_weight else 'no'} | "
+                   f"{'yes' if c.use_qk_norm else 'no'} | {cell(_yaml_description(path))} |")
+    return out + [""]
+
+
+def recipe_table() -> list[str]:
+    from astrai_train.objectives.config import load_recipe
+
+    out = ["### Recipes (`configs/train/*.yaml`)", "", "`astrai train --config configs/train/<recipe>.yaml`.", "",
+           "| recipe | objective | starts from | steps | batch | peak LR | description |",
+           "| --- | --- | --- | ---: | ---: | ---: | --- |"]
+    for path in sorted((ROOT / "configs" / "train").glob("*.yaml")):
+        r = load_recipe(path)
+        start = f"preset `{r.model.preset}`" if r.model.init_from is None else f"`{r.model.init_from}`"
+        batch = r.data.get("batch_size", "")
+        out.append(f"| `{path.stem}` | {r.objective} | {start} | {r.trainer.max_steps} | {batch} | "
+                   f"{r.optim.lr:g} | {cell(_yaml_description(path))} |")
+    return out + [""]
+
+
+# ---- the command line ---------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _cpu_count(n: int) -> Iterator[None]:
+    with mock.patch.object(os, "cpu_count", return_value=n):
+        yield
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _default_text(action: argparse.Action, other: argparse.Action) -> str:
+    """The default as documentation shows it; `other` is the same action built for another CPU count."""
+    if other.default != action.default:
+        return f"CPU-dependent ({other.default} with 1 CPU, {action.default} with 64)"
+    if action.default in (None, argparse.SUPPRESS) or (action.nargs == 0 and action.default is False):
+        return ""
+    return relative(str(action.default))
+
+
+def _help_text(action: argparse.Action, default: str, prog: str) -> str:
+    if not action.help or action.help == argparse.SUPPRESS:
+        return ""
+    params = {k: v for k, v in vars(action).items() if v is not argparse.SUPPRESS}
+    params.update(prog=prog, default=default)
+    if params.get("choices") is not None:
+        params["choices"] = ", ".join(str(c) for c in params["choices"])
+    return relative(action.help % params)
+
+
+def _argument(action: argparse.Action) -> str:
+    if action.nargs == 0:
+        return ""
+    metavar = action.metavar or ("{" + ",".join(map(str, action.choices)) + "}" if action.choices else None) \
+        or (action.dest.upper() if action.option_strings else action.dest)
+    return f"{metavar} ..." if action.nargs in ("+", "*") else str(metavar)
+
+
+def _option_table(parser: argparse.ArgumentParser, other: argparse.ArgumentParser) -> list[str]:
+    twins = {a.dest: a for a in other._actions}
+    out: list[str] = []
+    for group in parser._action_groups:
+        actions = [a for a in group._group_actions
+                   if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))]
+        if not actions:
+            continue
+        if group.title not in ("options", "optional arguments", "positional arguments"):
+            out += [f"*{group.title}*" + (f": {group.description}" if group.description else ""), ""]
+        out += ["| option | argument | default | description |", "| --- | --- | --- | --- |"]
+        for a in actions:
+            default = "required" if a.required and a.option_strings else _default_text(a, twins[a.dest])
+            name = ", ".join(f"`{s}`" for s in a.option_strings) or f"`{_argument(a)}` (positional)"
+            argument = code(_argument(a)) if a.option_strings else ""
+            out.append(f"| {name} | {argument} | {cell(default)} | "
+                       f"{cell(_help_text(a, default or 'none', parser.prog))} |")
+        out.append("")
+    return out
+
+
+def _command(parser: argparse.ArgumentParser, other: argparse.ArgumentParser, level: int) -> list[str]:
+    out: list[str] = []
+    if parser.description:
+        out += [relative(parser.description), ""]
+    out += _option_table(parser, other)
+    children, twins = _subparsers(parser), _subparsers(other)
+    groups: dict[tuple[str, ...], list[str]] = {}  # identical option tables are documented once
+    for name, child in children.items():
+        body = tuple(_command(child, twins[name], level + 1))
+        groups.setdefault(body, []).append(name)
+    for body, names in groups.items():
+        title = f"{parser.prog} " + " | ".join(names)
+        out += [f"{'#' * level} `{title}`", "", *body]
+    if parser.epilog:
+        out += [relative(parser.epilog), ""]
+    return out
+
+
+def cli_sections() -> list[str]:
+    from astrai_train.cli import COMMANDS, build_parser
+
+    out = ["## Command line: `astrai`", "",
+           "Every subcommand of `astrai` (`astrai_train/cli.py`), from its argparse parser. "
+           "`astrai COMMAND --help` prints the same.", ""]
+    for name in COMMANDS:
+        parsers = []
+        for cpus in (64, 1):
+            with _cpu_count(cpus):
+                parsers.append(_subparsers(build_parser(name))[name])
+        out += [f"### `astrai {name}`", "", *_command(parsers[0], parsers[1], 4)]
+    return out
+
+
+def render() -> str:
+    lines = ["# Configuration reference", "",
+             "<!-- Generated by `python -m astrai_train.docgen` from the source. Do not edit by hand: "
+             "change the code (a field's comment, a flag's help) and regenerate. -->", "",
+             "Every setting astrai reads, generated from the code that reads it. Unknown keys are "
+             "rejected with an error naming the key.", "", "Contents:", ""]
+    body = config_sections() + cli_sections()
+    for line in body:
+        if line.startswith("## "):
+            title = line[3:].replace("`", "")
+            anchor = "".join(c for c in title.lower().replace(" ", "-") if c.isalnum() or c in "-_")
+            lines.append(f"- [{title}](#{anchor})")
+    return "\n".join(lines + [""] + body).rstrip("\n") + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m astrai_train.docgen", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=OUT, help=f"file to write (default: {OUT.relative_to(ROOT)})")
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if the file is out of date")
+    args = parser.parse_args(argv)
+    text = render()
+    if args.check:
+        current = args.out.read_text() if args.out.is_file() else ""
+        if current != text:
+            print(f"{args.out} is out of date: run `python -m astrai_train.docgen`", file=sys.stderr)
+            return 1
+        return 0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
