@@ -17,6 +17,7 @@ import dataclasses
 import importlib
 import inspect
 import io
+import json
 import os
 import sys
 import tokenize
@@ -41,7 +42,7 @@ CONFIGS: list[tuple[str, str, str]] = [
     ("Evaluation", "`astrai eval` flags", "astrai_train.evaluate:EvalConfig"),
     ("Serving engine", "`astrai serve` / `astrai generate` flags (`--field-name`), or keyword "
      "arguments of `LLMEngine` / `LLM`", "astrai_serve.engine.config:EngineConfig"),
-    ("Sampling", "per request: gRPC `SamplingParams`, the OpenAI request fields, or "
+    ("Sampling", "each request: the gRPC `SamplingParams` message, the OpenAI request fields, or "
      "`astrai_serve.SamplingParams` in Python", "astrai_serve.engine.sampling_params:SamplingParams"),
     ("REST facade", "`astrai gateway` flags (`astrai serve` uses the defaults)",
      "astrai_serve.openai_api:FacadeConfig"),
@@ -54,12 +55,17 @@ def load(path: str) -> type:
 
 
 def cell(text: Any) -> str:
-    """Text safe inside a Markdown table cell."""
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    """Prose safe inside a Markdown table cell (`<name>` would otherwise vanish as an HTML tag)."""
+    return prose(text).replace("|", "\\|").replace("\n", " ")
+
+
+def prose(text: Any) -> str:
+    return str(text).replace("<", "&lt;")
 
 
 def code(text: Any) -> str:
-    return f"`{cell(text)}`" if str(text) != "" else ""
+    """An inline code span in a table cell; only the pipe needs escaping there."""
+    return "`" + str(text).replace("|", "\\|") + "`" if str(text) != "" else ""
 
 
 def relative(text: str) -> str:
@@ -112,18 +118,27 @@ def field_docs(cls: type) -> list[FieldDoc]:
 
 
 def _default(f: dataclasses.Field, node: ast.AnnAssign) -> str:
+    """The default as YAML/JSON spells it; an expression (`256 << 20`, a constant's name) is shown too."""
     if f.default_factory is not dataclasses.MISSING:
         value = f.default_factory()
         if dataclasses.is_dataclass(value):
             return f"section {type(value).__name__}"
-        return code(repr(value))
+        return code(_literal(value))
     if f.default is dataclasses.MISSING:
         return "required"
-    shown = code(relative(repr(f.default)))
-    written = ast.unparse(node.value) if node.value is not None else ""
-    if written and written != repr(f.default) and not isinstance(node.value, ast.Call):
-        shown += f" ({code(written)})"
+    shown = code(relative(_literal(f.default)))
+    try:
+        ast.literal_eval(node.value)
+    except ValueError:
+        shown += f" ({code(ast.unparse(node.value))})"
     return shown
+
+
+def _literal(value: Any) -> str:
+    try:
+        return json.dumps(list(value) if isinstance(value, tuple) else value, ensure_ascii=False)
+    except TypeError:
+        return repr(value)
 
 
 def field_table(cls: type) -> list[str]:
@@ -231,7 +246,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 def _default_text(action: argparse.Action, other: argparse.Action) -> str:
     """The default as documentation shows it; `other` is the same action built for another CPU count."""
     if other.default != action.default:
-        return f"CPU-dependent ({other.default} with 1 CPU, {action.default} with 64)"
+        return f"CPU-dependent: {other.default} on 1 CPU, {action.default} on 64"
     if action.default in (None, argparse.SUPPRESS) or (action.nargs == 0 and action.default is False):
         return ""
     return relative(str(action.default))
@@ -258,13 +273,21 @@ def _argument(action: argparse.Action) -> str:
 def _option_table(parser: argparse.ArgumentParser, other: argparse.ArgumentParser) -> list[str]:
     twins = {a.dest: a for a in other._actions}
     out: list[str] = []
+    # argparse's default groups (positionals, options) make one table; a named group gets its own.
+    default_titles = ("positional arguments", "options", "optional arguments")
+    groups: list[tuple[str, list[argparse.Action]]] = [("", [])]
     for group in parser._action_groups:
-        actions = [a for a in group._group_actions
-                   if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))]
+        if group.title in default_titles:
+            groups[0][1].extend(group._group_actions)
+        else:
+            groups.append((f"*{group.title}*" + (f": {prose(group.description)}" if group.description else ""),
+                           list(group._group_actions)))
+    for title, group_actions in groups:
+        actions = [a for a in group_actions if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))]
         if not actions:
             continue
-        if group.title not in ("options", "optional arguments", "positional arguments"):
-            out += [f"*{group.title}*" + (f": {group.description}" if group.description else ""), ""]
+        if title:
+            out += [title, ""]
         out += ["| option | argument | default | description |", "| --- | --- | --- | --- |"]
         for a in actions:
             default = "required" if a.required and a.option_strings else _default_text(a, twins[a.dest])
@@ -276,21 +299,26 @@ def _option_table(parser: argparse.ArgumentParser, other: argparse.ArgumentParse
     return out
 
 
-def _command(parser: argparse.ArgumentParser, other: argparse.ArgumentParser, level: int) -> list[str]:
+def _command(parser: argparse.ArgumentParser, other: argparse.ArgumentParser, level: int,
+             describe: bool = True) -> list[str]:
     out: list[str] = []
-    if parser.description:
-        out += [relative(parser.description), ""]
+    if describe and parser.description:
+        out += [prose(relative(parser.description)), ""]
     out += _option_table(parser, other)
     children, twins = _subparsers(parser), _subparsers(other)
-    groups: dict[tuple[str, ...], list[str]] = {}  # identical option tables are documented once
+    groups: dict[tuple[str, ...], list[str]] = {}  # subcommands with identical options are documented once
     for name, child in children.items():
-        body = tuple(_command(child, twins[name], level + 1))
-        groups.setdefault(body, []).append(name)
+        groups.setdefault(tuple(_command(child, twins[name], level + 1, describe=False)), []).append(name)
     for body, names in groups.items():
-        title = f"{parser.prog} " + " | ".join(names)
-        out += [f"{'#' * level} `{title}`", "", *body]
+        out += [f"{'#' * level} `{parser.prog} " + " | ".join(names) + "`", ""]
+        descriptions = [(n, children[n].description) for n in names if children[n].description]
+        if len(names) == 1:
+            out += [prose(relative(d)) for _, d in descriptions] + ([""] if descriptions else [])
+        elif descriptions:
+            out += [f"- `{n}`: {prose(relative(d))}" for n, d in descriptions] + [""]
+        out += list(body)
     if parser.epilog:
-        out += [relative(parser.epilog), ""]
+        out += [prose(relative(parser.epilog)), ""]
     return out
 
 
