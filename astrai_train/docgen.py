@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
 import dataclasses
 import importlib
 import inspect
@@ -22,7 +21,7 @@ import os
 import sys
 import tokenize
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +59,9 @@ def cell(text: Any) -> str:
 
 
 def prose(text: Any) -> str:
-    return str(text).replace("<", "&lt;")
+    """Escape `<` outside code spans (the odd pieces between backticks are code)."""
+    pieces = str(text).split("`")
+    return "`".join(p if i % 2 else p.replace("<", "&lt;") for i, p in enumerate(pieces))
 
 
 def code(text: Any) -> str:
@@ -76,10 +77,11 @@ def relative(text: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class FieldDoc:
-    name: str     # field name
-    type: str     # annotation as written in the source
-    default: str  # rendered default ("required" when there is none)
-    comment: str  # the field's one-line comment (or docstring)
+    name: str            # field name
+    type: str            # annotation as written in the source
+    default: str         # rendered default ("required" when there is none)
+    comment: str         # the field's one-line comment (or docstring)
+    section: type | None  # the nested dataclass when the field is a recipe section
 
 
 def _class_node(tree: ast.Module, name: str) -> ast.ClassDef:
@@ -106,24 +108,22 @@ def field_docs(cls: type) -> list[FieldDoc]:
                 comment = after.value.value.strip().splitlines()[0]
             nodes[node.target.id] = (node, comment)
     docs = []
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
+    for f in (f for f in dataclasses.fields(cls) if f.init):
         node, comment = nodes[f.name]
-        default = _default(f, node)
-        if not comment and default.startswith("section "):
-            comment = f"the `{f.name}:` section"
-        docs.append(FieldDoc(f.name, ast.unparse(node.annotation), default, comment or MISSING_COMMENT))
+        factory = f.default_factory
+        section = factory if isinstance(factory, type) and dataclasses.is_dataclass(factory) else None
+        if section is not None:
+            default, comment = f"see [`{section.__name__}`](#{section.__name__.lower()})", comment or f"the `{f.name}:` section"
+        else:
+            default = _default(f, node)
+        docs.append(FieldDoc(f.name, ast.unparse(node.annotation), default, comment or MISSING_COMMENT, section))
     return docs
 
 
 def _default(f: dataclasses.Field, node: ast.AnnAssign) -> str:
     """The default as YAML/JSON spells it; an expression (`256 << 20`, a constant's name) is shown too."""
     if f.default_factory is not dataclasses.MISSING:
-        value = f.default_factory()
-        if dataclasses.is_dataclass(value):
-            return f"section {type(value).__name__}"
-        return code(_literal(value))
+        return code(_literal(f.default_factory()))
     if f.default is dataclasses.MISSING:
         return "required"
     shown = code(relative(_literal(f.default)))
@@ -144,11 +144,7 @@ def _literal(value: Any) -> str:
 def field_table(cls: type) -> list[str]:
     lines = ["| field | type | default | meaning |", "| --- | --- | --- | --- |"]
     for d in field_docs(cls):
-        default = d.default
-        if default.startswith("section "):
-            name = default.split()[1]
-            default = f"see [`{name}`](#{name.lower()})"
-        lines.append(f"| `{d.name}` | {code(d.type)} | {default} | {cell(d.comment)} |")
+        lines.append(f"| `{d.name}` | {code(d.type)} | {d.default} | {cell(d.comment)} |")
     return lines
 
 
@@ -160,10 +156,9 @@ def config_sections() -> list[str]:
         out += field_table(cls) + [""]
         # A recipe's nested sections, each a table of its own.
         for d in field_docs(cls):
-            if d.default.startswith("section "):
-                section = load(f"{cls.__module__}:{d.default.split()[1]}")
-                out += [f"### {section.__name__}", "", f"The recipe's `{d.name}:` section.", ""]
-                out += field_table(section) + [""]
+            if d.section is not None:
+                out += [f"### {d.section.__name__}", "", f"The recipe's `{d.name}:` section.", ""]
+                out += field_table(d.section) + [""]
         if heading == "Model":
             out += preset_table()
         if heading == "Training recipe":
@@ -229,12 +224,6 @@ def recipe_table() -> list[str]:
 
 
 # ---- the command line ---------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _cpu_count(n: int) -> Iterator[None]:
-    with mock.patch.object(os, "cpu_count", return_value=n):
-        yield
-
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     for action in parser._actions:
@@ -330,8 +319,8 @@ def cli_sections() -> list[str]:
            "`astrai COMMAND --help` prints the same.", ""]
     for name in COMMANDS:
         parsers = []
-        for cpus in (64, 1):
-            with _cpu_count(cpus):
+        for cpus in (64, 1):  # built twice to tell a CPU-dependent default from a fixed one
+            with mock.patch.object(os, "cpu_count", return_value=cpus):
                 parsers.append(_subparsers(build_parser(name))[name])
         out += [f"### `astrai {name}`", "", *_command(parsers[0], parsers[1], 4)]
     return out
@@ -356,8 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m astrai_train.docgen", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=OUT, help=f"file to write (default: {OUT.relative_to(ROOT)})")
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if the file is out of date")
+    parser.add_argument("--stdout", action="store_true", help="print the page instead of writing it")
     args = parser.parse_args(argv)
     text = render()
+    if args.stdout:
+        sys.stdout.write(text)
+        return 0
     if args.check:
         current = args.out.read_text() if args.out.is_file() else ""
         if current != text:

@@ -61,70 +61,118 @@ def replay_vs_eager_ms(graphs: Any, b: int) -> tuple[float, float]:
     return replay, (time.perf_counter() - t) / 20 * 1e3
 
 
-def run_mode(mode: str, model: Any, tok: Any, reqs: list[tuple[list[int], int]], vocab: int) -> tuple[list[Row], list]:
+class Probe:
+    """During one run: host wall time per engine phase, and GPU time per launched step (a pair of
+    CUDA events around each launch: what the GPU spends on the step, idle gaps excluded)."""
+
+    def __init__(self) -> None:
+        from astrai_serve.engine import llm_engine, model_runner, sampler, scheduler
+
+        self.targets = [("wait", sampler.PendingSample, "result"), ("update", scheduler.Scheduler, "update"),
+                        ("stops", llm_engine, "finish_reasons"), ("finish", scheduler.Scheduler, "finish"),
+                        ("schedule", scheduler.Scheduler, "schedule"), ("forward", model_runner.ModelRunner, "execute"),
+                        ("sample", sampler.Sampler, "sample_async"), ("text", llm_engine, "advance_text"),
+                        ("outputs", llm_engine, "make_output")]
+        self.engine_cls, self.runner_cls = llm_engine.LLMEngine, model_runner.ModelRunner
+        self.host = {name: 0.0 for name, _, _ in self.targets}
+        self.steps = self.graph_steps = 0
+        self.events: list[tuple[Any, Any]] = []
+        self._saved: list[tuple[Any, str, Any]] = []
+
+    def _patch(self, owner: Any, attr: str, wrapper: Any) -> None:
+        self._saved.append((owner, attr, getattr(owner, attr)))
+        setattr(owner, attr, wrapper)
+
+    def __enter__(self) -> "Probe":
+        import torch
+
+        for name, owner, attr in self.targets:
+            def timed(*a: Any, _f: Any = getattr(owner, attr), _n: str = name, **k: Any) -> Any:
+                t0 = time.perf_counter()
+                try:
+                    return _f(*a, **k)
+                finally:
+                    self.host[_n] += time.perf_counter() - t0
+            self._patch(owner, attr, timed)
+        step, launch, uses = self.engine_cls.step, self.engine_cls._launch, self.runner_cls.uses_graph
+
+        def counting_step(engine: Any) -> Any:
+            self.steps += 1
+            return step(engine)
+
+        def timed_launch(engine: Any, plan: Any) -> Any:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = launch(engine, plan)
+            end.record()
+            if out is not None:
+                self.events.append((start, end))
+            return out
+
+        def counting_uses(runner: Any, plan: Any) -> bool:
+            used = uses(runner, plan)
+            self.graph_steps += used
+            return used
+
+        self._patch(self.engine_cls, "step", counting_step)
+        self._patch(self.engine_cls, "_launch", timed_launch)
+        self._patch(self.runner_cls, "uses_graph", counting_uses)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for owner, attr, original in reversed(self._saved):
+            setattr(owner, attr, original)
+
+    def gpu_ms_per_step(self) -> float:
+        return sum(a.elapsed_time(b) for a, b in self.events) / max(len(self.events), 1)
+
+
+def run_mode(mode: str, label: str, model: Any, tok: Any, reqs: list[tuple[list[int], int]],
+             micro: bool) -> tuple[list[Row], list]:
     from astrai_serve import LLM, SamplingParams
 
     t = time.perf_counter()
     llm = LLM.from_model(model, tok, **ENGINE, **MODES[mode])
     build_s = time.perf_counter() - t
     engine = llm.engine
-    sweep = [p[:16] for p, _ in reqs[:40]]          # 40 requests ending one per step: batch 40 .. 1
+    # Warm-up, so that no Triton compile lands in the timed run: batch sizes 40 .. 1 (one request
+    # ends per step), then the timed run's own prefill steps (all prompts, 4 tokens each).
+    sweep = [p[:16] for p, _ in reqs[:40]]
     llm.generate(sweep, [SamplingParams(max_tokens=i + 1, temperature=0.0, ignore_eos=True) for i in range(len(sweep))])
-    llm.generate([p for p, _ in reqs[:8]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    llm.generate([p for p, _ in reqs], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     engine.reset_prefix_cache()
-    steps, graph_steps = [0], [0]
-    step, uses = engine.step, engine.runner.uses_graph
-
-    def counting_uses(plan: Any) -> bool:
-        used = uses(plan)
-        graph_steps[0] += used
-        return used
-
-    def counting_step() -> Any:
-        steps[0] += 1
-        return step()
-
-    engine.step, engine.runner.uses_graph = counting_step, counting_uses
-    # Time the host spends waiting for sampled ids: near 100% = GPU-bound, low = the host is in the way.
-    from astrai_serve.engine.sampler import PendingSample
-
-    waited, result = [0.0], PendingSample.result
-
-    def timed_result(self: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return result(self)
-        finally:
-            waited[0] += time.perf_counter() - t0
-
-    PendingSample.result = timed_result
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for _, n in reqs]
-    cpu0 = time.process_time()
-    try:
+    with Probe() as probe:
+        cpu0 = time.process_time()
         secs, res = common.timed(lambda: llm.generate([p for p, _ in reqs], params), "cuda")
-    finally:
-        PendingSample.result = result
-    cpu = time.process_time() - cpu0
+        cpu = time.process_time() - cpu0
     tokens = sum(len(r.token_ids) for r in res)
     if tokens != sum(n for _, n in reqs):
         raise RuntimeError(f"{mode}: asked for {sum(n for _, n in reqs)} tokens with ignore_eos, got {tokens}")
     graphs = engine.runner.graphs
-    note = (f"{len(reqs)} req, {steps[0]} steps ({graph_steps[0]} graph), {secs * 1e3 / steps[0]:.2f} ms/step, "
-            f"host waits for the GPU {waited[0] / secs * 100:.0f}% of the time, host CPU {cpu / secs * 100:.0f}% busy, "
+    n = probe.steps
+    period, gpu = secs * 1e3 / n, probe.gpu_ms_per_step()
+    host = {k: v * 1e3 / n for k, v in probe.host.items()}
+    host["other"] = period - sum(host.values())
+    note = (f"{len(reqs)} req, {n} steps ({probe.graph_steps} graph), host CPU {cpu / secs * 100:.0f}% busy, "
             f"engine built in {build_s:.1f} s")
     if graphs is not None:
         note += f" incl. capture of {len(graphs.sizes)} graphs in {graphs.capture_seconds:.1f} s"
-    rows = [Row("W1", f"astrai {mode}", "output tok/s", tokens / secs, note=note,
-                peers=[common.key("W1", "astrai eager", "output tok/s")] if mode != "eager" else [])]
-    log(f"{mode}: {tokens / secs:,.0f} output tok/s in {secs:.1f} s; {note}")
-    if graphs is not None:
+    split = ", ".join(f"{k} {v:.2f}" for k, v in host.items())
+    rows = [Row("W1", f"astrai {label}", "output tok/s", tokens / secs, note=note,
+                peers=[common.key("W1", "astrai eager", "output tok/s")] if mode != "eager" else []),
+            Row("W1", f"astrai {label}", "ms/step", period,
+                note=f"GPU busy {gpu:.2f} ms/step (events around each launch), idle {100 * (1 - gpu / period):.0f}%; "
+                     f"host ms/step: {split}")]
+    log(f"{label}: {tokens / secs:,.0f} output tok/s in {secs:.1f} s, {period:.2f} ms/step, GPU {gpu:.2f} ms/step; "
+        f"{note}; host ms/step: {split}")
+    if graphs is not None and micro:
         for b in (1, 64, 256):
             if b in graphs.graphs:
                 replay, eager = replay_vs_eager_ms(graphs, b)
                 rows.append(Row("step", f"decode forward b={b}", "graph replay ms", replay,
                                 note=f"eager forward {eager:.2f} ms (context 1: fixed cost, no KV reads)"))
                 log(f"b={b}: graph replay {replay:.3f} ms, eager forward {eager:.3f} ms")
-    del engine.step, engine.runner.uses_graph   # drop the wrappers (a cycle that would keep the KV cache alive)
     return rows, [r.token_ids for r in res]
 
 
@@ -134,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="qwen3-0.6b", help="model preset, random bf16 weights (default qwen3-0.6b)")
     p.add_argument("--num-requests", type=int, default=256, help="W1 requests (default 256)")
     p.add_argument("--modes", default="graphs,eager,graphs-serial",
-                   help=f"comma-separated, run in order: {', '.join(MODES)}")
+                   help=f"comma-separated, run in order (repeats allowed): {', '.join(MODES)}")
     p.add_argument("--json", default="", help="where to write the JSON results (default: none)")
     args = p.parse_args(argv)
     modes = args.modes.split(",")
@@ -166,14 +214,17 @@ def main(argv: list[str] | None = None) -> int:
     log(f"{args.preset} on {env.get('device')}: {len(reqs)} requests, {sum(n for _, n in reqs)} output tokens")
     rows: list[Row] = []
     outputs: dict[str, list] = {}
-    for mode in modes:
-        got, outputs[mode] = run_mode(mode, model, tok, reqs, config.vocab_size)
+    for i, mode in enumerate(modes):
+        label = mode if mode not in modes[:i] else f"{mode} #{modes[:i].count(mode) + 1}"
+        got, outputs[label] = run_mode(mode, label, model, tok, reqs, micro=mode.startswith("graphs")
+                                       and not any(m.startswith("graphs") for m in modes[:i]))
         rows += got
         gc.collect()                 # the engine's KV cache (most of the GPU) must go before the next one
         torch.cuda.empty_cache()
-    for mode in modes[1:]:
-        same = sum(a == b for a, b in zip(outputs[mode], outputs[modes[0]]))
-        rows.append(Row("W1", f"astrai {mode}", f"greedy outputs equal to {modes[0]}", same,
+    first = next(iter(outputs))
+    for label in list(outputs)[1:]:
+        same = sum(a == b for a, b in zip(outputs[label], outputs[first]))
+        rows.append(Row("W1", f"astrai {label}", f"greedy outputs equal to {first}", same,
                         note=f"of {len(reqs)} (random bf16 weights: near-ties may flip where batch shapes differ)"))
     common.report("bench/engine_step.py", rows, env, {"preset": args.preset, "engine": ENGINE, "modes": modes},
                   args.json or None)

@@ -41,19 +41,22 @@ def test_resume_after_kill_is_exact(data, tokenizer_dir, tmp_path) -> None:
     assert list((run_dir / "tensorboard").glob("version_0/events.out.tfevents.*"))
     assert (run_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
-    # The same run in its own process, killed as soon as the step-4 checkpoint exists.
+    # The same run in its own process, killed once the step-4 checkpoint and last.ckpt exist (the
+    # resumed run must then replace that stale last.ckpt, not write last-v1.ckpt beside it).
     argv = recipe_overrides("seq", data["seq"], tokenizer_dir, tmp_path, "killed", 8, every=4)
     proc = subprocess.Popen([python(), str(TRAIN_PY), *argv], env=subprocess_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     step4 = tmp_path / "killed" / "checkpoints" / "step-0000004.ckpt"
     deadline = time.monotonic() + 120
-    while not step4.exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not (step4.exists() and step4.with_name("last.ckpt").exists()) and proc.poll() is None \
+            and time.monotonic() < deadline:
         time.sleep(0.02)
     assert step4.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "timed out"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     resumed = run("seq", data, tokenizer_dir, tmp_path, "killed", 8, every=4, resume=step4)
     assert max_abs_diff(weights(straight), weights(resumed)) == 0.0
+    assert not list(step4.parent.glob("*-v1.ckpt"))
 
 
 def test_export_command_writes_a_loadable_model_dir(data, tokenizer_dir, tmp_path) -> None:

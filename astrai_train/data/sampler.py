@@ -110,3 +110,12 @@ class CountingDataLoader(DataLoader):
         for batch in super().__iter__():
             sampler.advance(batch_size)
             yield batch
+
+    # Lightning treats a loader with these two methods as resumable: it saves the state in the
+    # fit loop too (same dump, same numbers as the DataModule hook, so restoring twice is
+    # harmless) and does not warn that a mid-epoch resume is unreliable.
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)

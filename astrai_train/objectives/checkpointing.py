@@ -36,27 +36,31 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def checkpoint_callback(run_dir: Path, section: CheckpointSection) -> ModelCheckpoint:
-    """Every `every_n_steps` optimizer steps; the newest `keep_last` step files plus last.ckpt."""
+    """step-NNNNNNN.ckpt every `every_n_steps` optimizer steps, the newest `keep_last` kept."""
     return ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="step-{step:07d}",
         auto_insert_metric_name=False,
-        every_n_train_steps=section.every_n_steps,  # 0: none during training (the run saves at its end)
+        every_n_train_steps=section.every_n_steps,  # 0: none during training
         every_n_epochs=0,  # steps, not epochs: an epoch of a large corpus may never end
         save_top_k=section.keep_last,
         monitor="step",
         mode="max",       # highest step = newest: top-k by step is "the last k"
-        save_last=True,
+        save_last=False,  # LastCheckpoint writes last.ckpt (see there why not Lightning)
         save_on_train_epoch_end=False,
+        # A resumed run re-runs steps a killed one may have saved already: overwrite them.
+        enable_version_counter=False,
     )
 
 
-class FinalCheckpoint(L.Callback):
-    """last.ckpt at the final optimizer step, written inside the loop like the interval ones.
+class LastCheckpoint(L.Callback):
+    """last.ckpt at every checkpoint interval and at the final optimizer step, always written
+    inside the training loop.
 
-    Saving after `fit()` returns would be too late: the loop has already pulled the next batch
-    to find out it was done, so the data sampler would record one batch too many and a run
-    resumed from it would skip that batch.
+    Lightning's own save_last also writes last.ckpt from on_train_end, after the loop has
+    finished; a run resumed from that file does not replay the uninterrupted run (its loop and
+    data-sampler counters are taken at another point). Saving here keeps every checkpoint at the
+    same point of a step: after the optimizer update, before the next batch is drawn.
     """
 
     def __init__(self, run_dir: Path, every_n_steps: int) -> None:
@@ -66,11 +70,10 @@ class FinalCheckpoint(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step
-        if (batch_idx + 1) % trainer.accumulate_grad_batches or step < trainer.max_steps:
-            return
-        if self.every_n_steps and step % self.every_n_steps == 0:
-            return  # ModelCheckpoint saves this step, last.ckpt included
-        trainer.save_checkpoint(self.path)
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # mid-accumulation: no optimizer step happened
+        if step >= trainer.max_steps or (self.every_n_steps and step % self.every_n_steps == 0):
+            trainer.save_checkpoint(self.path)
 
 
 def resolve_resume(resume: str | None, run_dir: Path) -> str | None:

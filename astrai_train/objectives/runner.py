@@ -103,13 +103,13 @@ def build_trainer(recipe: Recipe, module: Any) -> Any:
     from lightning.pytorch.callbacks import TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    from astrai_train.objectives.checkpointing import AtomicCheckpointIO, FinalCheckpoint, checkpoint_callback
+    from astrai_train.objectives.checkpointing import AtomicCheckpointIO, LastCheckpoint, checkpoint_callback
     from astrai_train.objectives.throughput import ThroughputMonitor
 
     t = recipe.trainer
     run_dir = recipe.run_dir
     callbacks: list[Any] = [checkpoint_callback(run_dir, recipe.checkpoint),
-                            FinalCheckpoint(run_dir, recipe.checkpoint.every_n_steps),
+                            LastCheckpoint(run_dir, recipe.checkpoint.every_n_steps),
                             ThroughputMonitor(module.model_config, module.model.num_parameters())]
     if t.enable_progress_bar:
         # Refreshing the bar reads the loss back from the device: once per log interval, not per step.
