@@ -1,9 +1,10 @@
 """`python -m astrai_train.docgen`: writes docs/configuration.md from the code, so it cannot rot.
 
 Every table comes from a source of truth: the config dataclasses (field, type, default and the
-one-line `# comment` written beside each field, read with `ast` + `tokenize`), the YAML presets
-and recipes in configs/, and the argparse parser of every `astrai` subcommand. tests/test_docs.py
-regenerates the page in memory and fails when the committed file differs.
+one-line `# comment` written beside each field, read from the source by docgen_fields.py), the
+YAML presets and recipes in configs/, and the argparse parser of every `astrai` subcommand.
+tests/test_docs.py regenerates the page and fails when the committed file differs, so after
+changing a config field, a preset, a recipe or a flag, run `python -m astrai_train.docgen`.
 
 The output must not depend on the machine that generates it: paths are shown relative to the
 repository, and a CLI default computed from the CPU count is shown as such, not as this host's.
@@ -11,22 +12,16 @@ repository, and a CLI default computed from the CPU count is shown as such, not 
 from __future__ import annotations
 
 import argparse
-import ast
-import dataclasses
-import importlib
-import inspect
-import io
-import json
 import os
 import sys
-import tokenize
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
-ROOT = Path(__file__).resolve().parents[1]
+from astrai_train.docgen_fields import MISSING_COMMENT, ROOT, FieldDoc, field_docs
+
 OUT = ROOT / "docs" / "configuration.md"
-MISSING_COMMENT = "(no comment in the source)"
+__all__ = ["MISSING_COMMENT", "OUT", "render", "main"]
 
 # (heading, how a user sets these values, dataclass path). Order is the page's order.
 CONFIGS: list[tuple[str, str, str]] = [
@@ -48,20 +43,15 @@ CONFIGS: list[tuple[str, str, str]] = [
 ]
 
 
-def load(path: str) -> type:
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
 def cell(text: Any) -> str:
     """Prose safe inside a Markdown table cell (`<name>` would otherwise vanish as an HTML tag)."""
     return prose(text).replace("|", "\\|").replace("\n", " ")
 
 
 def prose(text: Any) -> str:
-    """Escape `<` outside code spans (the odd pieces between backticks are code)."""
+    """Escape `<` and `*` outside code spans (the odd pieces between backticks are code)."""
     pieces = str(text).split("`")
-    return "`".join(p if i % 2 else p.replace("<", "&lt;") for i, p in enumerate(pieces))
+    return "`".join(p if i % 2 else p.replace("<", "&lt;").replace("*", "\\*") for i, p in enumerate(pieces))
 
 
 def code(text: Any) -> str:
@@ -73,91 +63,33 @@ def relative(text: str) -> str:
     return text.replace(f"{ROOT}{os.sep}", "").replace(str(ROOT), ".")
 
 
-# ---- dataclasses --------------------------------------------------------------------------------
+# ---- config tables ----------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class FieldDoc:
-    name: str            # field name
-    type: str            # annotation as written in the source
-    default: str         # rendered default ("required" when there is none)
-    comment: str         # the field's one-line comment (or docstring)
-    section: type | None  # the nested dataclass when the field is a recipe section
-
-
-def _class_node(tree: ast.Module, name: str) -> ast.ClassDef:
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ClassDef) and node.name == name:
-            return node
-    raise ValueError(f"class {name} not found in its source file")
-
-
-def field_docs(cls: type) -> list[FieldDoc]:
-    """One FieldDoc per init field of dataclass `cls`, read from its source file."""
-    source = Path(inspect.getsourcefile(cls)).read_text()
-    comments = {tok.start[0]: tok.string.lstrip("#").strip()
-                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
-    body = _class_node(ast.parse(source), cls.__name__).body
-    nodes: dict[str, tuple[ast.AnnAssign, str]] = {}
-    for i, node in enumerate(body):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            lines = range(node.lineno, node.end_lineno + 1)
-            comment = next((comments[n] for n in lines if n in comments), "")
-            after = body[i + 1] if i + 1 < len(body) else None
-            if not comment and isinstance(after, ast.Expr) and isinstance(getattr(after, "value", None), ast.Constant) \
-                    and isinstance(after.value.value, str):
-                comment = after.value.value.strip().splitlines()[0]
-            nodes[node.target.id] = (node, comment)
-    docs = []
-    for f in (f for f in dataclasses.fields(cls) if f.init):
-        node, comment = nodes[f.name]
-        factory = f.default_factory
-        section = factory if isinstance(factory, type) and dataclasses.is_dataclass(factory) else None
-        if section is not None:
-            default, comment = f"see [`{section.__name__}`](#{section.__name__.lower()})", comment or f"the `{f.name}:` section"
-        else:
-            default = _default(f, node)
-        docs.append(FieldDoc(f.name, ast.unparse(node.annotation), default, comment or MISSING_COMMENT, section))
-    return docs
-
-
-def _default(f: dataclasses.Field, node: ast.AnnAssign) -> str:
-    """The default as YAML/JSON spells it; an expression (`256 << 20`, a constant's name) is shown too."""
-    if f.default_factory is not dataclasses.MISSING:
-        return code(_literal(f.default_factory()))
-    if f.default is dataclasses.MISSING:
+def _default(d: FieldDoc) -> str:
+    if d.section is not None:
+        name = d.section.partition(":")[2]
+        return f"see [`{name}`](#{name.lower()})"
+    if d.default is None:
         return "required"
-    shown = code(relative(_literal(f.default)))
-    try:
-        ast.literal_eval(node.value)
-    except ValueError:
-        shown += f" ({code(ast.unparse(node.value))})"
-    return shown
+    return code(relative(d.default)) + (f" ({code(d.expression)})" if d.expression else "")
 
 
-def _literal(value: Any) -> str:
-    try:
-        return json.dumps(list(value) if isinstance(value, tuple) else value, ensure_ascii=False)
-    except TypeError:
-        return repr(value)
-
-
-def field_table(cls: type) -> list[str]:
+def field_table(path: str) -> list[str]:
     lines = ["| field | type | default | meaning |", "| --- | --- | --- | --- |"]
-    for d in field_docs(cls):
-        lines.append(f"| `{d.name}` | {code(d.type)} | {d.default} | {cell(d.comment)} |")
+    for d in field_docs(path):
+        lines.append(f"| `{d.name}` | {code(d.type)} | {_default(d)} | {cell(d.comment)} |")
     return lines
 
 
 def config_sections() -> list[str]:
     out: list[str] = []
     for heading, where, path in CONFIGS:
-        cls = load(path)
-        out += [f"## {heading}: `{cls.__name__}`", "", f"`{path.replace(':', '.')}` — set by {where}.", ""]
-        out += field_table(cls) + [""]
-        # A recipe's nested sections, each a table of its own.
-        for d in field_docs(cls):
+        name = path.partition(":")[2]
+        out += [f"## {heading}: `{name}`", "", f"`{path.replace(':', '.')}` — set by {where}.", ""]
+        out += field_table(path) + [""]
+        for d in field_docs(path):  # a recipe's nested sections, each a table of its own
             if d.section is not None:
-                out += [f"### {d.section.__name__}", "", f"The recipe's `{d.name}:` section.", ""]
+                out += [f"### {d.section.partition(':')[2]}", "", f"The recipe's `{d.name}:` section.", ""]
                 out += field_table(d.section) + [""]
         if heading == "Model":
             out += preset_table()
@@ -177,31 +109,20 @@ def _yaml_description(path: Path) -> str:
     return " ".join(lines)
 
 
-def _params(config: Any) -> str:
-    import torch
-
-    from astrai_train.model import Transformer
-
-    with torch.device("meta"):  # shapes only: no memory, no init time
-        model = Transformer(config)
-    n = sum(p.numel() for p in model.parameters())
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
-
-
 def preset_table() -> list[str]:
     from astrai_train.model.config import PRESET_DIR, ModelConfig
 
     out = ["### Presets (`configs/model/*.yaml`)", "",
-           "`ModelConfig.from_preset(name)`, or `model.preset: name` in a recipe. Parameters are counted "
-           "from the built model (embeddings included; a tied LM head counted once).", "",
-           "| preset | params | vocab | dim | layers | heads | KV heads | head dim | FFN | context | attention "
+           "`ModelConfig.from_preset(name)`, or `model.preset: name` in a recipe. The description is the "
+           "YAML file's own comment.", "",
+           "| preset | vocab | dim | layers | heads | KV heads | head dim | FFN | context | attention "
            "| tied | QK-norm | description |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | --- |"]
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | --- |"]
     for path in sorted(PRESET_DIR.glob("*.yaml")):
         c = ModelConfig.from_preset(path.stem)
         attention = c.attention if c.attention == "gqa" else (
             f"mla (latent {c.kv_lora_rank}, rope {c.qk_rope_head_dim})")
-        out.append(f"| `{path.stem}` | {_params(c)} | {c.vocab_size} | {c.dim} | {c.n_layers} | {c.n_heads} | "
+        out.append(f"| `{path.stem}` | {c.vocab_size} | {c.dim} | {c.n_layers} | {c.n_heads} | "
                    f"{c.n_kv_heads if c.attention == 'gqa' else '—'} | {c.resolved_head_dim} | {c.dim_ffn} | "
                    f"{c.max_len} | {attention} | {'yes' if c.tie_weight else 'no'} | "
                    f"{'yes' if c.use_qk_norm else 'no'} | {cell(_yaml_description(path))} |")
@@ -347,7 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if the file is out of date")
     parser.add_argument("--stdout", action="store_true", help="print the page instead of writing it")
     args = parser.parse_args(argv)
-    text = render()
+    try:
+        text = render()
+    except (ValueError, FileNotFoundError) as exc:  # a config class docgen cannot read: say which
+        print(f"docgen: error: {exc}", file=sys.stderr)
+        return 2
     if args.stdout:
         sys.stdout.write(text)
         return 0

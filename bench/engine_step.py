@@ -1,15 +1,17 @@
 """Engine decode speed on the GPU, with and without CUDA graphs, in one process.
 
-    python bench/engine_step.py [--preset qwen3-0.6b] [--num-requests 256] [--modes graphs,eager,graphs-serial]
+    python bench/engine_step.py [--preset qwen3-0.6b] [--num-requests 256] [--modes graphs,compiled-overlap,eager]
                                 [--json FILE]
 
 W1 of bench/serve.py through `LLM.generate` (token-id prompts): the preset with random bf16 weights
 and a full-vocabulary synthetic tokenizer (so every token is detokenized, as in serving), N
 requests with prompt and output lengths uniform in 100-1024 (seed 0), greedy, ignore_eos,
 max_num_seqs 256, 16384 batched tokens. Modes:
-    graphs         CUDA graphs for decode + overlapped steps (the engine's default on CUDA)
+    graphs         CUDA graphs for decode + overlapped steps
     graphs-serial  CUDA graphs, steps not overlapped
     eager          neither (the engine before this work)
+    compiled       graphs-serial with the decode forward through torch.compile (compile_decode)
+    compiled-overlap  compiled, with overlapped steps
 Each mode first generates a warm-up batch whose sizes sweep 1..40 (Triton compiles its kernels for
 each batch shape once; that must not land in the timed run). For graph modes it also times one
 replay of the captured decode graph against the same forward run eagerly, at a few batch sizes
@@ -32,7 +34,9 @@ from common import Row, log  # noqa: E402
 
 MODES = {"graphs": dict(enable_cuda_graphs=True, overlap_steps=True),
          "graphs-serial": dict(enable_cuda_graphs=True, overlap_steps=False),
-         "eager": dict(enable_cuda_graphs=False, overlap_steps=False)}
+         "eager": dict(enable_cuda_graphs=False, overlap_steps=False),
+         "compiled": dict(enable_cuda_graphs=True, overlap_steps=False, compile_decode=True),
+         "compiled-overlap": dict(enable_cuda_graphs=True, overlap_steps=True, compile_decode=True)}
 ENGINE = dict(max_num_seqs=256, max_num_batched_tokens=16384, max_model_len=2048)
 
 
@@ -181,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="qwen3-0.6b", help="model preset, random bf16 weights (default qwen3-0.6b)")
     p.add_argument("--num-requests", type=int, default=256, help="W1 requests (default 256)")
-    p.add_argument("--modes", default="graphs,eager,graphs-serial",
+    p.add_argument("--modes", default="graphs,compiled-overlap,eager",
                    help=f"comma-separated, run in order (repeats allowed): {', '.join(MODES)}")
     p.add_argument("--json", default="", help="where to write the JSON results (default: none)")
     args = p.parse_args(argv)

@@ -73,7 +73,8 @@ def test_operations_md_names_every_metric_and_only_real_ones():
     exposed = set(re.findall(r"^# TYPE (\S+) ", render_prometheus(stats, "m"), re.M))
     named = set(re.findall(r"`(astrai_[a-z0-9_]+)(?:\{[^`]*\})?`", _read("operations.md")))
     assert exposed - named == set(), f"docs/operations.md does not describe the metrics {sorted(exposed - named)}"
-    assert named - exposed == set(), f"docs/operations.md names metrics /metrics does not expose: {sorted(named - exposed)}"
+    assert named - exposed == set(), \
+        f"docs/operations.md names metrics that /metrics does not expose: {sorted(named - exposed)}"
 
 
 def test_grpc_md_names_every_rpc_message_and_field():
@@ -98,7 +99,8 @@ def test_flags_named_in_the_serving_docs_exist():
     for name in ("grpc.md", "operations.md"):
         prose = re.sub(r"^```.*?^```", "", _read(name), flags=re.S | re.M)  # code blocks hold other tools' flags
         named = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", prose))
-        assert named - known == set(), f"docs/{name} names flags that `astrai serve`/`gateway` lack: {sorted(named - known)}"
+        assert named - known == set(), \
+            f"docs/{name} names flags that `astrai serve` / `astrai gateway` lack: {sorted(named - known)}"
 
 
 def _anchors(markdown: str) -> set[str]:

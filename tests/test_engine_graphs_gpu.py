@@ -6,7 +6,8 @@
   with penalties / top-k / top-p / min-p / seeds / log-probs, n > 1, prefix-cache hits) runs
   under `torch.cuda.set_sync_debug_mode("error")`: the only wait allowed is the event on the
   sampled ids' copy, which that mode does not count, so any other host sync fails the test;
-- capture honours its time budget (the largest graph always, smaller batches pad up to it).
+- capture honours its time budget (the largest graph always, smaller batches pad up to it);
+- with compile_decode the compiled, captured forward gives the same greedy tokens.
 """
 from __future__ import annotations
 
@@ -140,3 +141,15 @@ def test_capture_budget_keeps_the_largest_graph():
     used = count_graph_steps(short)
     outs, _ = run_all(short, PROMPTS[:1], SamplingParams(max_tokens=10, temperature=0.0))
     assert outs[0][0].token_ids == recompute_greedy(model, PROMPTS[0], 10) and sum(used) == 9
+
+
+def test_compiled_decode_graphs_equal_eager():
+    model = model_of("gqa")
+    params = [SamplingParams(max_tokens=n, temperature=0.0) for n in LENGTHS[:6]]
+    common = dict(num_pages=96, page_size=4, max_num_seqs=8)
+    eager, _ = run_all(LLMEngine.from_model(model, None, enable_cuda_graphs=False, **common), PROMPTS[:6], params)
+    engine = LLMEngine.from_model(model, None, cuda_graph_max_batch=4, compile_decode=True, **common)
+    used = count_graph_steps(engine)
+    outs, _ = run_all(engine, PROMPTS[:6], params)
+    # Batches of <= 4 once two of the six requests ended: 8 decode steps (24 - 16 tokens) in graphs.
+    assert [o[0].token_ids for o in outs] == [o[0].token_ids for o in eager] and sum(used) >= 8

@@ -57,6 +57,11 @@ def test_resume_after_kill_is_exact(data, tokenizer_dir, tmp_path) -> None:
     resumed = run("seq", data, tokenizer_dir, tmp_path, "killed", 8, every=4, resume=step4)
     assert max_abs_diff(weights(straight), weights(resumed)) == 0.0
     assert not list(step4.parent.glob("*-v1.ckpt"))
+    # Both launches logged (version_0 killed, version_1 resumed); the history is stitched step by step.
+    from astrai_train.objectives.plots import read_history
+
+    steps = [s for s, _ in read_history(resumed.parent / "logs")["train/loss"]]
+    assert steps == list(range(8)), steps
 
 
 def test_export_command_writes_a_loadable_model_dir(data, tokenizer_dir, tmp_path) -> None:
@@ -73,7 +78,8 @@ def test_export_command_writes_a_loadable_model_dir(data, tokenizer_dir, tmp_pat
     assert main(["export", str(tmp_path / "missing.ckpt"), str(out)]) == 2
 
 
-@pytest.mark.parametrize("case", ["unknown key", "missing data", "world mismatch", "missing tokenizer", "bad value"])
+@pytest.mark.parametrize("case", ["unknown key", "missing data", "world mismatch", "missing tokenizer", "bad value",
+                                  "bad strategy", "missing resume"])
 def test_bad_recipe_fails_before_training(case, data, tokenizer_dir, tmp_path, monkeypatch, capsys) -> None:
     argv = recipe_overrides("seq", data["seq"], tokenizer_dir, tmp_path, "bad", 5)
     expected = {
@@ -82,6 +88,8 @@ def test_bad_recipe_fails_before_training(case, data, tokenizer_dir, tmp_path, m
         "world mismatch": (["--devices", "1"], "--devices=2"),
         "missing tokenizer": ([f"model.tokenizer={tmp_path / 'no_tok'}"], str(tmp_path / "no_tok")),
         "bad value": (["data.batch_size=0"], "batch_size"),
+        "bad strategy": (["--strategy", "dpp"], "dpp"),
+        "missing resume": (["--resume", "last"], "no checkpoint has been written"),
     }[case]
     if case == "world mismatch":  # what `fabric run --devices=2` exports to each process
         for k, v in {"LT_CLI_USED": "1", "LT_DEVICES": "2", "LT_NUM_NODES": "1"}.items():

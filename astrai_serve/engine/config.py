@@ -33,10 +33,11 @@ class EngineConfig:
     device: str | None = None                # e.g. cuda, cuda:1, cpu; default cuda when available
     seed: int = 0                            # RNG seed for requests that give no seed of their own
     attention_impl: str | None = None        # torch | triton; default triton on CUDA, torch on CPU
-    enable_cuda_graphs: bool | None = None   # run pure-decode steps as CUDA graphs; default on with CUDA and triton attention
-    cuda_graph_max_batch: int | None = None  # largest decode batch captured in a graph; default max_num_seqs (larger run eagerly)
-    cuda_graph_capture_budget_s: float = 60.0  # seconds of graph capture at startup; sizes not reached (smallest last) are padded up
-    overlap_steps: bool | None = None        # launch step N+1 before building step N's outputs (text work hides behind the GPU); default on with CUDA
+    enable_cuda_graphs: bool | None = None   # replay pure-decode steps as CUDA graphs; default on with CUDA + triton
+    cuda_graph_max_batch: int | None = None  # largest decode batch run as a graph; default max_num_seqs
+    cuda_graph_capture_budget_s: float = 60.0  # capture time at startup; sizes not reached pad up to a larger one
+    compile_decode: bool = False             # torch.compile the graphed decode (fused kernels; bf16 near-ties may flip)
+    overlap_steps: bool | None = None        # launch step N+1 before step N's text and outputs; default on with CUDA
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -63,6 +64,8 @@ class EngineConfig:
         for name in ("enable_cuda_graphs", "overlap_steps"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true, false or None (auto)")
+        if not isinstance(self.compile_decode, bool):
+            raise bad("compile_decode", "must be true or false")
         budget = self.cuda_graph_capture_budget_s
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
             raise bad("cuda_graph_capture_budget_s", "must be a positive number of seconds")

@@ -118,7 +118,8 @@ class LLMEngine:
         # from_model's module is left in whatever mode its owner put it (training, for GRPO).
         self.runner = ModelRunner(model, cache, kernel, device, config.max_num_seqs, max_len,
                                   pad_page=num_pages if graphs else None, graph_max_batch=graph_batch,
-                                  graph_budget_s=config.cuda_graph_capture_budget_s)
+                                  graph_budget_s=config.cuda_graph_capture_budget_s,
+                                  compile_graphs=config.compile_decode and graphs)
         self.sampler = Sampler(device, config.seed)
         self._overlap = config.resolved_overlap_steps()
         self._inflight: tuple[StepPlan, list[Sequence], PendingSample | None] | None = None  # launched, not yet applied

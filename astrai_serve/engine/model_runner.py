@@ -82,9 +82,10 @@ class PageTables:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, cache: PagedKVCache, kernel: PagedAttentionFn,
                  device: torch.device, max_num_seqs: int, max_model_len: int, pad_page: int | None = None,
-                 graph_max_batch: int = 0, graph_budget_s: float = 60.0) -> None:
+                 graph_max_batch: int = 0, graph_budget_s: float = 60.0, compile_graphs: bool = False) -> None:
         """pad_page: a cache page outside the page pool, for padding rows (needed with graphs);
-        graph_max_batch > 0 captures decode graphs up to that batch size."""
+        graph_max_batch > 0 captures decode graphs up to that batch size (compiled first with
+        compile_graphs)."""
         self.model = model
         self.cache = cache
         self.kernel = kernel
@@ -97,7 +98,7 @@ class ModelRunner:
         if graph_max_batch > 0:
             if pad_page is None:
                 raise ValueError("CUDA graphs need a reserved padding page")
-            self.graphs = DecodeGraphs(model, cache, kernel, graph_max_batch, width, pad_page)
+            self.graphs = DecodeGraphs(model, cache, kernel, graph_max_batch, width, pad_page, compile_graphs)
             self.graphs.capture(graph_budget_s)
 
     def _indices(self, plan: StepPlan) -> dict[str, np.ndarray | int]:

@@ -44,6 +44,13 @@ class _ContiguousStep:
             if i == len(ids) or ids[i] != ids[start]:
                 self.groups.append((ids[start], start, i))
                 start = i
+        # Decode steps (one token per sequence) run as one batched, masked attention instead of a
+        # loop over sequences: that loop, not the matmuls, dominated generation time.
+        self.decode = len(self.groups) == len(ids)
+        if self.decode:
+            ctx = int(positions.max()) + 1
+            self.ctx = ctx
+            self.mask = (torch.arange(ctx, device=positions.device)[None, :] <= positions[:, None])[:, None, None, :]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None,
                scale: float) -> torch.Tensor:
@@ -52,6 +59,13 @@ class _ContiguousStep:
         if c.v is not None:
             c.v[layer, self.seq_ids, self.positions] = v.to(c.v.dtype)
         v_dim = c.layout.v_dim
+        if self.decode:
+            keys = c.k[layer, self.seq_ids, : self.ctx].to(q.dtype)           # [B, ctx, n_kv, Dk]
+            values = keys[..., :v_dim] if c.v is None else c.v[layer, self.seq_ids, : self.ctx].to(q.dtype)
+            o = F.scaled_dot_product_attention(q[:, :, None, :], keys.transpose(1, 2), values.transpose(1, 2),
+                                               attn_mask=self.mask, scale=scale,
+                                               enable_gqa=keys.shape[2] != q.shape[1])
+            return o[:, :, 0, :]
         out = q.new_empty(q.shape[0], q.shape[1], v_dim)
         for seq, lo, hi in self.groups:
             pos = self.positions[lo:hi]

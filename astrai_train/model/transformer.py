@@ -45,7 +45,8 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.lm_head = None if config.tie_weight else nn.Linear(config.dim, config.vocab_size, bias=False)
         self._build_rope()
-        self.reset_parameters()
+        if not self.embed_tokens.weight.is_meta:  # meta: weights come from a checkpoint next
+            self.reset_parameters()
 
     # ---- setup -------------------------------------------------------------------------------
     def _build_rope(self, device: torch.device | str | None = None) -> None:

@@ -157,17 +157,25 @@ def strategy_for(recipe: Recipe) -> Any:
     return name
 
 
-def train(args: argparse.Namespace, env: dict[str, str] | None = None) -> Path | None:
-    """Run training; returns the model directory written at the end (rank 0), else None."""
+def setup_run(args: argparse.Namespace, env: dict[str, str] | None = None) -> tuple[Any, Any, Prepared]:
+    """Everything before the first step: (trainer, module, prepared). A user's mistake fails here."""
     import lightning as L
 
     prepared = prepare_run(args, env)
     recipe = prepared.recipe
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     module = build_module(recipe, prepared.tokenizer, prepared.tokenizer_dir)
-    trainer = build_trainer(recipe, module)
+    return build_trainer(recipe, module), module, prepared
+
+
+def fit(trainer: Any, module: Any, prepared: Prepared, export: bool = True) -> Path | None:
     trainer.fit(module, datamodule=prepared.datamodule, ckpt_path=prepared.resume)
-    return finish(trainer, recipe, export=not args.no_export)
+    return finish(trainer, prepared.recipe, export=export)
+
+
+def train(args: argparse.Namespace, env: dict[str, str] | None = None) -> Path | None:
+    """Run training; returns the model directory written at the end (rank 0), else None."""
+    return fit(*setup_run(args, env), export=not args.no_export)
 
 
 def finish(trainer: Any, recipe: Recipe, export: bool = True) -> Path | None:
@@ -202,24 +210,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     try:
-        train(args)
-    except (RecipeError, FileNotFoundError, ValueError) as e:
-        # Only errors raised before fit() reach here as user errors; a crash inside training
-        # still shows its traceback (ValueError from deep inside would be a bug worth seeing).
-        if not _inside_fit(e):
-            # Under a launcher every process hits the same error: one message per machine is enough.
-            if os.environ.get("LOCAL_RANK", "0") == "0":
-                print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
+        setup = setup_run(args)
+    except (RecipeError, FileNotFoundError, ValueError, MisconfigurationException) as e:
+        # Only the setup phase turns errors into one line: an error once training runs is a
+        # crash whose traceback is worth seeing.
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # under a launcher: one message per machine
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    fit(*setup, export=not args.no_export)
     return 0
-
-
-def _inside_fit(e: BaseException) -> bool:
-    tb = e.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code.co_name == "fit" and "lightning" in tb.tb_frame.f_code.co_filename:
-            return True
-        tb = tb.tb_next
-    return False
