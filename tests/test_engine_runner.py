@@ -11,7 +11,9 @@ import torch
 from astrai_serve.engine import EngineConfig, LLMEngine, SamplingParams
 from astrai_serve.engine.cuda_graphs import graph_batch_sizes
 from astrai_serve.engine.model_runner import ModelRunner
+from astrai_serve.engine.outputs import advance_text, check_stop, finish_reasons, new_state
 from astrai_serve.engine.paged_attention import PagedKVCache
+from astrai_serve.engine.sequence import Sequence
 from astrai_serve.kernels import get_attention_impl
 from astrai_train.model import ModelConfig, Transformer, kv_layout
 from astrai_train.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -174,6 +176,37 @@ def test_push_many_equals_push(tokenizer_dir):
         assert push_many(many, ids) == expected
         pieces += sum(map(bool, expected))
     assert [d.flush() for d in many] == [d.flush() for d in one] and pieces > 500
+
+
+def test_batched_stop_checks_equal_the_per_sequence_ones(tokenizer_dir):
+    """finish_reasons + advance_text (what the engine runs, split around the next launch) against
+    check_stop on twin sequences: same reasons, same text, stop strings and ids included."""
+    tok = Tokenizer.from_pretrained(tokenizer_dir)
+    rng = random.Random(1)
+    words = ["the", "e ", "ing", "\n", "KING", "a"]
+    twins = []
+    for i in range(30):
+        params = SamplingParams(max_tokens=rng.randint(3, 40), stop=rng.sample(words, rng.randint(0, 2)),
+                                stop_token_ids=[rng.randrange(tok.vocab_size)] if i % 4 == 0 else [],
+                                ignore_eos=i % 3 == 0, skip_special_tokens=i % 5 != 0)
+        pair = [Sequence(i, f"r{i}", 0, [1, 2, 3], 3, params) for _ in range(2)]
+        for seq in pair:
+            seq.state = new_state(seq, tok, None)
+        twins.append(pair)
+    reasons_seen = set()
+    while twins:
+        for a, b in twins:
+            token = rng.randrange(tok.vocab_size)
+            a.token_ids.append(token)
+            b.token_ids.append(token)
+        expected = [check_stop(a, 64) for a, _ in twins]
+        reasons, later = finish_reasons([b for _, b in twins], 64)
+        advance_text([b for _, b in twins], reasons, later)
+        assert reasons == expected
+        assert [b.state.text for _, b in twins] == [a.state.text for a, _ in twins]
+        reasons_seen.update(reasons)
+        twins = [t for t, r in zip(twins, reasons) if r is None]
+    assert reasons_seen == {None, "stop", "length"}
 
 
 def test_graph_settings_are_validated():

@@ -7,7 +7,6 @@ of what went through the model (for tokens/s and MFU); this class logs the rest.
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -191,10 +190,3 @@ class ObjectiveModule(L.LightningModule):
             rank = self.global_rank
             if rank < len(states):
                 _set_rng_state(states[rank])
-
-    def state_dict_for_export(self) -> dict[str, torch.Tensor]:
-        return self.model.state_dict()
-
-    @property
-    def run_dir(self) -> Path:
-        return self.recipe.run_dir
