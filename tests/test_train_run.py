@@ -102,8 +102,10 @@ def test_bad_recipe_fails_before_training(case, data, tokenizer_dir, tmp_path, m
 
 def test_dpo_precomputed_reference_matches_live_reference(data, tokenizer_dir, tmp_path) -> None:
     live = run("dpo", data, tokenizer_dir, tmp_path, "live", 3, "data.max_length=64")
-    pre = run("dpo", data, tokenizer_dir, tmp_path, "pre", 3, "data.max_length=64", "dpo.reference=precomputed")
+    pre = run("dpo", data, tokenizer_dir, tmp_path, "pre", 3, "data.max_length=64", "dpo.reference=precomputed",
+              f"data.val_path={data['dpo']}", "trainer.val_check_interval=2", "trainer.limit_val_batches=2")
     assert max_abs_diff(weights(live), weights(pre)) < 1e-5
+    assert "val/loss" in (pre.parent / "logs" / "version_0" / "metrics.csv").read_text()  # val pairs found too
     rows = (live.parent / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
     margins = [r.split(",")[header.index("train/rewards/margins")] for r in rows[1:]]

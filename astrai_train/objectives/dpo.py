@@ -85,15 +85,15 @@ class DPOModule(ObjectiveModule):
 
     @torch.no_grad()
     def _precompute(self, datamodule: Any) -> dict[bytes, tuple[float, float]]:
-        """Reference log-probs of every training pair: each rank a strided share, then shared with
-        all ranks (whichever rank a pair lands on later, after a resume too, finds it)."""
-        from torch.utils.data import DataLoader
+        """Reference log-probs of every training and validation pair: each rank a strided share,
+        then shared with all ranks (whichever rank a pair lands on later, after a resume too, finds it)."""
+        from torch.utils.data import ConcatDataset, DataLoader, Subset
 
         from astrai_train.data.datasets import collate_for
 
-        dataset = datamodule.train_dataset
+        dataset = ConcatDataset([d for d in (datamodule.train_dataset, datamodule.val_dataset) if d is not None])
         share = range(self.global_rank, len(dataset), self.trainer.world_size)
-        loader = DataLoader(torch.utils.data.Subset(dataset, share), batch_size=datamodule.config.batch_size,
+        loader = DataLoader(Subset(dataset, share), batch_size=datamodule.config.batch_size,
                             collate_fn=collate_for("dpo", datamodule.pad_id))
         table: dict[bytes, tuple[float, float]] = {}
         with self.trainer.precision_plugin.forward_context():
