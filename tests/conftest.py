@@ -10,6 +10,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for modules of toy-sized matmuls: on a 2-core machine a second thread
+    only adds OpenMP spin-waiting (and it makes CPU results independent of the thread count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def corpus_dir() -> Path:
     return ROOT / "data" / "shakespeare"

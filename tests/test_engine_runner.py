@@ -19,20 +19,10 @@ from astrai_train.model import ModelConfig, Transformer, kv_layout
 from astrai_train.tokenizer import IncrementalDetokenizer, Tokenizer
 from astrai_train.tokenizer.detokenizer import push_many
 
-GQA = ModelConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, dim_ffn=128, max_len=256,
-                  init_std=0.5)
-MLA = ModelConfig.from_preset("mla-tiny", vocab_size=300, dim=64, n_layers=2, dim_ffn=128, max_len=256,
-                              kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-                              init_std=0.5)
-GREEDY = SamplingParams(max_tokens=10, temperature=0.0)
+from engine_support import GQA, GREEDY, MLA  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # toy matmuls: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,7 @@ ENGINE = dict(num_pages=128, page_size=8, device="cpu")
 LONG = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # toy matmuls: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")

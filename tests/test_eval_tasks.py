@@ -14,13 +14,7 @@ from astrai_train.data.tasks import TaskConfig, derive_tasks
 from astrai_train.evaluate import EvalConfig, evaluate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine: a second intra-op thread only adds contention.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # toy matmuls: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")
