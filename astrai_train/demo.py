@@ -30,6 +30,9 @@ METRICS = (  # (key in `astrai eval --json`, column, better)
     ("arithmetic_accuracy", "arithmetic acc", "higher"),
 )
 # Which metric each stage exists to move (the table marks whether it did).
+# What each stage's picture shows: the loss, except where another series tells more (GRPO's loss
+# hovers near zero by construction; its mean reward is what should climb).
+CURVES = {"dpo": ("train/loss", "train/rewards/accuracies"), "grpo": ("train/reward",)}
 PURPOSE = {"seq": "perplexity", "sft": "speaker_accuracy", "dpo": "next_line_preference",
            "grpo": "arithmetic_accuracy"}
 
@@ -167,11 +170,13 @@ def draw(rows: dict[str, dict[str, float]], out: Path, runs: dict[str, Path]) ->
 
     fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 3.2))
     for ax, (stage, run_dir) in zip(axes, runs.items()):
-        history = read_history(run_dir / "logs")
-        for key, points in history.items():
+        keys = CURVES.get(stage, ("train/loss",))
+        history = read_history(run_dir / "logs", keys)
+        for key in keys:
+            points = history.get(key) or []
             if points:
                 ax.plot([s for s, _ in points], [v for _, v in points], label=key)
-        ax.set_title(f"{stage.upper()} loss")
+        ax.set_title(f"{stage.upper()}")
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
     fig.tight_layout()
