@@ -1,6 +1,6 @@
 """Triton paged attention on a CUDA GPU: against the torch reference in bf16/fp16, graph capture, no syncs.
 
-Run on a GPU machine: `pytest -m gpu tests/test_kernels_gpu.py` (bench/kernels.py runs it too).
+Run on a GPU machine: `pytest -m gpu tests/test_kernels_gpu.py` (bench/paged_attention.py runs it too).
 """
 from __future__ import annotations
 

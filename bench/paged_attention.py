@@ -1,7 +1,7 @@
 """Paged-attention kernels on one CUDA GPU: the GPU tests, then decode and prefill timings in one table.
 
-    python3 bench/kernels.py                          # tests + table
-    python3 bench/kernels.py --no-tests --json k.json  # table only, full numbers to k.json
+    python3 bench/paged_attention.py                          # tests + table
+    python3 bench/paged_attention.py --no-tests --json k.json  # table only, full numbers to k.json
 
 Decode rows time one layer's attention for `batch` sequences of `ctx` cached tokens each (one
 query per sequence, page size 16, bf16, pages scattered at random) four ways: the Triton kernel
@@ -206,7 +206,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None, help="write all rows here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("bench/kernels.py needs a CUDA GPU")
+        raise SystemExit("bench/paged_attention.py needs a CUDA GPU")
     tests_rc = None
     if not args.no_tests:
         tests_rc = subprocess.run([sys.executable, "-m", "pytest", "-q", "--noconftest", "-p",
