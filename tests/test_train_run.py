@@ -30,38 +30,38 @@ def run(objective, data, tokenizer_dir, out, name, steps, *extra, every=0, resum
 
 
 def test_resume_after_kill_is_exact(data, tokenizer_dir, tmp_path) -> None:
-    straight = run("seq", data, tokenizer_dir, tmp_path, "straight", 8, every=4)
+    straight = run("seq", data, tokenizer_dir, tmp_path, "straight", 20, every=10)
     run_dir = straight.parent
     # The outputs a run promises: model directory, checkpoints (newest k), CSV + TensorBoard logs, plot.
     assert (straight / "config.json").is_file() and (straight / "tokenizer.json").is_file()
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
-    assert ckpts == ["last.ckpt", "step-0000004.ckpt", "step-0000008.ckpt"]
+    assert ckpts == ["last.ckpt", "step-0000010.ckpt", "step-0000020.ckpt"]
     assert not list((run_dir / "checkpoints").glob(".*.tmp"))  # atomic writes leave no temporaries
     assert "train/loss" in (run_dir / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     assert list((run_dir / "tensorboard").glob("version_0/events.out.tfevents.*"))
     assert (run_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
-    # The same run in its own process, killed once the step-4 checkpoint and last.ckpt exist (the
+    # The same run in its own process, killed once the step-10 checkpoint and last.ckpt exist (the
     # resumed run must then replace that stale last.ckpt, not write last-v1.ckpt beside it).
-    argv = recipe_overrides("seq", data["seq"], tokenizer_dir, tmp_path, "killed", 8, every=4)
+    argv = recipe_overrides("seq", data["seq"], tokenizer_dir, tmp_path, "killed", 20, every=10)
     proc = subprocess.Popen([python(), str(TRAIN_PY), *argv], env=subprocess_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    step4 = tmp_path / "killed" / "checkpoints" / "step-0000004.ckpt"
+    step10 = tmp_path / "killed" / "checkpoints" / "step-0000010.ckpt"
     deadline = time.monotonic() + 120
-    while not (step4.exists() and step4.with_name("last.ckpt").exists()) and proc.poll() is None \
+    while not (step10.exists() and step10.with_name("last.ckpt").exists()) and proc.poll() is None \
             and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert step4.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "timed out"
+    assert step10.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "timed out"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    resumed = run("seq", data, tokenizer_dir, tmp_path, "killed", 8, every=4, resume=step4)
+    resumed = run("seq", data, tokenizer_dir, tmp_path, "killed", 20, every=10, resume=step10)
     assert max_abs_diff(weights(straight), weights(resumed)) == 0.0
-    assert not list(step4.parent.glob("*-v1.ckpt"))
+    assert not list(step10.parent.glob("*-v1.ckpt"))
     # Both launches logged (version_0 killed, version_1 resumed); the history is stitched step by step.
     from astrai_train.objectives.plots import read_history
 
     steps = [s for s, _ in read_history(resumed.parent / "logs")["train/loss"]]
-    assert steps == list(range(8)), steps
+    assert steps == list(range(20)), steps
 
 
 def test_export_command_writes_a_loadable_model_dir(data, tokenizer_dir, tmp_path) -> None:
