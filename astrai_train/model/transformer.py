@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -95,9 +96,15 @@ class Transformer(nn.Module):
             x = block(x, cos, sin)
         return self.norm(x)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[B, T] token ids -> logits [B, T, vocab]."""
-        return self.compute_logits(self.forward_hidden(input_ids))
+    def forward(self, input_ids: torch.Tensor, head: Callable[[torch.Tensor, torch.Tensor], Any] | None = None):
+        """[B, T] token ids -> logits [B, T, vocab], or `head(hidden, lm_weight)` when given.
+
+        `head` lets a trainer fuse the LM head with its loss (never materialising full logits)
+        while still running inside this module's forward, where wrappers such as FSDP have
+        gathered the weights.
+        """
+        hidden = self.forward_hidden(input_ids)
+        return self.compute_logits(hidden) if head is None else head(hidden, self.lm_weight)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_weight)

@@ -12,6 +12,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torch.distributed as dist
 from torch import nn
 
@@ -20,6 +21,13 @@ from astrai_train.objectives.config import ModelSection, Recipe, RecipeError
 from astrai_train.objectives.schedules import make_schedule
 
 CKPT_KEY = "astrai"  # our entry in the Lightning checkpoint: recipe, model config, tokenizer dir, RNG
+
+
+def head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+              loss_mask: torch.Tensor | None, label_smoothing: float) -> torch.Tensor:
+    from astrai_train.objectives.seq import next_token_loss
+
+    return next_token_loss(F.linear(hidden, weight), targets, loss_mask, label_smoothing)
 
 
 def model_config_for(section: ModelSection, vocab_size: int | None) -> ModelConfig:
@@ -102,12 +110,23 @@ class ObjectiveModule(L.LightningModule):
             from astrai_train.model.transformer import Block
 
             apply_activation_checkpointing(self.model, check_fn=lambda m: isinstance(m, Block))
+        # LM head + cross-entropy as one function: compiled, Inductor fuses the fp32 upcast and the
+        # log-softmax reductions into the kernels that read the bf16 logits, so the fp32 copy of a
+        # [tokens, vocab] tensor (10 GB at 16k tokens x 152k vocab) is never materialised.
+        self.head_loss = head_loss
         if recipe.model.compile:
             # Compile block by block, in place: parameter names (and so checkpoints) stay unchanged.
             for block in self.model.layers:
                 block.compile()
+            self.head_loss = torch.compile(head_loss)
 
     # ---- the objective ---------------------------------------------------------------------
+    def token_loss(self, input_ids: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None,
+                   label_smoothing: float) -> torch.Tensor:
+        """Mean next-token cross-entropy of the model on input_ids (see seq.next_token_loss)."""
+        return self.model(input_ids, head=lambda hidden, weight: self.head_loss(
+            hidden, weight, targets, loss_mask, label_smoothing))
+
     def compute_loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Size]:
         """(loss, extra metrics, [rows, seq_len] of the forward pass on this rank) for one micro-batch."""
         raise NotImplementedError

@@ -32,6 +32,5 @@ class SeqModule(ObjectiveModule):
 
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Size]:
         input_ids, targets = batch["input_ids"], batch["target_ids"]
-        logits = self.model(input_ids)
-        loss = next_token_loss(logits, targets, label_smoothing=self.recipe.seq.label_smoothing)
+        loss = self.token_loss(input_ids, targets, None, self.recipe.seq.label_smoothing)
         return loss, {}, input_ids.shape

@@ -6,7 +6,6 @@ from typing import Any
 import torch
 
 from astrai_train.objectives.base import ObjectiveModule
-from astrai_train.objectives.seq import next_token_loss
 
 
 class SFTModule(ObjectiveModule):
@@ -14,6 +13,5 @@ class SFTModule(ObjectiveModule):
 
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Size]:
         input_ids, targets, mask = batch["input_ids"], batch["target_ids"], batch["loss_mask"]
-        logits = self.model(input_ids)
-        loss = next_token_loss(logits, targets, loss_mask=mask, label_smoothing=self.recipe.sft.label_smoothing)
+        loss = self.token_loss(input_ids, targets, mask, self.recipe.sft.label_smoothing)
         return loss, {"assistant_tokens": mask.sum().float()}, input_ids.shape
