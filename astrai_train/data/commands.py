@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 _HELP = {
     "seq": "pretraining text: plain text files (.txt, .gz) or JSONL with a 'text' field",
@@ -44,6 +45,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"astrai prepare: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        # The writer removes its temporary file, but a Ctrl-C can land between the file's creation
+        # and the `with` that owns it; this process's temporary name is known, so make sure.
+        out = Path(args.out)
+        out.with_name(f".{out.name}.tmp-{os.getpid()}").unlink(missing_ok=True)
         print("astrai prepare: interrupted; nothing was written", file=sys.stderr)
         return 130
     skipped = f", skipped {stats.n_skipped:,} invalid records" if stats.n_skipped else ""

@@ -65,23 +65,29 @@ class H5Writer:
         comp = None if compression == "none" else compression
         opts = {"gzip": 4} if comp == "gzip" else {}
         self._file = h5py.File(self.tmp_path, "w")
-        self._file.attrs.update({"format_version": FORMAT_VERSION, "objective": objective,
-                                 "tokenizer_hash": tokenizer_hash, "vocab_size": vocab_size,
-                                 "token_dtype": token_dtype(vocab_size).name, **(attrs or {})})
-        for key, kind in self.keys.items():
-            self._file.create_dataset(key, shape=(0,), maxshape=(None,), dtype=_dtype(kind, vocab_size),
-                                      chunks=(_CHUNK,), compression=comp, compression_opts=opts.get(comp))
-            self._file.create_dataset(f"{key}_offsets", data=np.zeros(1, np.int64), maxshape=(None,),
-                                      chunks=(_CHUNK,), compression=comp, compression_opts=opts.get(comp))
-        self._dtypes = {k: _dtype(kind, vocab_size) for k, kind in self.keys.items()}
-        self._buf: dict[str, list[np.ndarray]] = {k: [] for k in self.keys}
-        self._ends: dict[str, list[int]] = {k: [] for k in self.keys}
-        self._open_len = {k: 0 for k in self.keys}  # length of the segment being appended to
-        self._written = {k: 0 for k in self.keys}   # elements already in the file
-        self._buffered = 0
-        self.n_examples = 0
-        self.n_tokens = {k: 0 for k in self.keys}
-        self._done = False
+        try:
+            self._file.attrs.update({"format_version": FORMAT_VERSION, "objective": objective,
+                                     "tokenizer_hash": tokenizer_hash, "vocab_size": vocab_size,
+                                     "token_dtype": token_dtype(vocab_size).name, **(attrs or {})})
+            for key, kind in self.keys.items():
+                self._file.create_dataset(key, shape=(0,), maxshape=(None,), dtype=_dtype(kind, vocab_size),
+                                          chunks=(_CHUNK,), compression=comp, compression_opts=opts.get(comp))
+                self._file.create_dataset(f"{key}_offsets", data=np.zeros(1, np.int64), maxshape=(None,),
+                                          chunks=(_CHUNK,), compression=comp, compression_opts=opts.get(comp))
+            self._dtypes = {k: _dtype(kind, vocab_size) for k, kind in self.keys.items()}
+            self._buf: dict[str, list[np.ndarray]] = {k: [] for k in self.keys}
+            self._ends: dict[str, list[int]] = {k: [] for k in self.keys}
+            self._open_len = {k: 0 for k in self.keys}  # length of the segment being appended to
+            self._written = {k: 0 for k in self.keys}   # elements already in the file
+            self._buffered = 0
+            self.n_examples = 0
+            self.n_tokens = {k: 0 for k in self.keys}
+            self._done = False
+        except BaseException:
+            # Interrupted (Ctrl-C included) before a `with` block could own the file: clean up here.
+            self._file.close()
+            self.tmp_path.unlink(missing_ok=True)
+            raise
 
     def append(self, parts: dict[str, np.ndarray], close: bool = True) -> None:
         """Add to the open segment of every key; `close` ends it (one example, or one document)."""
