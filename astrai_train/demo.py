@@ -53,8 +53,8 @@ class Sizes:
     max_operand: int
 
 
-# Measured on the 2-core CPU machine: about 8 minutes end to end (tokenizer and data ~10 s, each
-# eval ~15 s, SEQ ~2.3 min, SFT ~2.5 min, DPO ~1 min, GRPO ~1 min, serving ~7 s).
+# Measured on the idle 2-core CPU machine: 418 s end to end (tokenizer and data ~10 s, each eval
+# ~8 s, SEQ 125 s, SFT 176 s, DPO 46 s, GRPO 48 s, serving 6 s).
 CPU = Sizes(vocab=2048, preset="tiny", seq_steps=300, sft_steps=400, dpo_steps=120, grpo_steps=40,
             train_size=3000, eval_limit=200, ppl_tokens=8192, max_operand=9)
 QUICK = Sizes(vocab=512, preset="tiny", seq_steps=6, sft_steps=6, dpo_steps=4, grpo_steps=2,
