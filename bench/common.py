@@ -334,3 +334,29 @@ _T0 = time.perf_counter()
 def log(message: str) -> None:
     """Progress on stderr, stamped with seconds since the benchmark started (the time budget)."""
     print(f"[bench {time.perf_counter() - _T0:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def cli_main(prog: str, parse_args: Callable[[Any], Any], run: Callable[[Any], int], argv: Any) -> int:
+    """Parse and run a bench; a bad preset, size or path is one line on stderr and exit code 2."""
+    try:
+        return run(parse_args(argv))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run_setup(tiny: bool) -> tuple[str, int, dict[str, str]]:
+    """(device, torch threads to restore at the end, env for child processes) of one bench run.
+
+    Toy sizes on the CPU get one thread: their matmuls gain nothing from threads, and on a busy
+    machine spinning OpenMP threads make them ~10x slower. The caller restores the thread count,
+    since a bench's main() may run inside a test process.
+    """
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    threads_before, env = torch.get_num_threads(), {}
+    if tiny and device == "cpu":
+        torch.set_num_threads(1)
+        env["OMP_NUM_THREADS"] = "1"
+    return device, threads_before, env

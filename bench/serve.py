@@ -373,11 +373,7 @@ def build_spec(args: argparse.Namespace, model_dir: Path, hf_dir: Path | None, v
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return _main(parse_args(argv))
-    except (ValueError, FileNotFoundError) as exc:  # a bad preset, size or path: one line, no traceback
-        print(f"bench/serve.py: error: {exc}", file=sys.stderr)
-        return 2
+    return common.cli_main("bench/serve.py", parse_args, _main, argv)
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -385,15 +381,8 @@ def _main(args: argparse.Namespace) -> int:
         return common.phase_main(PHASES, args.phase, args.spec, args.phase_out)
     import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device, threads_before, thread_env = common.run_setup(args.tiny)
     isolate = device == "cuda" if args.isolate is None else args.isolate
-    thread_env: dict[str, str] = {}
-    threads_before = torch.get_num_threads()  # restored at the end: main() may run inside a test process
-    if args.tiny and device == "cpu":
-        # Toy matmuls gain nothing from threads, and on a busy machine spinning OpenMP threads
-        # make them ~10x slower: one thread keeps the smoke run fast.
-        torch.set_num_threads(1)
-        thread_env["OMP_NUM_THREADS"] = "1"
     env = common.environment()
     wl = args.workloads.split(",")
     peers = not args.skip_peer and "W1" in wl

@@ -313,11 +313,7 @@ def build_spec(args: argparse.Namespace, device: str, workdir: Path) -> dict[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return _main(parse_args(argv))
-    except (ValueError, FileNotFoundError) as exc:  # a bad preset, size or path: one line, no traceback
-        print(f"bench/train.py: error: {exc}", file=sys.stderr)
-        return 2
+    return common.cli_main("bench/train.py", parse_args, _main, argv)
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -325,13 +321,8 @@ def _main(args: argparse.Namespace) -> int:
         return common.phase_main(PHASES, args.phase, args.spec, args.phase_out)
     import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device, threads_before, extra_env = common.run_setup(args.tiny)
     isolate = device == "cuda" if args.isolate is None else args.isolate
-    extra_env: dict[str, str] = {}
-    threads_before = torch.get_num_threads()  # restored at the end: main() may run inside a test process
-    if args.tiny and device == "cpu":
-        torch.set_num_threads(1)  # toy sizes: threads only add spin-waiting on a busy machine
-        extra_env["OMP_NUM_THREADS"] = "1"
     if args.ddp_devices > 1 and not isolate:
         raise SystemExit("bench/train.py: error: --ddp-devices needs --isolate (Lightning re-launches the script per rank)")
     env = common.environment()
