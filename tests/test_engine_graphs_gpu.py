@@ -16,17 +16,13 @@ import torch
 
 from astrai_serve.engine import LLMEngine, SamplingParams
 from astrai_serve.engine.cuda_graphs import graph_batch_sizes
-from astrai_train.model import ModelConfig, Transformer
+from astrai_train.model import Transformer
+
+from engine_support import GQA, MLA  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
-CONFIGS = {
-    "gqa": ModelConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, dim_ffn=128, max_len=256,
-                       init_std=0.5),
-    "mla": ModelConfig.from_preset("mla-tiny", vocab_size=300, dim=64, n_layers=2, dim_ffn=128, max_len=256,
-                                   kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-                                   init_std=0.5),
-}
+CONFIGS = {"gqa": GQA, "mla": MLA}  # the CPU engine tests' models (engine_support.py)
 
 
 def model_of(arch: str, dtype=torch.float32) -> Transformer:
