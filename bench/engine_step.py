@@ -45,7 +45,7 @@ def replay_vs_eager_ms(graphs: Any, b: int) -> tuple[float, float]:
     import torch
 
     graphs._fill_padding(b)
-    graph = graphs.graphs[b]
+    graph = graphs.graphs[b, False]
     for _ in range(3):
         graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -172,7 +172,7 @@ def run_mode(mode: str, label: str, model: Any, tok: Any, reqs: list[tuple[list[
         f"{note}; host ms/step: {split}")
     if graphs is not None and micro:
         for b in (1, 64, 256):
-            if b in graphs.graphs:
+            if (b, False) in graphs.graphs:
                 replay, eager = replay_vs_eager_ms(graphs, b)
                 rows.append(Row("step", f"decode forward b={b}", "graph replay ms", replay,
                                 note=f"eager forward {eager:.2f} ms (context 1: fixed cost, no KV reads)"))
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from astrai_train.model import ModelConfig, Transformer
+    from astrai_train.model import ModelConfig, Transformer, fuse_projections
     from astrai_train.tokenizer import Tokenizer
 
     if not torch.cuda.is_available():
@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.device("cuda"):
         model = Transformer(config)
     model = model.to(torch.bfloat16).eval()
+    fuse_projections(model)                 # as LLM(model_dir) does for the model it loads
     with tempfile.TemporaryDirectory() as tmp:
         common.synthetic_tokenizer(config.vocab_size, tmp)
         tok = Tokenizer.from_pretrained(tmp)

@@ -149,3 +149,27 @@ def test_compiled_decode_graphs_equal_eager():
     outs, _ = run_all(engine, PROMPTS[:6], params)
     # Batches of <= 4 once two of the six requests ended: 8 decode steps (24 - 16 tokens) in graphs.
     assert [o[0].token_ids for o in outs] == [o[0].token_ids for o in eager] and sum(used) >= 8
+
+
+@pytest.mark.parametrize("arch", ["gqa", "mla"])
+def test_cascade_graph_decode_equals_recompute(arch, monkeypatch):
+    """Requests behind one system prompt: the captured cascade graphs (shared pages attended once
+    per batch, padded rows included) give the tokens of a full recomputation."""
+    from astrai_serve.engine import model_runner
+
+    monkeypatch.setattr(model_runner, "CASCADE_MIN_SEQS", 2)
+    monkeypatch.setattr(model_runner, "CASCADE_MIN_SAVED_TOKENS", 1)
+    model = model_of(arch)
+    engine = LLMEngine.from_model(model, None, num_pages=160, page_size=4, max_num_seqs=10,
+                                  cuda_graph_max_batch=8)
+    assert engine.runner.graphs.takes_cascade(8) and (8, True) in engine.runner.graphs.graphs
+    shared = []
+    indices = engine.runner._indices
+    engine.runner._indices = lambda plan: (lambda idx: shared.append(idx["shared"]) or idx)(indices(plan))
+    system = prompts_of((30,), seed=7)[0]
+    prompts = [system + q for q in prompts_of((3, 9, 1, 6, 12, 4, 7), seed=8)]
+    run_all(engine, prompts[:1], SamplingParams(max_tokens=2, temperature=0.0))   # caches the system prompt
+    lengths = [12, 9, 12, 6, 10, 12, 8]
+    outs, _ = run_all(engine, prompts, [SamplingParams(max_tokens=n, temperature=0.0) for n in lengths])
+    assert [o[0].token_ids for o in outs] == [recompute_greedy(model, p, n) for p, n in zip(prompts, lengths)]
+    assert 28 in shared                     # 7 whole pages of the 30-token system prompt

@@ -94,6 +94,35 @@ def test_padded_graph_decode_equals_recompute(models, arch, overlap):
     assert pad == engine.kv.num_pages == engine.runner.cache.num_pages - 1   # never handed out
 
 
+@pytest.mark.parametrize("arch", ["gqa", "mla"])
+@pytest.mark.parametrize("graphs", [False, True])
+def test_cascade_decode_over_a_shared_prefix_equals_recompute(models, arch, graphs, monkeypatch):
+    """Requests behind one system prompt decode with cascade attention (the shared pages attended
+    once for the batch). The torch kernel checks each step's shared_len promise against the page
+    tables, so a wrong prefix length fails loudly, and the tokens must equal a recompute."""
+    from astrai_serve.engine import model_runner
+
+    monkeypatch.setattr(model_runner, "CASCADE_MIN_SEQS", 2)
+    monkeypatch.setattr(model_runner, "CASCADE_MIN_SAVED_TOKENS", 1)
+    model = models[arch]
+    engine = LLMEngine.from_model(model, None, num_pages=120, page_size=4, max_num_seqs=8)
+    if graphs:
+        with_emulated_graphs(engine, max_batch=6)
+    system = prompts_of((26,), seed=7)[0]
+    prompts = [system + q for q in prompts_of((3, 9, 1, 6, 12, 4), seed=8)]
+    shared_steps = []
+    indices = engine.runner._indices
+    engine.runner._indices = lambda plan: (lambda idx: shared_steps.append(idx["shared"]) or idx)(indices(plan))
+    # One request first, so the rest find the system prompt in the prefix cache.
+    first = run_all(engine, prompts[:1], SamplingParams(max_tokens=2, temperature=0.0))
+    lengths = [10, 8, 10, 6, 9, 10]              # the batch shrinks: padded graph rows join the cascade
+    outs = run_all(engine, prompts, [SamplingParams(max_tokens=n, temperature=0.0) for n in lengths])
+    assert first[0].token_ids == outs[0].token_ids[:2]
+    assert [o.token_ids for o in outs] == [recompute_greedy(model, p, n) for p, n in zip(prompts, lengths)]
+    assert 24 in shared_steps                   # the 6 whole pages of the system prompt
+    assert engine.stats().pages_in_use == 0
+
+
 def test_host_page_tables_follow_sequences(models):
     """Rows patched incrementally must equal the sequences' tables through prefix-cache hits,
     page swaps at publish, n > 1 sharing, chunked prefill and preemption."""

@@ -160,6 +160,26 @@ def test_prefix_cache_hits_are_counted():
     assert b.completion_ids == reference(shared + [2], 2, 0, 10_000)
 
 
+def test_requests_behind_one_system_prompt_compute_it_once():
+    """Arriving together, the followers wait for the first prefill to publish the shared pages
+    (an unrelated request is admitted past them), then hit the cache."""
+    eng = FakeEngine(page_size=4, budget=64, max_seqs=8)
+    system = [1, 2, 3, 4, 5, 6, 1, 2, 3, 4, 5, 6]           # 3 pages
+    a = eng.add("a", system + [1, 2], 3)[0]
+    followers = [eng.add(f"f{i}", system + [i, 2, 3], 3)[0] for i in range(3)]
+    other = eng.add("o", [6, 5, 4, 3, 2, 1, 6], 3)[0]
+    first = eng.step()
+    assert [c.seq for c in first.chunks] == [a, other]      # followers deferred, not recomputing
+    second = eng.step()
+    assert {c.seq.request_id for c in second.chunks if c.num_tokens > 1} == {"f0", "f1", "f2"}
+    eng.run()
+    assert all(f.cached_tokens == 12 for f in followers)
+    assert eng.sched.prefix_cache_hit_tokens_total == 36
+    for i, f in enumerate(followers):
+        assert f.completion_ids == reference(system + [i, 2, 3], 3, 0, 10_000)
+    eng.assert_clean()
+
+
 def test_n_samples_share_prompt_pages():
     for prefix_cache in (True, False):
         eng = FakeEngine(page_size=4, prefix_cache=prefix_cache)

@@ -39,28 +39,32 @@ def _reference_fp32(case) -> torch.Tensor:
                                      None if a[2] is None else a[2].float(), *a[3:])
 
 
-@pytest.mark.parametrize("value_in_key", [False, True])
-def test_decode_has_no_host_sync_and_replays_in_a_cuda_graph(value_in_key: bool) -> None:
-    """A decode step captured once replays correctly after the lengths and queries change in place."""
+@pytest.mark.parametrize("value_in_key, cascade", [(False, False), (True, False), (False, True), (True, True)])
+def test_decode_has_no_host_sync_and_replays_in_a_cuda_graph(value_in_key: bool, cascade: bool) -> None:
+    """A decode step captured once replays correctly after the lengths and queries change in place
+    (with cascade: after the shared-prefix length changes too, here to 0 = off)."""
     impl = get_attention_impl("triton")
     shape = (16, 1, 576, 512) if value_in_key else (16, 8, 128, 128)
     case = make_case([100, 700, 1500], [1, 1, 1], *shape, page_size=16, value_in_key=value_in_key,
-                     dtype=torch.bfloat16, device="cuda", seed=3)
-    impl(*case.args())                                  # compile outside the checks
+                     dtype=torch.bfloat16, device="cuda", seed=3, shared_prefix=64 if cascade else 0)
+    kw = {"shared_len": torch.tensor([64], dtype=torch.int32, device="cuda")} if cascade else {}
+    impl(*case.args(), **kw)                            # compile outside the checks
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        impl(*case.args())
+        impl(*case.args(), **kw)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        impl(*case.args())
+        impl(*case.args(), **kw)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = impl(*case.args())
+        out = impl(*case.args(), **kw)
+    if cascade:
+        kw["shared_len"].fill_(0)
     case.context_lens.copy_(torch.tensor([37, 1, 1499], dtype=torch.int32))
     case.q.copy_(torch.randn_like(case.q))
     graph.replay()

@@ -76,3 +76,13 @@ def test_get_attention_impl_by_name() -> None:
     assert get_attention_impl("torch") is paged_attention
     with pytest.raises(ValueError, match="'flash'"):
         get_attention_impl("flash")
+
+
+def test_reference_checks_the_shared_prefix_promise():
+    case = make_case([60, 70], [1, 1], 4, 2, 16, 16, 16, shared_prefix=32)
+    ok = paged_attention(*case.args(), shared_len=torch.tensor([32], dtype=torch.int32))
+    torch.testing.assert_close(ok, paged_attention(*case.args()))
+    with pytest.raises(ValueError, match="do not share their first 3 pages"):
+        paged_attention(*case.args(), shared_len=torch.tensor([48], dtype=torch.int32))
+    with pytest.raises(ValueError, match="shared_len=24 must be a multiple of the page size"):
+        paged_attention(*case.args(), shared_len=torch.tensor([24], dtype=torch.int32))

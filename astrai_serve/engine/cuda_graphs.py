@@ -6,8 +6,8 @@ replays the whole forward, LM head included, with one launch.
 
 How:
 - Static inputs live in device buffers that every step copies into (non_blocking, from pinned
-  memory): token ids, positions and cache slots in ONE int64 buffer laid out [ids | positions |
-  slots] for the graph's batch size b, and a page table of fixed width (the pages of the longest
+  memory): the cascade's shared-prefix length, token ids, positions and cache slots in ONE int64
+  buffer laid out [shared | ids | positions | slots] for the graph's batch size b, and a page table of fixed width (the pages of the longest
   sequence, max_model_len). Context lengths are computed inside the graph (position + 1: every
   row is a decode), and cu_seqlens is a constant arange.
 - A batch of n sequences runs in the graph of the smallest captured size b >= n. The b - n padding
@@ -18,6 +18,9 @@ How:
 - Graphs share one memory pool and are captured largest first, so the smaller ones reuse the
   blocks the largest one freed. Capture stops at a time budget; batch sizes not reached (the
   smallest) pad up to the smallest captured size.
+- Sizes from `cascade_min_batch` up are captured twice, with and without cascade attention (a
+  prefix shared by the whole batch read once, see model_runner.py); a step picks by whether its
+  batch shares one.
 Mixed prefill/decode and prefill steps stay eager (their shapes vary with every step).
 
 With `compile=True` the captured forward is first run through torch.compile (the attention call
@@ -64,7 +67,8 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, cache: PagedKVCache, kernel: PagedAttentionFn,
-                 max_batch: int, max_pages: int, pad_page: int, compile: bool = False) -> None:
+                 max_batch: int, max_pages: int, pad_page: int, compile: bool = False,
+                 cascade_min_batch: int | None = None) -> None:
         device = cache.k.device
         self.model, self.cache, self.kernel = model, cache, kernel
         self._flat = torch.compile(model.forward_flat, dynamic=True) if compile else model.forward_flat
@@ -74,15 +78,16 @@ class DecodeGraphs:
         self.width = max_pages
         self.pad_page = pad_page
         self.pad_slot = pad_page * cache.page_size
+        self.cascade_min_batch = cascade_min_batch
         with torch.inference_mode():
             vocab = model.compute_logits(torch.zeros(1, model.config.dim, device=device,
                                                      dtype=cache.k.dtype)).shape[-1]
-        self.meta = torch.zeros(3 * max_batch, dtype=torch.int64, device=device)    # [ids | positions | slots]
+        self.meta = torch.zeros(1 + 3 * max_batch, dtype=torch.int64, device=device)  # [shared | ids | positions | slots]
         self.page_table = torch.full((max_batch, max_pages), pad_page, dtype=torch.int32, device=device)
         self.context_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
         self.cu_seqlens = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
         self.logits = torch.zeros(max_batch, vocab, dtype=torch.float32, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph | _EagerReplay] = {}
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph | _EagerReplay] = {}  # (size, cascade)
         self.sizes: list[int] = []          # captured sizes, ascending
         self.capture_seconds = 0.0
         self._meta_host = HostStaging(device, torch.int64)
@@ -91,16 +96,17 @@ class DecodeGraphs:
     # ---- capture -----------------------------------------------------------------------------
     def _fill_padding(self, b: int) -> None:
         """Every row a padding row: token 0 at position 0, written to the reserved page."""
-        self.meta[:2 * b].zero_()
-        self.meta[2 * b:3 * b].fill_(self.pad_slot)
+        self.meta[:1 + 2 * b].zero_()
+        self.meta[1 + 2 * b:1 + 3 * b].fill_(self.pad_slot)
         self.page_table[:b].fill_(self.pad_page)
 
-    def _forward(self, b: int) -> None:
-        ids, positions, slots = self.meta[:b], self.meta[b:2 * b], self.meta[2 * b:3 * b]
+    def _forward(self, b: int, cascade: bool = False) -> None:
+        ids, positions, slots = self.meta[1:1 + b], self.meta[1 + b:1 + 2 * b], self.meta[1 + 2 * b:1 + 3 * b]
         context_lens = self.context_lens[:b]
         context_lens.copy_(positions + 1)
         meta = StepMetadata(slot_mapping=slots, page_table=self.page_table[:b],
-                            cu_seqlens_q=self.cu_seqlens[:b + 1], context_lens=context_lens)
+                            cu_seqlens_q=self.cu_seqlens[:b + 1], context_lens=context_lens,
+                            shared_len=self.meta[:1] if cascade else None)
         hidden = self._flat(ids, positions, self._attention(self.cache, meta, self.kernel))
         self.logits[:b].copy_(self.model.compute_logits(hidden))
 
@@ -115,28 +121,34 @@ class DecodeGraphs:
         for b in reversed(wanted):
             if self.graphs and time.perf_counter() - start > budget_s:
                 break
-            self._fill_padding(b)
-            self.graphs[b] = self._capture_one(b, pool, stream) if cuda else _EagerReplay(self, b)
+            for cascade in (False, True) if self.takes_cascade(b) else (False,):
+                self._fill_padding(b)
+                self.graphs[b, cascade] = (self._capture_one(b, cascade, pool, stream) if cuda
+                                           else _EagerReplay(self, b, cascade))
         if cuda:
             torch.cuda.synchronize(self.device)
-        self.sizes = sorted(self.graphs)
+        self.sizes = sorted({b for b, _ in self.graphs})
         self.capture_seconds = time.perf_counter() - start
         skipped = [b for b in wanted if b not in self.graphs]
         log.info("captured %d decode CUDA graphs (batch sizes %s) in %.1f s%s", len(self.sizes),
                  ",".join(map(str, self.sizes)), self.capture_seconds,
                  f"; out of time for {skipped} (they pad up to {self.sizes[0]})" if skipped else "")
 
-    def _capture_one(self, b: int, pool: object, stream: torch.cuda.Stream) -> torch.cuda.CUDAGraph:
+    def takes_cascade(self, b: int) -> bool:
+        """Whether batch size b has a cascade-attention graph."""
+        return self.cascade_min_batch is not None and b >= self.cascade_min_batch
+
+    def _capture_one(self, b: int, cascade: bool, pool: object, stream: torch.cuda.Stream) -> torch.cuda.CUDAGraph:
         # Warm-up outside the capture: Triton compiles this shape's kernels, cuBLAS picks its
         # algorithms, the allocator sizes its blocks. Nothing may run for the first time in a capture.
         current = torch.cuda.current_stream(self.device)
         stream.wait_stream(current)
         with torch.cuda.stream(stream):
-            self._forward(b)
+            self._forward(b, cascade)
         current.wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool, stream=stream):
-            self._forward(b)
+            self._forward(b, cascade)
         return graph
 
     # ---- replay ------------------------------------------------------------------------------
@@ -148,12 +160,13 @@ class DecodeGraphs:
         return None
 
     def run(self, ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, tables: np.ndarray,
-            rows: np.ndarray, pad_row: int, width: int) -> torch.Tensor:
+            rows: np.ndarray, pad_row: int, width: int, shared: int = -1) -> torch.Tensor:
         """Logits [n, vocab] float32 for a decode batch of n = len(ids) sequences.
 
         `tables[rows[i], :width]` is the page table of row i; `tables[pad_row]` is the padding
-        row (the reserved page everywhere). The result is a view of the shared logits buffer:
-        valid until the next replay.
+        row (the reserved page everywhere); shared >= 0 runs the cascade graph with that many
+        shared prefix tokens (where the padded size has one). The result is a view of the
+        shared logits buffer: valid until the next replay.
         """
         n = len(ids)
         b = self.padded_size(n)
@@ -161,31 +174,34 @@ class DecodeGraphs:
             raise ValueError(f"decode batch of {n} exceeds the largest captured graph ({self.sizes[-1]})")
         if width > self.width:
             raise ValueError(f"page table of {width} pages exceeds the graph's width {self.width}")
-        meta_t, meta = self._meta_host.take(3 * b)
-        meta[:n], meta[n:b] = ids, 0
-        meta[b:b + n], meta[b + n:2 * b] = positions, 0
-        meta[2 * b:2 * b + n], meta[2 * b + n:] = slots, self.pad_slot
+        cascade = shared >= 0 and self.takes_cascade(b)
+        meta_t, meta = self._meta_host.take(1 + 3 * b)
+        meta[0] = max(shared, 0)
+        body = meta[1:]
+        body[:n], body[n:b] = ids, 0
+        body[b:b + n], body[b + n:2 * b] = positions, 0
+        body[2 * b:2 * b + n], body[2 * b + n:] = slots, self.pad_slot
         table_t, table = self._table_host.take(b * width)
         table = table.reshape(b, width)
         table[:n] = tables[rows, :width]
         table[n:] = tables[pad_row, :width]
-        self.meta[:3 * b].copy_(meta_t, non_blocking=True)
+        self.meta[:1 + 3 * b].copy_(meta_t, non_blocking=True)
         self.page_table[:b, :width].copy_(table_t.view(b, width), non_blocking=True)
         self._meta_host.copied()
         self._table_host.copied()
-        self.graphs[b].replay()
+        self.graphs[b, cascade].replay()
         return self.logits[:n]
 
 
 class _EagerReplay:
     """The CPU stand-in for a captured graph: replay runs the forward over the static buffers."""
 
-    def __init__(self, graphs: DecodeGraphs, b: int) -> None:
-        self.graphs, self.b = graphs, b
+    def __init__(self, graphs: DecodeGraphs, b: int, cascade: bool) -> None:
+        self.graphs, self.b, self.cascade = graphs, b, cascade
 
     @torch.inference_mode()
     def replay(self) -> None:
-        self.graphs._forward(self.b)
+        self.graphs._forward(self.b, self.cascade)
 
 
 class _OpaqueAttention(PagedAttention):

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from astrai_serve.kernels import get_attention_impl
-from astrai_train.model import Transformer, kv_layout
+from astrai_train.model import Transformer, fuse_projections, kv_layout
 
 from .config import EngineConfig
 from .kv_manager import KVCacheManager
@@ -63,6 +63,9 @@ class LLMEngine:
         if not model_dir.is_dir():
             raise FileNotFoundError(f"model directory not found: {model_dir}")
         model = Transformer.from_pretrained(model_dir, device=config.torch_device(), dtype=config.torch_dtype())
+        # The engine owns this model: fuse q/k/v and gate/up (from_model leaves a caller's model,
+        # whose optimizer may hold its parameters, as it is).
+        fuse_projections(model)
         self._setup(model.eval(), Tokenizer.from_pretrained(model_dir), config)
 
     @classmethod

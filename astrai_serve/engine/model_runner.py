@@ -11,6 +11,11 @@ go through the LM head.
 Pure-decode steps of at most `graph_max_batch` sequences replay a CUDA graph (cuda_graphs.py)
 when graphs are on; everything else runs eagerly.
 
+Cascade attention: when every sequence of a decode step starts with the same pages (a prompt
+prefix they all got from the prefix cache: one system prompt behind many requests), the step
+passes `shared_len` and the kernel reads those keys once for the whole batch instead of once
+per sequence. The host finds the shared pages by comparing page-table rows (numpy, ~20 µs).
+
 Page tables are kept on the host between steps (PageTables), one numpy row per running
 sequence, so a decode step of 256 sequences touches only the pages added since the last step
 instead of rebuilding 256 x max_pages entries in Python.
@@ -25,7 +30,7 @@ import torch
 from astrai_serve.kernels import PagedAttentionFn
 
 from .cuda_graphs import DecodeGraphs
-from .paged_attention import PagedAttention, PagedKVCache, StepMetadata
+from .paged_attention import PagedAttention, PagedKVCache, StepMetadata, shared_prefix_tokens
 from .scheduler import ScheduledChunk, StepPlan
 from .transfer import HostStaging
 
@@ -79,13 +84,22 @@ class PageTables:
         return rows
 
 
+# Cascade pays once the key reads it saves (shared tokens x (sequences - 1), per layer and kv
+# head) outweigh its extra launches; below these the plain kernel is as fast.
+CASCADE_MIN_SEQS = 8
+CASCADE_MIN_SAVED_TOKENS = 32768
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, cache: PagedKVCache, kernel: PagedAttentionFn,
                  device: torch.device, max_num_seqs: int, max_model_len: int, pad_page: int | None = None,
-                 graph_max_batch: int = 0, graph_budget_s: float = 60.0, compile_graphs: bool = False) -> None:
+                 graph_max_batch: int = 0, graph_budget_s: float = 60.0, compile_graphs: bool = False,
+                 cascade: bool = True) -> None:
         """pad_page: a cache page outside the page pool, for padding rows (needed with graphs);
         graph_max_batch > 0 captures decode graphs up to that batch size (compiled first with
-        compile_graphs)."""
+        compile_graphs); cascade: use cascade attention for decode steps that share a prefix."""
+        self.cascade_min_seqs = CASCADE_MIN_SEQS if cascade else None
+        self.cascade_min_saved = CASCADE_MIN_SAVED_TOKENS
         self.model = model
         self.cache = cache
         self.kernel = kernel
@@ -98,7 +112,8 @@ class ModelRunner:
         if graph_max_batch > 0:
             if pad_page is None:
                 raise ValueError("CUDA graphs need a reserved padding page")
-            self.graphs = DecodeGraphs(model, cache, kernel, graph_max_batch, width, pad_page, compile_graphs)
+            self.graphs = DecodeGraphs(model, cache, kernel, graph_max_batch, width, pad_page, compile_graphs,
+                                       cascade_min_batch=self.cascade_min_seqs)
             self.graphs.capture(graph_budget_s)
 
     def _indices(self, plan: StepPlan) -> dict[str, np.ndarray | int]:
@@ -129,8 +144,13 @@ class ModelRunner:
         sampling = [i for i, c in enumerate(chunks) if c.samples]
         sample_rows = cu[1:][sampling] - 1 if len(sampling) < s else cu[1:] - 1
         width = int(ctx.max() + ps - 1) // ps
+        shared = -1                                  # -1: no cascade this step
+        if n == s and self.cascade_min_seqs is not None and s >= self.cascade_min_seqs:
+            tokens = shared_prefix_tokens(self.tables.array[rows, :width], ctx, ps)
+            if tokens * (s - 1) >= self.cascade_min_saved:
+                shared = tokens
         return dict(ids=ids, positions=positions, slots=slots, cu=cu, ctx=ctx, rows=rows,
-                    sample_rows=sample_rows, width=width, all_sample=len(sampling) == s)
+                    sample_rows=sample_rows, width=width, all_sample=len(sampling) == s, shared=shared)
 
     def uses_graph(self, plan: StepPlan) -> bool:
         """Whether `execute(plan)` replays a CUDA graph: a pure decode that fits the largest one."""
@@ -144,7 +164,7 @@ class ModelRunner:
         idx = self._indices(plan)
         if self.uses_graph(plan):
             return self.graphs.run(idx["ids"], idx["positions"], idx["slots"], self.tables.array, idx["rows"],
-                                   self.tables.pad_row, idx["width"])
+                                   self.tables.pad_row, idx["width"], idx["shared"])
         return self._eager(idx)
 
     def _eager(self, idx: dict) -> torch.Tensor:
@@ -152,9 +172,10 @@ class ModelRunner:
         n, s, r, w = len(ids), len(rows), len(sample_rows), idx["width"]
         # int64 part first (ids, positions, slots, sampled rows), then the int32 part in one run
         # (cu_seqlens, context lens, page table), so one copy in and one cast make all of it.
+        cascade = idx["shared"] >= 0
         parts = [ids, idx["positions"], idx["slots"], sample_rows, idx["cu"], idx["ctx"],
-                 self.tables.array[rows, :w].reshape(-1)]
-        total = 3 * n + r + (s + 1) + s + s * w
+                 self.tables.array[rows, :w].reshape(-1)] + ([np.array([idx["shared"]])] if cascade else [])
+        total = 3 * n + r + (s + 1) + s + s * w + int(cascade)
         host_t, host = self._staging.take(total)
         np.concatenate(parts, out=host)
         if self.device.type == "cpu":
@@ -163,9 +184,9 @@ class ModelRunner:
             buf = host_t.to(self.device, non_blocking=True)
             self._staging.copied()
         input_ids, positions, slots, rows_t = torch.split(buf[:3 * n + r], [n, n, n, r])
-        cu_t, ctx_t, table_t = torch.split(buf[3 * n + r:].to(torch.int32), [s + 1, s, s * w])
+        cu_t, ctx_t, table_t, shared_t = torch.split(buf[3 * n + r:].to(torch.int32), [s + 1, s, s * w, int(cascade)])
         meta = StepMetadata(slot_mapping=slots, page_table=table_t.view(s, w), cu_seqlens_q=cu_t,
-                            context_lens=ctx_t)
+                            context_lens=ctx_t, shared_len=shared_t if cascade else None)
         hidden = self.model.forward_flat(input_ids, positions, PagedAttention(self.cache, meta, self.kernel))
         if not (idx["all_sample"] and n == s):        # keep only the rows that sample
             hidden = hidden[rows_t]

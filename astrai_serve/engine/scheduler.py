@@ -14,7 +14,11 @@ plan is a list of (sequence, first position, token count) chunks under a token b
    pages last; an admission never preempts anything.
 
 Samples 1..n-1 of a request wait until sample 0 has prefilled the prompt and then reuse its
-full prompt pages (through the prefix cache, or directly when the cache is off).
+full prompt pages (through the prefix cache, or directly when the cache is off). Likewise, with
+the prefix cache on, a waiting request whose next uncached page is what a running prefill is
+computing right now waits for that prefill to publish it (and later ones are admitted past it):
+256 requests arriving together behind one system prompt compute that prompt once, not once per
+request admitted in the same step.
 """
 from __future__ import annotations
 
@@ -146,14 +150,22 @@ class Scheduler:
         return plan
 
     def _admit(self, plan: StepPlan, budget: int) -> int:
+        prefilling = [s for s in self.running if not s.published] if self.kv.tree is not None else None
+        deferred: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+            seq = self.waiting.popleft()
             matched = self.kv.match(seq)
+            if prefilling and self._prefix_in_flight(seq, prefilling):
+                self.kv.release(seq, cache=False)
+                deferred.append(seq)
+                continue
             q = min(seq.num_to_compute, budget)
             if not self.kv.ensure(seq, seq.num_computed + q):
                 self.kv.release(seq, cache=False)
+                self.waiting.appendleft(seq)
                 break
-            self.waiting.popleft()
+            if prefilling is not None:
+                prefilling.append(seq)
             seq.status = SeqStatus.RUNNING
             seq.published = False
             self.running.append(seq)
@@ -163,7 +175,18 @@ class Scheduler:
                 self.prefix_cache_hit_tokens_total += seq.cached_tokens
             plan.chunks.append(ScheduledChunk(seq, seq.num_computed, q, seq.num_computed + q == seq.num_tokens))
             budget -= q
+        self.waiting.extendleft(reversed(deferred))
         return budget
+
+    def _prefix_in_flight(self, seq: Sequence, prefilling: list[Sequence]) -> bool:
+        """Whether seq's first uncached page (a full one, so it could come from the cache) is
+        being computed by a running prefill that has not published yet."""
+        start, ps = seq.num_computed, self.kv.page_size
+        end = start + ps
+        if end >= seq.num_tokens:             # the tail page is never shared
+            return False
+        page = seq.token_ids[start:end]
+        return any(s.num_tokens > end and s.token_ids[start:end] == page for s in prefilling)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

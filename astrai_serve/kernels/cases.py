@@ -36,13 +36,18 @@ class PagedCase:
 
 def make_case(ctx_lens: list[int], q_lens: list[int], n_heads: int, n_kv: int, k_dim: int,
               v_dim: int, page_size: int, value_in_key: bool = False, dtype: torch.dtype = torch.float32,
-              device: str | torch.device = "cpu", seed: int = 0, spare_pages: int = 3) -> PagedCase:
-    """A random case: sequence s has ctx_lens[s] cached tokens, the last q_lens[s] of them queried."""
+              device: str | torch.device = "cpu", seed: int = 0, spare_pages: int = 3,
+              shared_prefix: int = 0) -> PagedCase:
+    """A random case: sequence s has ctx_lens[s] cached tokens, the last q_lens[s] of them queried.
+    The first `shared_prefix` tokens (whole pages) are the same tokens in the same pages for all."""
     if len(ctx_lens) != len(q_lens) or any(ql > c for ql, c in zip(q_lens, ctx_lens)):
         raise ValueError(f"bad case: ctx_lens={ctx_lens} q_lens={q_lens}")
+    if shared_prefix % page_size or any(c <= shared_prefix for c in ctx_lens):
+        raise ValueError(f"bad case: shared_prefix={shared_prefix} must be whole pages below every context")
     gen = torch.Generator().manual_seed(seed)
-    pages_per_seq = [(c + page_size - 1) // page_size for c in ctx_lens]
-    n_pages = sum(pages_per_seq) + spare_pages
+    n_shared = shared_prefix // page_size
+    pages_per_seq = [(c + page_size - 1) // page_size - n_shared for c in ctx_lens]
+    n_pages = sum(pages_per_seq) + n_shared + spare_pages
     order = torch.randperm(n_pages, generator=gen).tolist()
     max_pages = max(max(pages_per_seq), 1)
 
@@ -51,13 +56,16 @@ def make_case(ctx_lens: list[int], q_lens: list[int], n_heads: int, n_kv: int, k
 
     k_cache = rand(n_pages, page_size, n_kv, k_dim)
     v_cache = None if value_in_key else rand(n_pages, page_size, n_kv, v_dim)
-    page_table = torch.zeros(len(ctx_lens), max_pages, dtype=torch.int32)
+    page_table = torch.zeros(len(ctx_lens), max_pages + n_shared, dtype=torch.int32)
     keys, values = [], []
+    shared_pages = [order.pop() for _ in range(n_shared)]
+    shared_k = rand(shared_prefix, n_kv, k_dim)
+    shared_v = shared_k[..., :v_dim] if value_in_key else rand(shared_prefix, n_kv, v_dim)
     for s, ctx in enumerate(ctx_lens):
-        mine = [order.pop() for _ in range(pages_per_seq[s])]
+        mine = shared_pages + [order.pop() for _ in range(pages_per_seq[s])]
         page_table[s, :len(mine)] = torch.tensor(mine, dtype=torch.int32)
-        k = rand(ctx, n_kv, k_dim)
-        v = k[..., :v_dim] if value_in_key else rand(ctx, n_kv, v_dim)
+        k = torch.cat([shared_k, rand(ctx - shared_prefix, n_kv, k_dim)])
+        v = k[..., :v_dim] if value_in_key else torch.cat([shared_v, rand(ctx - shared_prefix, n_kv, v_dim)])
         t = torch.arange(ctx)
         page_of = torch.tensor(mine, dtype=torch.long)[t // page_size]
         k_cache[page_of, t % page_size] = k

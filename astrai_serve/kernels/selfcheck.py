@@ -38,6 +38,7 @@ class Check:
     num_splits: int | None = None   # force the decode split count (None: the implementation picks)
     dtype: str | None = None        # override the suite's dtype
     config: tuple | None = None     # TileConfig fields to force (None: the implementation picks)
+    shared_prefix: int | None = None  # tokens every sequence holds in the same pages, passed as shared_len
 
 
 CPU_CHECKS = [
@@ -51,6 +52,13 @@ CPU_CHECKS = [
     Check("mla_decode", (75, 9, 200), (1, 1, 1), 4, 1, 40, 32, 16, True, num_splits=3),
     Check("mla_prefill", (75, 40), (30, 40), 4, 1, 40, 32, 16, True),
     Check("decode_fp16", (40, 70), (1, 1), 4, 2, 32, 32, 16, num_splits=2, dtype="float16"),
+    # cascade: a shared prefix attended once for all sequences, the rest per sequence
+    Check("cascade_g2_split2", (97, 200, 65, 130), (1, 1, 1, 1), 4, 2, 16, 16, 16, num_splits=2,
+          shared_prefix=64),
+    Check("cascade_g1_nosplit_page1", (40, 41, 90), (1, 1, 1), 2, 2, 16, 16, 1, num_splits=1,
+          shared_prefix=39),
+    Check("cascade_mla", (75, 90, 200), (1, 1, 1), 4, 1, 40, 32, 16, True, num_splits=2, shared_prefix=48),
+    Check("cascade_off", (97, 20), (1, 1), 4, 2, 16, 16, 16, num_splits=1, shared_prefix=0),
 ]
 
 GPU_CHECKS = [
@@ -77,6 +85,13 @@ GPU_CHECKS = [
     Check("mla_prefill", (600, 300, 5), (200, 300, 1), 16, 1, 576, 512, value_in_key=True),
     Check("mla_tiny_mixed", (600, 30, 5), (200, 30, 1), 4, 1, 80, 64, value_in_key=True),
     Check("decode_fp16_q06b", (700, 1200), (1, 1), 16, 8, 128, 128, dtype="float16"),
+    # cascade (W2's shape): 2,000 shared tokens, then each sequence's own question and answer
+    Check("cascade_q06b_b64", tuple(2000 + 50 + 7 * i for i in range(64)), (1,) * 64, 16, 8, 128, 128,
+          shared_prefix=2000),
+    Check("cascade_q06b_b3_split5", (2001, 2100, 3000), (1, 1, 1), 16, 8, 128, 128, num_splits=5,
+          shared_prefix=1984),
+    Check("cascade_mla_b9", tuple(1000 + 13 * i for i in range(9)), (1,) * 9, 16, 1, 576, 512,
+          value_in_key=True, shared_prefix=992),
 ]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -93,8 +108,11 @@ def run_checks(checks: list[Check], impl: Callable[..., torch.Tensor], dtype: st
     for i, c in enumerate(checks):
         dt = DTYPES[c.dtype or dtype]
         case = make_case(list(c.ctx_lens), list(c.q_lens), c.n_heads, c.n_kv, c.k_dim, c.v_dim,
-                         c.page_size, c.value_in_key, dt, device, seed=seed * 1000 + i)
+                         c.page_size, c.value_in_key, dt, device, seed=seed * 1000 + i,
+                         shared_prefix=c.shared_prefix or 0)
         kwargs = {} if c.num_splits is None else {"num_splits": c.num_splits}
+        if c.shared_prefix is not None:
+            kwargs["shared_len"] = torch.tensor([c.shared_prefix], dtype=torch.int32, device=device)
         if c.config is not None:
             from astrai_serve.kernels.triton_attention import TileConfig
             kwargs["config"] = TileConfig(*c.config)

@@ -88,7 +88,7 @@ def _attend_range(
 
 @triton.jit
 def _paged_attn_kernel(
-    Q, K, V, Out, PartOut, PartLse, PageTable, CuQ, CtxLens, TileSeq, TileBlk,
+    Q, K, V, Out, PartOut, PartLse, PageTable, CuQ, CtxLens, TileSeq, TileBlk, SharedLen,
     scale_log2, n_seqs,
     stride_qn, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
     stride_on, stride_oh, stride_pn, stride_ph, stride_ps, stride_ln, stride_lh, stride_pt,
@@ -96,7 +96,7 @@ def _paged_attn_kernel(
     BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TPT: tl.constexpr,
     VALUE_IN_KEY: tl.constexpr, DECODE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    SPLIT_MASK: tl.constexpr,
+    SPLIT_MASK: tl.constexpr, SHARED: tl.constexpr, SPLIT_BASE,
 ):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -120,12 +120,15 @@ def _paged_attn_kernel(
     pos = ctx - q_len + tok                 # each row's own position: its causal limit
     n_tok = tl.minimum(q_len - qblk * TPT, TPT)
     kv_hi = tl.where(n_tok > 0, ctx - q_len + qblk * TPT + n_tok, 0)
+    # SHARED (decode only): keys [0, shared) are a prefix every sequence holds in the same pages;
+    # _shared_prefix_kernel attends to them once for all sequences, this kernel to the rest.
+    kv_base = tl.load(SharedLen) if SHARED else 0
     if NUM_SPLITS > 1:
-        chunk = tl.cdiv(tl.cdiv(kv_hi, NUM_SPLITS), BLOCK_N) * BLOCK_N
-        kv_lo = split * chunk
+        chunk = tl.cdiv(tl.cdiv(kv_hi - kv_base, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        kv_lo = kv_base + split * chunk
         kv_hi = tl.minimum(kv_lo + chunk, kv_hi)
     else:
-        kv_lo = 0
+        kv_lo = kv_base
 
     d1 = tl.arange(0, BLOCK_D1)
     q_rows = Q + (q_start + tok).to(tl.int64)[:, None] * stride_qn + head[:, None] * stride_qh
@@ -145,8 +148,9 @@ def _paged_attn_kernel(
     # there. Only the blocks from there to kv_hi (the diagonal; for decode, the last block) pay
     # for masking. Both bounds are multiples of BLOCK_N, so the two ranges tile [kv_lo, kv_hi).
     if SPLIT_MASK:
+        # whole blocks from kv_lo (a multiple of the page size, not always of BLOCK_N)
         first_pos = ctx - q_len + qblk * TPT
-        full_hi = tl.maximum(tl.minimum((first_pos + 1) // BLOCK_N * BLOCK_N, kv_hi), kv_lo)
+        full_hi = kv_lo + tl.maximum(tl.minimum(first_pos + 1, kv_hi) - kv_lo, 0) // BLOCK_N * BLOCK_N
         acc, l_i, m_i = _attend_range(
             acc, l_i, m_i, q1, q2, K, V, pt_row, pos, kvh, kv_lo, full_hi, kv_hi, scale_log2,
             stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
@@ -162,14 +166,74 @@ def _paged_attn_kernel(
     o = acc / l_safe[:, None]
     out_mask = row_ok[:, None] & (dv < DV)[None, :]
     rows = (q_start + tok).to(tl.int64)
-    if NUM_SPLITS > 1:
-        p_ptr = PartOut + rows[:, None] * stride_pn + head[:, None] * stride_ph + split * stride_ps
+    if NUM_SPLITS > 1 or SHARED:
+        slot = SPLIT_BASE + split
+        p_ptr = PartOut + rows[:, None] * stride_pn + head[:, None] * stride_ph + slot * stride_ps
         tl.store(p_ptr + dv[None, :], o, mask=out_mask)
         lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
-        tl.store(PartLse + rows * stride_ln + head * stride_lh + split, lse, mask=row_ok)
+        tl.store(PartLse + rows * stride_ln + head * stride_lh + slot, lse, mask=row_ok)
     else:
         o_ptr = Out + rows[:, None] * stride_on + head[:, None] * stride_oh + dv[None, :]
         tl.store(o_ptr, o.to(Out.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _shared_prefix_kernel(
+    Q, K, V, PartOut, PartLse, PageTable, SharedLen, scale_log2, n_rows,
+    stride_qn, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+    stride_pn, stride_ph, stride_ps, stride_ln, stride_lh,
+    G: tl.constexpr, PAGE: tl.constexpr, KD1: tl.constexpr, KD2: tl.constexpr, DV: tl.constexpr,
+    BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VALUE_IN_KEY: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    """Cascade decode, part 1: the keys [0, shared) that every sequence holds in the same pages.
+
+    A program owns BLOCK_M query rows (sequence, head-in-group) of one kv head ACROSS sequences,
+    so each shared key is loaded once per tile instead of once per sequence: with 256 sequences
+    behind one 2,000-token system prompt this turns the decode's biggest read into a small
+    matmul. Every row sees every shared key (each sequence's own tokens come after them), so
+    only the ragged last block is masked. Partial outputs go to split slots [0, NUM_SPLITS).
+    """
+    tile = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    shared = tl.load(SharedLen)
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < n_rows
+    seq = (offs_m // G).to(tl.int64)        # decode: sequence s is query row s
+    head = kvh * G + offs_m % G
+    chunk = tl.cdiv(tl.cdiv(shared, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, shared)
+    full_hi = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
+
+    d1 = tl.arange(0, BLOCK_D1)
+    q_rows = Q + seq[:, None] * stride_qn + head[:, None] * stride_qh
+    q1 = tl.load(q_rows + d1[None, :], mask=row_ok[:, None] & (d1 < KD1)[None, :], other=0.0)
+    q2 = q1
+    if KD2 > 0:
+        d2 = tl.arange(0, BLOCK_D2)
+        q2 = tl.load(q_rows + KD1 + d2[None, :], mask=row_ok[:, None] & (d2 < KD2)[None, :],
+                     other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    pos = tl.full([BLOCK_M], 0, tl.int32) + shared      # every shared key is visible
+    acc, l_i, m_i = _attend_range(
+        acc, l_i, m_i, q1, q2, K, V, PageTable, pos, kvh, lo, full_hi, hi, scale_log2,
+        stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+        PAGE, KD1, KD2, DV, BLOCK_D1, BLOCK_D2, BLOCK_DV, BLOCK_N, VALUE_IN_KEY, False)
+    acc, l_i, m_i = _attend_range(
+        acc, l_i, m_i, q1, q2, K, V, PageTable, pos, kvh, full_hi, hi, hi, scale_log2,
+        stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+        PAGE, KD1, KD2, DV, BLOCK_D1, BLOCK_D2, BLOCK_DV, BLOCK_N, VALUE_IN_KEY, True)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    dv = tl.arange(0, BLOCK_DV)
+    p_ptr = PartOut + seq[:, None] * stride_pn + head[:, None] * stride_ph + split * stride_ps
+    tl.store(p_ptr + dv[None, :], acc / l_safe[:, None], mask=row_ok[:, None] & (dv < DV)[None, :])
+    lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
+    tl.store(PartLse + seq * stride_ln + head * stride_lh + split, lse, mask=row_ok)
 
 
 @triton.jit
@@ -240,11 +304,16 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | None,
                     page_table: torch.Tensor, cu_seqlens_q: torch.Tensor,
                     context_lens: torch.Tensor, scale: float, v_dim: int,
-                    num_splits: int | None = None, config: TileConfig | None = None) -> torch.Tensor:
+                    num_splits: int | None = None, config: TileConfig | None = None,
+                    shared_len: torch.Tensor | None = None) -> torch.Tensor:
     """out[N, Hq, v_dim]; see the module docstring.
 
     num_splits and config override the decode split count and the block shape (for tests and
     benchmarks; the defaults come from `decode_splits` and `pick_config`).
+    shared_len (decode only; int32 [1] on the device): the caller's promise that the first
+    shared_len tokens (a multiple of the page size, below every context length) of every
+    sequence sit in the same pages, as row 0 of page_table lists them. Those keys are then
+    attended once for all sequences (cascade attention); 0 turns it off without a new graph.
     """
     check_paged_args(q, k_cache, v_cache, page_table, cu_seqlens_q, context_lens, v_dim)
     if num_splits is not None and not 1 <= num_splits <= 256:
@@ -283,31 +352,49 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         tile_seq = torch.searchsorted(ends, ids, right=True).to(torch.int32)
         first = ends - tiles
         tile_blk = (ids - first[tile_seq.clamp(max=n_seqs - 1).long()]).to(torch.int32)
-    if splits > 1:
-        part = torch.empty(n_tokens, n_heads, splits, v_dim, dtype=torch.float32, device=q.device)
-        lse = torch.empty(n_tokens, n_heads, splits, dtype=torch.float32, device=q.device)
+    shared = decode and shared_len is not None
+    blocks = dict(BLOCK_D1=max(16, triton.next_power_of_2(kd1)),
+                  BLOCK_D2=max(16, triton.next_power_of_2(max(kd2, 1))),
+                  BLOCK_DV=max(16, triton.next_power_of_2(v_dim)))
+    prefix_splits = 0
+    if shared:
+        prefix_cfg = TileConfig(16, 32, 4, 1) if k_dim > 256 else TileConfig(64, 64, 4, 2)
+        prefix_tiles = triton.cdiv(n_seqs * group, prefix_cfg.block_m)
+        prefix_splits = decode_splits(prefix_tiles * n_kv, q.device)
+    slots = prefix_splits + splits
+    if slots > 1:
+        part = torch.empty(n_tokens, n_heads, slots, v_dim, dtype=torch.float32, device=q.device)
+        lse = torch.empty(n_tokens, n_heads, slots, dtype=torch.float32, device=q.device)
     else:
         part, lse = out, out                # unused by the kernel
+    if shared:
+        _shared_prefix_kernel[(prefix_tiles, n_kv, prefix_splits)](
+            q, k_cache, v, part, lse, page_table, shared_len, scale * LOG2E, n_seqs * group,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), part.stride(0), part.stride(1), part.stride(2),
+            lse.stride(0), lse.stride(1),
+            G=group, PAGE=page_size, KD1=kd1, KD2=kd2, DV=v_dim, **blocks,
+            BLOCK_M=prefix_cfg.block_m, BLOCK_N=prefix_cfg.block_n, VALUE_IN_KEY=value_in_key,
+            NUM_SPLITS=prefix_splits, num_warps=prefix_cfg.num_warps, num_stages=prefix_cfg.num_stages,
+        )
     _paged_attn_kernel[(n_tiles, n_kv, splits)](
         q, k_cache, v, out, part, lse, page_table, cu_seqlens_q, context_lens, tile_seq, tile_blk,
-        scale * LOG2E, n_seqs,
+        shared_len if shared else context_lens, scale * LOG2E, n_seqs,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
-        part.stride(0), part.stride(1), part.stride(2) if splits > 1 else 0,
+        part.stride(0), part.stride(1), part.stride(2) if slots > 1 else 0,
         lse.stride(0), lse.stride(1), page_table.stride(0),
-        G=group, PAGE=page_size, KD1=kd1, KD2=kd2, DV=v_dim,
-        BLOCK_D1=max(16, triton.next_power_of_2(kd1)),
-        BLOCK_D2=max(16, triton.next_power_of_2(max(kd2, 1))),
-        BLOCK_DV=max(16, triton.next_power_of_2(v_dim)),
+        G=group, PAGE=page_size, KD1=kd1, KD2=kd2, DV=v_dim, **blocks,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TPT=tpt,
         VALUE_IN_KEY=value_in_key, DECODE=decode, NUM_SPLITS=splits, SPLIT_MASK=cfg.split_mask,
+        SHARED=shared, SPLIT_BASE=prefix_splits,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if splits > 1:
+    if slots > 1:
         _merge_splits_kernel[(n_tokens, n_heads)](
             part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0),
             lse.stride(1), out.stride(0), out.stride(1),
-            NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), DV=v_dim,
+            NUM_SPLITS=slots, BLOCK_S=triton.next_power_of_2(slots), DV=v_dim,
             BLOCK_DV=max(16, triton.next_power_of_2(v_dim)), num_warps=4,
         )
     return out

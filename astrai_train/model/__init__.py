@@ -5,9 +5,10 @@ Pure PyTorch: imports neither Lightning nor astrai_serve.
 from .attention import kv_layout
 from .backend import AttentionBackend, KVLayout
 from .config import ConfigError, ModelConfig, presets
+from .fusion import fuse_projections
 from .generate import generate
 from .kv_cache import ContiguousKVCache
 from .transformer import Transformer
 
 __all__ = ["AttentionBackend", "ConfigError", "ContiguousKVCache", "KVLayout", "ModelConfig",
-           "Transformer", "generate", "kv_layout", "presets"]
+           "Transformer", "fuse_projections", "generate", "kv_layout", "presets"]

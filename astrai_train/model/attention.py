@@ -51,12 +51,19 @@ class GQAAttention(nn.Module):
         self.q_norm = RMSNorm(hd, config.norm_eps) if config.use_qk_norm else None
         self.k_norm = RMSNorm(hd, config.norm_eps) if config.use_qk_norm else None
         self.gate = _Gate(config.dim, self.n_heads * hd) if config.use_gated_attention else None
+        self.qkv_weight: torch.Tensor | None = None   # set by fusion.fuse_projections (inference)
 
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         lead = x.shape[:-1]
-        q = self.q_proj(x).view(*lead, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(*lead, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(*lead, self.n_kv, self.head_dim)
+        if self.qkv_weight is not None and not torch.is_grad_enabled():
+            # One matmul; gradients would reach only the fused tensor, so training never takes it.
+            nq, nk = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+            q, k, v = F.linear(x, self.qkv_weight).split([nq, nk, nk], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(*lead, self.n_heads, self.head_dim)
+        k = k.view(*lead, self.n_kv, self.head_dim)
+        v = v.view(*lead, self.n_kv, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
