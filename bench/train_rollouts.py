@@ -48,7 +48,7 @@ def phase_rollout(spec: dict[str, Any], out: common.Sink, backend: str) -> None:
         sampler = RolloutSampler(model, Tokenizer.from_pretrained(spec["model_dir"]), g, spec["rollout_tokens"],
                                  spec["temperature"], backend=backend, engine_args=spec["engine_args"])
         run = sampler.sample
-    run(prompts[:2], 1)  # warm-up: engine start, kernels, allocator
+    run(prompts, 1)  # warm-up on the same batch shape: engine start (sized for it), kernels, allocator
     secs, completions = common.timed(lambda: run(prompts, 0), device)
     tokens = sum(len(c) for c in completions)
     peers = [key("rollout", SYSTEMS[b], METRIC) for b in ("generate", "hf")] if backend == "engine" else []

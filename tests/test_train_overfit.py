@@ -124,3 +124,25 @@ def test_activation_checkpointing_keeps_loss_and_gradients() -> None:
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name])
+
+
+def test_rollout_engine_grows_with_the_batch(tokenizer_dir, one_thread) -> None:
+    """A rollout batch larger than the first one gets an engine sized for it (no preemption
+    storm), and one no larger reuses the engine it has."""
+    from astrai_train.model import ModelConfig, Transformer
+    from astrai_train.objectives.rollout import RolloutSampler
+    from astrai_train.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, n_kv_heads=1,
+                                    dim_ffn=48, max_len=64))
+    sampler = RolloutSampler(model, tok, group_size=3, max_new_tokens=6, temperature=1.0, backend="engine")
+    small = sampler.sample([[5, 6, 7]], seed=0)
+    first = sampler._llm
+    big = sampler.sample([[5, 6, 7, 8, 9, 10, 11, 12]] * 6, seed=1)
+    assert len(small) == 3 and len(big) == 18 and all(len(c) <= 6 for c in big)
+    assert sampler._llm is not first and sampler._llm.engine.stats().num_preemptions_total == 0
+    grown = sampler._llm
+    sampler.sample([[5, 6, 7]] * 2, seed=2)
+    assert sampler._llm is grown

@@ -52,21 +52,31 @@ class RolloutSampler:
         self.temperature = temperature
         self.engine_args = dict(engine_args or {})
         self._llm: Any = None
+        self._pages = 0                      # KV pages of the engine built for the largest batch so far
         self.stop_ids = set(tokenizer.stop_ids)
 
     def _engine(self, n_seqs: int, longest_prompt: int) -> Any:
-        if self._llm is None:
+        args = dict(self.engine_args)
+        sized = not {"num_pages", "kv_cache_memory_bytes", "gpu_memory_utilization"} & set(args)
+        need = 0
+        if sized:
+            # The engine's default takes most free GPU memory for its KV cache; training needs
+            # that memory. Size the cache for this rollout batch, twice over (prompts vary), and
+            # build a bigger engine when a batch outgrows it: too few pages would not fail, but
+            # every step would preempt and recompute.
+            page = int(args.get("page_size", 16))
+            need = n_seqs * -(-(longest_prompt + self.max_new_tokens) // page) + 8
+        if self._llm is None or need > self._pages:
             from astrai_serve import LLM
 
-            args = dict(self.engine_args)
-            if not {"num_pages", "kv_cache_memory_bytes", "gpu_memory_utilization"} & set(args):
-                # The engine's default takes most free GPU memory for its KV cache; training needs
-                # that memory. Size the cache for this rollout batch, twice over (prompts vary;
-                # the engine preempts and recomputes if a later batch needs more).
-                page = int(args.get("page_size", 16))
-                pages_per_seq = -(-(longest_prompt + self.max_new_tokens) // page)
-                args["num_pages"] = 2 * n_seqs * pages_per_seq + 8
-            args.setdefault("max_num_seqs", n_seqs)
+            self._llm = None                     # free the old cache before the new one is made
+            if sized:
+                args["num_pages"] = self._pages = 2 * need
+            args.setdefault("max_num_seqs", max(n_seqs, int(self.engine_args.get("max_num_seqs", 0))))
+            if next(self.model.parameters()).is_cuda:
+                # Rollouts sample at a temperature, so compiling the graphed decode (its bf16
+                # near-ties may flip) costs nothing in fidelity and fuses its small kernels.
+                args.setdefault("compile_decode", True)
             self._llm = LLM.from_model(self.model, self.tokenizer, **args)
         return self._llm
 
