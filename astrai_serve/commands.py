@@ -1,18 +1,21 @@
-"""`astrai serve`: the gRPC core and the OpenAI REST facade in one process.
+"""`astrai serve`: the gRPC core, and the OpenAI REST facade in a child process.
 
     astrai serve --model DIR [--host 127.0.0.1] [--grpc-port 50051] [--http-port 8000] [--no-http]
-                 [--api-key KEY | env ASTRAI_API_KEY] [--served-model-name NAME]
+                 [--http-in-process] [--api-key KEY | env ASTRAI_API_KEY] [--served-model-name NAME]
                  [--shutdown-timeout S] [engine options]
 
 The engine steps on its own thread (EngineLoop); the gRPC core runs on the main thread's event
-loop; the facade runs under uvicorn on a third thread and reaches the core over gRPC like any
-other client. Once both listen, one line goes to stdout:
+loop. The facade is `astrai gateway` in a child process (facade_process.py) that serves on the
+HTTP socket bound here and reaches the core over gRPC like any other client, so its per-token
+Python never competes with the engine for this process's GIL (`--http-in-process` runs it on a
+thread here instead). Once both listen, one line goes to stdout:
 
     astrai serve: ready grpc=127.0.0.1:50051 http=http://127.0.0.1:8000 model=NAME
 
 SIGTERM or SIGINT: stop admitting (health turns NOT_SERVING, new calls get UNAVAILABLE/503),
-let in-flight requests finish for up to --shutdown-timeout seconds, abort the rest, exit 0.
-A second signal skips the wait.
+let in-flight requests finish for up to --shutdown-timeout seconds, abort the rest, stop the
+facade, exit 0. A second signal skips the wait. Should the facade process die, the daemon shuts
+down the same way and exits 1, so a supervisor restarts the whole service.
 """
 from __future__ import annotations
 
@@ -38,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grpc-port", type=int, default=50051, help="gRPC core port; 0 picks a free one (default 50051)")
     parser.add_argument("--http-port", type=int, default=8000, help="REST facade port; 0 picks a free one (default 8000)")
     parser.add_argument("--no-http", action="store_true", help="run the gRPC core alone, without the REST facade")
+    parser.add_argument("--http-in-process", action="store_true",
+                        help="run the REST facade on a thread of this process instead of a child process "
+                             "(it then shares the engine's GIL: slower under load)")
     parser.add_argument("--api-key", default=None,
                         help=f"require this key from clients (HTTP 'Authorization: Bearer', gRPC 'authorization' "
                              f"metadata); default: ${API_KEY_ENV}, else no key")
@@ -99,35 +105,78 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
 
+class _FacadeThread:
+    """--http-in-process: the facade on a thread of this process, driven like a FacadeProcess."""
+
+    def __init__(self, grpc_target: str, host: str, port: int, api_key: str | None):
+        from astrai_serve.facade_server import FacadeServer
+        from astrai_serve.openai_api import FacadeConfig
+
+        config = FacadeConfig(grpc_target=grpc_target, api_key=api_key, core_api_key=api_key)
+        self.server = FacadeServer(config, host, port, log_level="warning")
+        self.url = self.server.url
+
+    async def start(self) -> None:
+        self.server.start_in_thread()
+        deadline = time.monotonic() + 30
+        while not self.server.started and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    async def wait(self) -> int:
+        await asyncio.Event().wait()  # the thread ends only when stopped
+        return 0
+
+    async def stop(self, timeout: float) -> None:
+        await asyncio.to_thread(self.server.stop, timeout)
+
+
+def _facade(args: argparse.Namespace, grpc_target: str, api_key: str | None) -> Any:
+    """The REST facade, its HTTP port bound (so a port in use fails before anything starts)."""
+    if args.http_in_process:
+        return _FacadeThread(grpc_target, args.host, args.http_port, api_key)
+    from astrai_serve.facade_process import FacadeProcess
+
+    # uvicorn's own info lines (startup banners) stay out of the daemon's log, as they always have.
+    return FacadeProcess(grpc_target, args.host, args.http_port, api_key,
+                         log_level="error" if args.log_level == "error" else "warning")
+
+
 async def _serve(args: argparse.Namespace, engine: Any, name: str, api_key: str | None) -> int:
     from astrai_serve.engine_loop import EngineLoop
     from astrai_serve.grpc_server import CoreServer, GenerationServicer
 
     engine_loop = EngineLoop(engine)
     core = CoreServer(GenerationServicer(engine_loop, name), args.host, args.grpc_port, api_key)
-    facade = None
-    if not args.no_http:
-        from astrai_serve.facade_server import FacadeServer
-        from astrai_serve.openai_api import FacadeConfig
-
-        config = FacadeConfig(grpc_target=f"{_connect_host(args.host)}:{core.port}", api_key=api_key, core_api_key=api_key)
-        facade = FacadeServer(config, args.host, args.http_port, log_level="warning")
+    grpc_target = f"{_connect_host(args.host)}:{core.port}"
+    facade = None if args.no_http else _facade(args, grpc_target, api_key)
     engine_loop.start()
     await core.start()
     if facade is not None:
-        facade.start_in_thread()
-        deadline = time.monotonic() + 30
-        while not facade.started and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-    signals = asyncio.Queue()
+        try:
+            await facade.start()
+        except OSError:
+            await _stop(engine_loop, core, None)
+            raise
+    signals: asyncio.Queue = asyncio.Queue()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, signals.put_nowait, sig)
     http = f" http={facade.url}" if facade is not None else ""
-    print(f"astrai serve: ready grpc={_connect_host(args.host)}:{core.port}{http} model={name}", flush=True)
+    print(f"astrai serve: ready grpc={grpc_target}{http} model={name}", flush=True)
 
-    sig = await signals.get()
-    log.info("received %s: draining for up to %.1fs", signal.Signals(sig).name, args.shutdown_timeout)
+    # Serve until a signal, or until the facade process dies: then the HTTP half of the service is
+    # gone, and the daemon shuts down (exit 1) for its supervisor to restart rather than run half up.
+    first = asyncio.create_task(signals.get())
+    facade_exit = asyncio.create_task(facade.wait()) if facade is not None else None
+    await asyncio.wait([t for t in (first, facade_exit) if t is not None], return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if first.done():
+        log.info("received %s: draining for up to %.1fs", signal.Signals(first.result()).name, args.shutdown_timeout)
+    else:
+        first.cancel()
+        code = 1
+        log.error("the REST facade process exited (code %s): shutting down, draining for up to %.1fs",
+                  facade_exit.result(), args.shutdown_timeout)
     drain = asyncio.create_task(core.drain(args.shutdown_timeout))
     second = asyncio.create_task(signals.get())
     await asyncio.wait({drain, second}, return_when=asyncio.FIRST_COMPLETED)
@@ -135,10 +184,17 @@ async def _serve(args: argparse.Namespace, engine: Any, name: str, api_key: str 
     if not drain.done():
         drain.cancel()
         log.info("second signal: aborting in-flight requests now")
-    # Abort whatever is left; each open stream then ends with finish_reason "abort".
+    if facade_exit is not None:
+        facade_exit.cancel()
+    await _stop(engine_loop, core, facade)
+    log.info("stopped")
+    return code
+
+
+async def _stop(engine_loop: Any, core: Any, facade: Any) -> None:
+    # Abort whatever is left; each open stream then ends with finish_reason "abort", which the
+    # facade relays before it is stopped.
     await asyncio.to_thread(engine_loop.stop, 10.0)
     await core.stop(grace=2.0)
     if facade is not None:
-        await asyncio.to_thread(facade.stop, 10.0)
-    log.info("stopped")
-    return 0
+        await facade.stop(10.0)

@@ -12,6 +12,18 @@ from astrai_serve.proto import generate_pb2_grpc as pb_grpc
 
 # Core field names -> the OpenAI field a client would recognise.
 _PARAM_NAMES = {"text": "prompt", "token_ids": "prompt", "input": "prompt"}
+# Per-stream HTTP/2 receive window. Small on purpose: when the facade (or its HTTP client) lags, a
+# stream holds only a few messages here, then the core's writes wait and the core coalesces the
+# backlog into fewer, larger messages. With gRPC's defaults (64 KiB, grown to megabytes by BDP
+# probing) the lag would instead pile up here as thousands of one-token messages, each costing
+# the facade a read and an SSE chunk. About 20 one-token messages; a larger message still passes.
+STREAM_WINDOW_BYTES = 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
+    ("grpc.http2.bdp_probe", 0),  # BDP probing would grow the window again
+]
 
 
 class CoreClient:
@@ -19,10 +31,7 @@ class CoreClient:
 
     def __init__(self, target: str, api_key: str | None = None):
         self.target = target
-        self.channel = grpc.aio.insecure_channel(target, options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ])
+        self.channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.stub = pb_grpc.GenerationServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()

@@ -6,8 +6,13 @@ request is answered INVALID_ARGUMENT with a message naming the value, and traili
 `astrai-error-param` (the offending field) and, for an over-long prompt,
 `astrai-error-code: context_length_exceeded`, which the REST facade turns into OpenAI's error shape.
 
-Each Generate call owns an asyncio.Queue fed by the engine loop through a StepBatcher. When the client cancels,
-the handler is cancelled and its `finally` aborts the request, freeing its pages at once.
+Each Generate call owns an asyncio.Queue fed by the engine loop through a StepBatcher (one wake-up
+of the event loop per engine step, not per output). Whatever has queued up when the call looks
+again goes out as one message per sample: a stream that lags (a slow client, or an event loop
+busy with many streams) sends its backlog in one message instead of one per token, so the cost of
+delivery falls as the load rises instead of stealing the engine's time (all of it shares one GIL).
+When the client cancels, the handler is cancelled and its `finally` aborts the request, freeing
+its pages at once.
 """
 from __future__ import annotations
 
@@ -94,7 +99,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 self._token_text[token_id] = text
         return text
 
-    def _logprobs(self, entries: Any) -> list[pb.TokenLogprob]:
+    def logprob_messages(self, entries: Any) -> list[pb.TokenLogprob]:
+        """Engine logprobs (id, logprob, top) -> TokenLogprob messages, token texts cached."""
         return [pb.TokenLogprob(token_id=tid, token=self._token(tid), logprob=lp,
                                 top_logprobs=[pb.TopLogprob(token_id=t, token=self._token(t), logprob=l)
                                               for t, l in (top or ())])
@@ -113,7 +119,6 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             self.metrics.count_finished("rejected")
             await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.param, exc.code)
         request_id = request.request_id or uuid.uuid4().hex
-        n = max(1, int(getattr(params, "n", 1) or 1))
         queue: asyncio.Queue = asyncio.Queue()
         sink = self.batcher.sink(queue)
         try:
@@ -121,59 +126,34 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         except EngineDeadError as exc:
             await self._abort(context, grpc.StatusCode.UNAVAILABLE, f"the engine is not running: {exc}")
         self.active += 1
-        first_token: dict[int, float] = {}
-        generated: dict[int, int] = {}   # completion tokens so far, per sample
-        finished: set[int] = set()
-        prompt_tokens, cached_tokens = len(ids), 0
-        done = False
+        stream = _Stream(self, request_id, max(1, int(getattr(params, "n", 1) or 1)), len(ids), start)
         try:
-            while not done:
-                item = await queue.get()
-                if isinstance(item, Rejected):
-                    done = True
+            while not stream.done:
+                # Everything queued since we last looked: more than one step's outputs when we lag
+                # (the event loop fell behind the engine, or our last write waited on a slow client).
+                # They go out as one message per sample, so a backlog costs one send, not one per token.
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                # A marker (Rejected, Aborted, EngineFailed) is always a request's last item.
+                marker = items.pop() if isinstance(items[-1], _MARKERS) else None
+                for response in stream.responses(items):
+                    yield response
+                if marker is None:
+                    continue
+                stream.done = True
+                if isinstance(marker, Rejected):
                     self.metrics.count_finished("rejected")
-                    await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(item.error), input_field)
-                if isinstance(item, EngineFailed):
-                    done = True
+                    await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(marker.error), input_field)
+                elif isinstance(marker, EngineFailed):
                     self.metrics.count_finished("error")
-                    await self._abort(context, grpc.StatusCode.INTERNAL, f"the engine failed: {item.message}")
-                if isinstance(item, Aborted):  # shutdown: close every open sample with "abort"
-                    done = True
-                    open_samples = [i for i in range(n) if i not in finished]
-                    for k, i in enumerate(open_samples):
-                        self.metrics.count_finished("abort")
-                        last = k == len(open_samples) - 1
-                        usage = pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(generated.values()),
-                                         cached_tokens=cached_tokens) if last else None
-                        yield pb.GenerateResponse(request_id=request_id, index=i, finish_reason="abort", usage=usage)
-                    break
-                now = time.perf_counter()
-                out = item
-                if out.new_token_ids and out.index not in first_token:
-                    first_token[out.index] = now
-                    if len(first_token) == 1:
-                        self.metrics.ttft.observe(now - start)
-                prompt_tokens = int(out.prompt_tokens or prompt_tokens)
-                cached_tokens = max(cached_tokens, int(out.cached_tokens or 0))
-                response = pb.GenerateResponse(request_id=request_id, index=out.index,
-                                               token_ids=out.new_token_ids, text=out.new_text or "",
-                                               logprobs=self._logprobs(out.logprobs))
-                generated[out.index] = int(out.completion_tokens)
-                if out.finished:
-                    finished.add(out.index)
-                    response.finish_reason = out.finish_reason or "stop"
-                    self.metrics.count_finished(response.finish_reason)
-                    if out.completion_tokens > 1 and out.index in first_token:
-                        self.metrics.tpot.observe((now - first_token[out.index]) / (out.completion_tokens - 1))
-                    if len(finished) == n:
-                        done = True
-                        response.usage.CopyFrom(pb.Usage(prompt_tokens=prompt_tokens, cached_tokens=cached_tokens,
-                                                         completion_tokens=sum(generated.values())))
-                        self.metrics.e2e.observe(now - start)
-                yield response
+                    await self._abort(context, grpc.StatusCode.INTERNAL, f"the engine failed: {marker.message}")
+                else:  # Aborted (shutdown): close every open sample with "abort"
+                    for response in stream.abort_responses():
+                        yield response
         finally:
             self.active -= 1
-            if not done:  # cancelled by the client (or the stream broke): free the pages now
+            if not stream.done:  # cancelled by the client (or the stream broke): free the pages now
                 self.loop.abort(request_id, sink)
                 self.metrics.count_finished("cancelled")
 
@@ -208,6 +188,82 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             prompt_tokens_total=s.prompt_tokens_total, generation_tokens_total=s.generation_tokens_total,
             num_preemptions_total=s.num_preemptions_total,
             histograms=self.metrics.histograms(), requests_finished_total=self.metrics.finished())
+
+
+_MARKERS = (Rejected, Aborted, EngineFailed)
+
+
+class _Stream:
+    """One Generate call's bookkeeping: turns engine outputs into GenerateResponses, one message
+    per sample per batch of outputs, and keeps usage and the latency metrics."""
+
+    def __init__(self, servicer: GenerationServicer, request_id: str, n: int, prompt_tokens: int, start: float):
+        self.servicer, self.metrics = servicer, servicer.metrics
+        self.request_id, self.n, self.start = request_id, n, start
+        self.prompt_tokens, self.cached_tokens = prompt_tokens, 0
+        self.first_token: dict[int, float] = {}  # sample -> time its first token was delivered
+        self.generated: dict[int, int] = {}      # sample -> completion tokens so far
+        self.finished: set[int] = set()
+        self.done = False                        # the last message went out (or a marker ended the call)
+
+    def responses(self, outputs: list[Any]) -> list[pb.GenerateResponse]:
+        """Outputs (in engine order) -> one message per sample: the token ids, text and logprobs of
+        that sample's outputs concatenated, finish_reason from its last. Samples are ordered by their
+        last output, so the message that completes the request (with usage) is the last one."""
+        if not outputs:
+            return []
+        groups: dict[int, list[Any]] = {}
+        for out in outputs:
+            groups.setdefault(out.index, []).append(out)
+        if len(groups) > 1:
+            last_seen = {out.index: k for k, out in enumerate(outputs)}
+            groups = {i: groups[i] for i in sorted(groups, key=last_seen.__getitem__)}
+        now = time.perf_counter()
+        return [self._response(index, group, now) for index, group in groups.items()]
+
+    def _response(self, index: int, group: list[Any], now: float) -> pb.GenerateResponse:
+        last = group[-1]
+        if len(group) == 1:  # no backlog: the common case, nothing to concatenate
+            token_ids, text, logprobs = last.new_token_ids, last.new_text or "", last.logprobs
+        else:
+            token_ids = [t for out in group for t in out.new_token_ids]
+            text = "".join(out.new_text or "" for out in group)
+            logprobs = None if last.logprobs is None else [lp for out in group for lp in out.logprobs or ()]
+        if token_ids and index not in self.first_token:
+            self.first_token[index] = now
+            if len(self.first_token) == 1:
+                self.metrics.ttft.observe(now - self.start)
+        self.prompt_tokens = int(last.prompt_tokens or self.prompt_tokens)
+        self.cached_tokens = max(self.cached_tokens, int(last.cached_tokens or 0))
+        self.generated[index] = int(last.completion_tokens)
+        response = pb.GenerateResponse(request_id=self.request_id, index=index, token_ids=token_ids, text=text)
+        if logprobs:  # only when the request asked for them: no conversion work otherwise
+            response.logprobs.extend(self.servicer.logprob_messages(logprobs))
+        if last.finished:
+            self.finished.add(index)
+            response.finish_reason = last.finish_reason or "stop"
+            self.metrics.count_finished(response.finish_reason)
+            if last.completion_tokens > 1 and index in self.first_token:
+                self.metrics.tpot.observe((now - self.first_token[index]) / (last.completion_tokens - 1))
+            if len(self.finished) == self.n:
+                self.done = True
+                response.usage.CopyFrom(self._usage())
+                self.metrics.e2e.observe(now - self.start)
+        return response
+
+    def abort_responses(self) -> list[pb.GenerateResponse]:
+        """Shutdown aborted the request: end every open sample with "abort", usage on the last."""
+        open_samples = [i for i in range(self.n) if i not in self.finished]
+        responses = []
+        for k, i in enumerate(open_samples):
+            self.metrics.count_finished("abort")
+            usage = self._usage() if k == len(open_samples) - 1 else None
+            responses.append(pb.GenerateResponse(request_id=self.request_id, index=i, finish_reason="abort", usage=usage))
+        return responses
+
+    def _usage(self) -> pb.Usage:
+        return pb.Usage(prompt_tokens=self.prompt_tokens, cached_tokens=self.cached_tokens,
+                        completion_tokens=sum(self.generated.values()))
 
 
 def _address(host: str, port: int) -> str:

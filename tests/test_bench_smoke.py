@@ -113,3 +113,16 @@ def test_table_ratios_and_percentiles():
     assert "3.00x b" in table and "failed: x" in table
     assert common.percentile([1, 2, 3, 4], 50) == 2.5 and common.percentile([5], 99) == 5
     assert common.median([3, 1, 2]) == 2
+
+
+def test_delivery_bench_tiny(tmp_path, capsys):
+    delivery = _load("delivery")
+    out = tmp_path / "delivery.json"
+    assert delivery.main(["--tiny", "--json", str(out)]) == 0
+    assert "ratio vs peer" in capsys.readouterr().out
+    rows = _rows(out)
+    offline = _positive(rows, "delivery|offline|output tok/s")
+    for system in ("grpc", "rest", "rest-thread", "grpc-slow"):
+        row = rows[f"delivery|{system}|output tok/s"]
+        assert row["ratios"]["offline"] == pytest.approx(_positive(rows, row["workload"] + f"|{system}|output tok/s") / offline)
+        assert "msgs/request" in row["note"] and "CPU us/token" in row["note"]

@@ -208,6 +208,37 @@ def test_serve_rejects_bad_arguments_with_one_clear_line(argv, words, tiny_model
     assert err.startswith("astrai serve: error:") and words in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("n, max_tokens", [(1, 300), (2, 120)])
+def test_a_lagging_stream_gets_its_backlog_coalesced(stubs, stub, daemon, n, max_tokens):
+    """A client that does not read while the engine runs (with the REST facade's small receive
+    window, so the core feels it at once) gets fewer messages than tokens, and what they carry,
+    concatenated, is exactly the stream a prompt reader gets: ids, text, logprobs, finish, usage."""
+    from astrai_serve.core_client import CHANNEL_OPTIONS
+
+    pb2 = stubs[0]
+    params = pb2.SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=5, n=n, ignore_eos=True, logprobs=True)
+    request = pb2.GenerateRequest(text="Lord, what fools", params=params)
+    prompt = list(stub.Generate(request, timeout=60))
+    before = stub.GetStats(pb2.GetStatsRequest()).generation_tokens_total
+    with grpc.insecure_channel(daemon.ready["grpc"], options=CHANNEL_OPTIONS) as channel:
+        call = stubs[1].GenerationServiceStub(channel).Generate(request, timeout=60)
+        # Read nothing until the engine has generated every token of this request.
+        assert wait_for(lambda: stub.GetStats(pb2.GetStatsRequest()).generation_tokens_total - before >= n * max_tokens,
+                        timeout=60)
+        lagged = list(call)
+    assert len(lagged) < len(prompt) / 2, f"{len(lagged)} messages for {n * max_tokens} tokens: nothing coalesced"
+    assert max(len(r.token_ids) for r in lagged) > 10
+    for responses in (prompt, lagged):
+        assert all(len(r.logprobs) == len(r.token_ids) for r in responses)
+        assert sum(r.HasField("usage") for r in responses) == 1 and responses[-1].HasField("usage")
+    assert _collect(lagged)[:3] == _collect(prompt)[:3]  # text, ids, finish per sample
+    assert _collect(lagged)[3] == _collect(prompt)[3]    # usage
+    for i in range(n):
+        assert [lp.token_id for r in lagged if r.index == i for lp in r.logprobs] == _collect(prompt)[1][i]
+        assert ([lp.logprob for r in lagged if r.index == i for lp in r.logprobs]
+                == pytest.approx([lp.logprob for r in prompt if r.index == i for lp in r.logprobs], abs=1e-5))
+
+
 def test_gateway_in_front_of_the_core(daemon, tmp_path):
     import openai
 
