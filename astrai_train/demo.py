@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import signal
@@ -26,14 +27,15 @@ STAGES = ("init", "seq", "sft", "dpo", "grpo")
 METRICS = (  # (key in `astrai eval --json`, column, better)
     ("perplexity", "held-out perplexity", "lower"),
     ("speaker_accuracy", "speaker id acc", "higher"),
-    ("next_line_preference", "next-line pref acc", "higher"),
+    ("whole_line_preference", "whole-line pref acc", "higher"),
     ("arithmetic_accuracy", "arithmetic acc", "higher"),
 )
-# Which metric each stage exists to move (the table marks whether it did).
+UNITS = ("tokens", "questions", "pairs", "sums")  # what each metric's n counts
 # What each stage's picture shows: the loss, except where another series tells more (GRPO's loss
 # hovers near zero by construction; its mean reward is what should climb).
 CURVES = {"dpo": ("train/loss", "train/rewards/accuracies"), "grpo": ("train/reward",)}
-PURPOSE = {"seq": "perplexity", "sft": "speaker_accuracy", "dpo": "next_line_preference",
+# Which metric each stage exists to move (the table marks whether it did).
+PURPOSE = {"seq": "perplexity", "sft": "speaker_accuracy", "dpo": "whole_line_preference",
            "grpo": "arithmetic_accuracy"}
 
 
@@ -53,14 +55,17 @@ class Sizes:
     max_operand: int
 
 
-# Measured on the idle 2-core CPU machine: 418 s end to end (tokenizer and data ~10 s, each eval
-# ~8 s, SEQ 125 s, SFT 176 s, DPO 46 s, GRPO 48 s, serving 6 s).
-CPU = Sizes(vocab=2048, preset="tiny", seq_steps=300, sft_steps=400, dpo_steps=120, grpo_steps=40,
-            train_size=3000, eval_limit=200, ppl_tokens=8192, max_operand=9)
+# Measured on the idle 2-core CPU machine: 554 s end to end (tokenizer and data 10 s, each eval
+# ~8 s, SEQ 134 s, SFT 265 s, DPO 45 s, GRPO 81 s, serving 8 s; docs/demo.md). SFT needs its 600
+# steps: held-out sums go from 17% at 500 steps (the jump to reading the digits is under way) to
+# 40-70% at 600. 6000 training examples: SFT sees each ~6 times (with 3000, ~11 times, and the
+# memorised speaker lines pulled held-out answers off the prior: 33% instead of 45%).
+CPU = Sizes(vocab=2048, preset="tiny", seq_steps=300, sft_steps=600, dpo_steps=120, grpo_steps=100,
+            train_size=6000, eval_limit=200, ppl_tokens=8192, max_operand=99)
 QUICK = Sizes(vocab=512, preset="tiny", seq_steps=6, sft_steps=6, dpo_steps=4, grpo_steps=2,
               train_size=200, eval_limit=8, ppl_tokens=512, max_operand=9)
 GPU = Sizes(vocab=8192, preset="125m", seq_steps=4000, sft_steps=1000, dpo_steps=300, grpo_steps=100,
-            train_size=20000, eval_limit=400, ppl_tokens=65536, max_operand=20)
+            train_size=20000, eval_limit=400, ppl_tokens=65536, max_operand=99)
 
 
 def astrai(*args: str, log: Path | None = None) -> None:
@@ -114,6 +119,13 @@ def train(objective: str, out: Path, steps: int, data: Path, sizes: Sizes, init_
     return out / name / "model"
 
 
+def sample_lines(model: Path, out_file: Path) -> None:
+    """A few sampled lines from the pretrained model: what SEQ learned, for people to read."""
+    astrai("generate", "--model", str(model), "--prompt", "Romeo.\n", "--prompt", "First Citizen.\n",
+           "--max-tokens", "60", "--temperature", "0.8", "--seed", "0", log=out_file)
+    print(out_file.read_text().rstrip(), flush=True)
+
+
 def evaluate(model: Path, tasks: Path, sizes: Sizes, out_json: Path) -> dict:
     astrai("eval", "--model", str(model), "--data", str(tasks), "--limit", str(sizes.eval_limit),
            "--ppl-tokens", str(sizes.ppl_tokens), "--json", str(out_json))
@@ -121,37 +133,58 @@ def evaluate(model: Path, tasks: Path, sizes: Sizes, out_json: Path) -> dict:
 
 
 def flatten(results: dict) -> dict[str, float]:
-    """`astrai eval --json` gives {metric: {"value", "chance", ...}}; keep value and chance."""
+    """`astrai eval --json` gives {metric: {"value", "chance", "n", ...}}; keep value, chance and n."""
     flat = {}
     for key, entry in results.items():
         if isinstance(entry, dict):
             flat[key] = entry.get("value")
             flat[f"{key}_chance"] = entry.get("chance")
+            flat[f"{key}_n"] = entry.get("n")
         else:
             flat[key] = entry
     return flat
 
 
+def moved(key: str, better: str, before: dict[str, float], after: dict[str, float]) -> str:
+    """✓: the metric moved the right way by more than noise; ~: the right way, within noise;
+    ✗: the wrong way. An accuracy over n held-out items is noise up to two standard errors of
+    the difference, 2 sqrt((p1 (1 - p1) + p2 (1 - p2)) / n); perplexity over thousands of tokens
+    is not noisy at the digits shown."""
+    p1, p2 = before[key], after[key]
+    if better == "lower":
+        return "✓" if p2 < p1 else "✗"
+    if p2 <= p1:
+        return "✗"
+    n = after.get(f"{key}_n") or 1
+    return "✓" if p2 - p1 > 2 * math.sqrt((p1 * (1 - p1) + p2 * (1 - p2)) / n) else "~"
+
+
 def format_table(rows: dict[str, dict[str, float]]) -> str:
     head = f"{'after stage':<12}" + "".join(f"{col:>22}" for _, col, _ in METRICS)
     lines = [head, "-" * len(head)]
-    chance = next(iter(rows.values()))
+    first = next(iter(rows.values()))
     lines.append(f"{'(chance)':<12}" + "".join(
-        f"{_fmt(chance.get(f'{k}_chance'), k):>22}" for k, _, _ in METRICS))
+        f"{_fmt(first.get(f'{k}_chance'), k):>22}" for k, _, _ in METRICS))
+    lines.append(f"{'(held out)':<12}" + "".join(
+        f"{_count(first.get(f'{k}_n'), unit):>22}" for (k, _, _), unit in zip(METRICS, UNITS)))
     prev = None
     for stage, r in rows.items():
         cells = []
         for key, _, better in METRICS:
             cell = _fmt(r.get(key), key)
             if prev is not None and PURPOSE.get(stage) == key:
-                moved = (r[key] < prev[key]) if better == "lower" else (r[key] > prev[key])
-                cell += " ✓" if moved else " ✗"
+                cell += " " + moved(key, better, prev, r)
             cells.append(f"{cell:>22}")
         lines.append(f"{stage:<12}" + "".join(cells))
         prev = r
-    lines.append("✓/✗: did the stage move the metric it is for (SEQ perplexity, SFT speaker id, "
-                 "DPO next-line preference, GRPO arithmetic)?")
+    lines.append("✓ / ~ / ✗: did the stage move the metric it is for (SEQ perplexity, SFT speaker id, "
+                 "DPO whole-line preference, GRPO arithmetic) the right way by more than noise "
+                 "(2 standard errors) / within noise / the wrong way?")
     return "\n".join(lines)
+
+
+def _count(n: float | None, unit: str) -> str:
+    return "-" if n is None else f"{int(n):,} {unit}"
 
 
 def _fmt(value: float | None, key: str) -> str:
@@ -317,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         runs[objective] = model.parent
         rows[objective] = flatten(evaluate(model, tasks, sizes, out / f"eval_{objective}.json"))
         init_from = model
+        if objective == "seq":
+            sample_lines(model, out / "sample_seq.txt")
         stage_line(objective.upper(), time.time() - t, f"{model} (loss curve {model.parent / 'loss.png'})")
 
     table = format_table(rows)

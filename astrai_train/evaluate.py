@@ -1,9 +1,9 @@
 """`astrai eval`: how good is a model directory on the held-out Shakespeare tasks?
 
-    perplexity            on held-out text (seq_eval.txt), teacher-forced windows
-    speaker accuracy      greedy answer == the speaker (multiple choice in the prompt)
-    next-line preference  log p(true next line) > log p(a line from elsewhere)  (dpo_eval.jsonl)
-    arithmetic accuracy   greedy answer == the sum
+    perplexity             on held-out text (seq_eval.txt), teacher-forced windows
+    speaker accuracy       greedy answer == the speaker's letter (multiple choice in the prompt)
+    whole-line preference  log p(the next line) > log p(the same line cut short)  (dpo_eval.jsonl)
+    arithmetic accuracy    greedy answer == the sum (of numbers never summed in training)
 
 Each metric comes with its chance level, so "before and after training" figures can be read
 against what guessing would score.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,12 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from astrai_train.data.records import encode_record
+from astrai_train.data.tasks import CHOICE_LABELS, speaker_choices
 
 # name -> (label, what "n" counts)
 METRICS = {
     "perplexity": ("perplexity (held-out text)", "tokens"),
     "speaker_accuracy": ("speaker accuracy", "prompts"),
-    "next_line_preference": ("next-line preference", "pairs"),
+    "whole_line_preference": ("whole-line preference", "pairs"),
     "arithmetic_accuracy": ("arithmetic accuracy", "prompts"),
 }
 
@@ -133,18 +133,17 @@ def preference_accuracy(model, tok, records: list[dict[str, Any]], batch_size: i
 
 
 def _choices(record: dict[str, Any]) -> list[str]:
-    """The names after 'Choose from:' in a speaker prompt."""
+    """The names a speaker prompt offers."""
     prompt = record["prompt"] if isinstance(record["prompt"], str) else record["prompt"][-1]["content"]
-    m = re.search(r"Choose from: (.*?)\.\n", prompt)
-    return m.group(1).split(", ") if m else []
+    return speaker_choices(prompt)
 
 
 def speaker_baselines(records: list[dict[str, Any]]) -> tuple[float, float]:
-    """(chance: mean 1/k over k listed names, first-choice: accuracy of always naming the first,
-    i.e. the play's most frequent speaker)."""
+    """(chance: mean 1/k over k offered names, first-choice: accuracy of always answering the
+    first option, the play's most frequent speaker)."""
     choices = [_choices(r) for r in records]
     chance = sum(1.0 / len(c) for c in choices if c) / len(records)
-    first = sum(bool(c) and c[0] == str(r["answer"]) for c, r in zip(choices, records)) / len(records)
+    first = sum(bool(c) and str(r["answer"]).strip() == CHOICE_LABELS[0] for c, r in zip(choices, records)) / len(records)
     return chance, first
 
 
@@ -165,7 +164,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, dict[str, float]]:
     model = Transformer.from_pretrained(cfg.model, device=cfg.device, dtype=torch.float32).eval()
     tok = Tokenizer.from_pretrained(cfg.model)
     manifest = data / "manifest.json"
-    max_operand = json.loads(manifest.read_text())["config"]["max_operand"] if manifest.is_file() else 99
+    task_cfg = json.loads(manifest.read_text())["config"] if manifest.is_file() else {}
+    largest_sum = task_cfg.get("max_operand", 99) + task_cfg.get("max_addend", task_cfg.get("max_operand", 99))
 
     results: dict[str, dict[str, float]] = {}
     if files["seq_eval.txt"].is_file():
@@ -181,12 +181,12 @@ def evaluate(cfg: EvalConfig) -> dict[str, dict[str, float]]:
         arith = _read_jsonl(files["grpo_eval.jsonl"], "arithmetic", cfg.limit)
         if arith:
             results["arithmetic_accuracy"] = {"value": exact_match(model, tok, arith, cfg.batch_size, cfg.max_new_tokens),
-                                              "chance": 1.0 / (2 * max_operand + 1), "n": len(arith)}
+                                              "chance": 1.0 / (largest_sum + 1), "n": len(arith)}
     if files["dpo_eval.jsonl"].is_file():
         pairs = _read_jsonl(files["dpo_eval.jsonl"], None, cfg.limit)
         if pairs:
-            results["next_line_preference"] = {"value": preference_accuracy(model, tok, pairs, cfg.batch_size, cfg.device),
-                                               "chance": 0.5, "n": len(pairs)}
+            results["whole_line_preference"] = {"value": preference_accuracy(model, tok, pairs, cfg.batch_size, cfg.device),
+                                                "chance": 0.5, "n": len(pairs)}
     return results
 
 

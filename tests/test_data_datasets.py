@@ -16,6 +16,11 @@ from astrai_train.data.h5store import H5Writer
 from astrai_train.data.prepare import PrepareConfig, prepare
 
 SEGMENTS = [10, 5, 1, 14]  # 30 tokens; boundaries after tokens 9, 14, 15
+STARTS = np.cumsum([0, *SEGMENTS[:-1]])  # 0, 10, 15, 16
+
+
+def _example_start(position: int) -> int:
+    return int(STARTS[STARTS <= position].max())
 
 
 def _write(path: Path, objective: str, examples: list[dict], pad_id: int = 3) -> Path:
@@ -53,10 +58,26 @@ def test_windows_cross_segment_boundaries(sft_file, window, stride):
         assert item["input_ids"].tolist() == flat[s:s + window].tolist()
         assert item["target_ids"].tolist() == flat[s + 1:s + window + 1].tolist()
         # the mask belongs to the targets: True exactly where the *target* token is a loss token
-        assert item["loss_mask"].tolist() == [t % 3 == 0 for t in item["target_ids"].tolist()]
+        # of an example that starts inside the window (one cut off from its start, i.e. from its
+        # prompt, is not trained on in this window)
+        assert item["loss_mask"].tolist() == [t % 3 == 0 and _example_start(t) >= s
+                                              for t in item["target_ids"].tolist()]
         assert item["input_ids"].dtype == torch.int64 and item["loss_mask"].dtype == torch.bool
     with pytest.raises(IndexError):
         ds[len(ds)]
+
+
+def test_sft_windows_train_no_reply_cut_off_from_its_prompt(tmp_path):
+    def example(ids: list[int], n_prompt: int) -> dict:
+        return {"sequence": np.array(ids), "loss_mask": np.array([0] * n_prompt + [1] * (len(ids) - n_prompt), np.uint8)}
+
+    # stream 1..10, replies 4 5 6 and 9 10; windows of 4 inputs start at 0, 2, 4
+    ds = SFTDataset(_write(tmp_path / "sft.h5", "sft", [example([1, 2, 3, 4, 5, 6], 3), example([7, 8, 9, 10], 2)]),
+                    window_size=4, stride=2)
+    assert [ds[i]["target_ids"].tolist() for i in range(len(ds))] == [[2, 3, 4, 5], [4, 5, 6, 7], [6, 7, 8, 9]]
+    assert ds[0]["loss_mask"].tolist() == [False, False, True, True]  # the whole question is in view
+    assert ds[1]["loss_mask"].tolist() == [False] * 4  # reply 4 5 6 without the question 1 2 3
+    assert ds[2]["loss_mask"].tolist() == [False, False, False, True]  # 6 is cut off; 9 has its question 7 8
 
 
 def test_window_edges_exactly_fill_or_fail(sft_file, tmp_path):

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
 
 from astrai_train.cli import main as cli
 from astrai_train.data.corpus import frequent_speakers, load_corpus, parse_turns
-from astrai_train.data.tasks import EVAL_PLAYS, TaskConfig, derive_tasks
+from astrai_train.data.tasks import CHOICE_LABELS, EVAL_PLAYS, TaskConfig, cut_short, derive_tasks, speaker_choices
 
 PLAY = """HAMLET
 
@@ -76,7 +77,10 @@ def test_task_files_have_trl_formats_and_correct_answers(tasks):
     counts = json.loads((tasks / "manifest.json").read_text())["counts"]
     for kind in ("sft", "dpo", "grpo"):
         assert len(_read(tasks / f"{kind}_train.jsonl")) == counts[f"{kind}_train.jsonl"] == 300
-        assert len(_read(tasks / f"{kind}_eval.jsonl")) == 60
+        assert len(_read(tasks / f"{kind}_eval.jsonl")) == (120 if kind == "grpo" else 60)
+    # GRPO trains on sums only; its eval file asks 60 of each kind of question
+    assert {r["task"] for r in _read(tasks / "grpo_train.jsonl")} == {"arithmetic"}
+    assert sorted(r["task"] for r in _read(tasks / "grpo_eval.jsonl")) == ["arithmetic"] * 60 + ["speaker"] * 60
     sft = _read(tasks / "sft_train.jsonl")
     assert {r["task"] for r in sft} == {"speaker", "next_line", "arithmetic"}
     assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in sft)
@@ -86,27 +90,50 @@ def test_task_files_have_trl_formats_and_correct_answers(tasks):
             a, b = prompt.removeprefix("What is ").removesuffix("?").split(" + ")
             assert r["answer"] == str(int(a) + int(b))
         else:
-            choices = prompt.split("Choose from: ")[1].split(".\n")[0].split(", ")
-            assert r["answer"] in choices and len(choices) == 4 and prompt.startswith("Who speaks this line in ")
-    for r in _read(tasks / "dpo_eval.jsonl"):
+            assert len(speaker_choices(prompt)) == 4 and prompt.startswith("Who speaks this line in ")
+            assert r["answer"] in ("A", "B", "C", "D") and f"\n{r['answer']}. " in prompt
+    for r in _read(tasks / "dpo_train.jsonl") + _read(tasks / "dpo_eval.jsonl"):
         assert r["prompt"][0]["content"].startswith("What line follows: ")
         assert r["chosen"][0]["role"] == r["rejected"][0]["role"] == "assistant"
-        assert r["chosen"][0]["content"] != r["rejected"][0]["content"]
+        # rejected: the chosen line stopped short, after a whole word
+        chosen, rejected = r["chosen"][0]["content"], r["rejected"][0]["content"]
+        assert rejected and chosen.startswith(rejected) and chosen[len(rejected)].isspace()
 
 
-def test_eval_choices_are_the_plays_speakers_and_train_mixes_in_renamed_ones(tasks, corpus_dir):
-    plays = {w.title: frequent_speakers(w.turns, 4) for w in load_corpus(corpus_dir) if w.is_play}
+def test_speaker_options_are_the_plays_top_speakers_and_the_answer_letters_the_speaker(tasks, corpus_dir):
+    plays = {w.title: w for w in load_corpus(corpus_dir) if w.is_play}
+    sft = [r for r in _read(tasks / "sft_train.jsonl") if r["task"] == "speaker"]
+    grpo = [r for r in _read(tasks / "grpo_eval.jsonl") if r["task"] == "speaker"]
+    for questions in ([(r["messages"][0]["content"], r["messages"][1]["content"]) for r in sft],
+                      [(r["prompt"][0]["content"], r["answer"]) for r in grpo]):
+        answers = set()
+        for prompt, answer in questions:
+            play = plays[prompt.removeprefix("Who speaks this line in ").split("?\n")[0]]
+            line = prompt.split("\n")[1]
+            choices = speaker_choices(prompt)
+            assert choices == frequent_speakers(play.turns, 4)  # most frequent first
+            speaker = choices[CHOICE_LABELS.index(answer)]
+            assert any(t.speaker == speaker and line in t.lines for t in play.turns)
+            answers.add(answer)
+        assert answers == {"A", "B", "C", "D"}  # not always the first
 
-    def split(r):
-        prompt = r["prompt"][0]["content"]
-        title = prompt.removeprefix("Who speaks this line in ").split("? Choose from: ")[0]
-        return title, prompt.split("Choose from: ")[1].split(".\n")[0].split(", ")
 
-    evals = [split(r) for r in _read(tasks / "grpo_eval.jsonl") if r["task"] == "speaker"]
-    assert evals and all(choices == plays[title] for title, choices in evals)  # most frequent first
-    train = [split(r) for r in _read(tasks / "grpo_train.jsonl") if r["task"] == "speaker"]
-    renamed = sum(choices != plays[title] for title, choices in train)
-    assert 0.3 < renamed / len(train) < 0.7  # renamed_pct=50
+def test_dpo_pairs_follow_the_prompt_line_and_cut_the_answer_short(tasks, corpus_dir):
+    plays = [w for w in load_corpus(corpus_dir) if w.name in EVAL_PLAYS]
+    follows = {(a, b) for w in plays for t in w.turns for a, b in zip(t.lines, t.lines[1:])}
+    for r in _read(tasks / "dpo_eval.jsonl"):
+        line = r["prompt"][0]["content"].removeprefix("What line follows: ")
+        assert (line, r["chosen"][0]["content"]) in follows
+        kept, words = len(r["rejected"][0]["content"].split()), len(r["chosen"][0]["content"].split())
+        assert words / 2 <= kept < words
+    rng = random.Random(0)
+    cuts = {cut_short("Nay, answer me: stand, and unfold yourself.", rng) for _ in range(200)}
+    # every cut after a word, keeping at least half of the 7 words and missing at least one
+    assert cuts == {"Nay, answer me: stand,", "Nay, answer me: stand, and", "Nay, answer me: stand, and unfold"}
+    assert {cut_short("a b c", rng) for _ in range(20)} == {"a b"}
+    with pytest.raises(ValueError, match="fewer than three words"):
+        cut_short("Who's there?", rng)
+    assert speaker_choices("What line follows: A. line") == [] and speaker_choices("Q\nA. x\nC. y") == []
 
 
 def test_held_out_plays_never_reach_training(tasks, corpus_dir):
@@ -132,7 +159,7 @@ def test_cli_is_deterministic(tasks, corpus_dir, tmp_path, capsys):
     assert "grpo_eval.jsonl" in capsys.readouterr().out
     for name in ("sft_train.jsonl", "dpo_eval.jsonl", "grpo_train.jsonl", "seq_eval.txt"):
         assert (tmp_path / name).read_bytes() == (tasks / name).read_bytes()
-    with pytest.raises(ValueError, match="choices must be at least 2"):
+    with pytest.raises(ValueError, match="choices must be between 2 and 8"):
         TaskConfig(choices=1)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         derive_tasks(tmp_path / "nowhere", tmp_path)

@@ -25,3 +25,25 @@ def test_quick_demo_runs_every_stage(tmp_path):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "OpenAI client (streaming) asks" in r.stdout and "gRPC Generate stream asks" in r.stdout
     assert "astrai serve shut down cleanly (exit code 0)" in r.stdout
+
+
+def test_table_marks_a_move_only_beyond_noise():
+    from astrai_train.demo import format_table, moved
+
+    acc = lambda p, n=200: {"arithmetic_accuracy": p, "arithmetic_accuracy_n": n}  # noqa: E731
+    assert moved("arithmetic_accuracy", "higher", acc(0.155), acc(0.48)) == "✓"
+    # 40% -> 45% on 200 sums is 1 standard error of the difference: within noise
+    assert moved("arithmetic_accuracy", "higher", acc(0.40), acc(0.45)) == "~"
+    assert moved("arithmetic_accuracy", "higher", acc(0.40), acc(0.45, n=2000)) == "✓"
+    assert moved("arithmetic_accuracy", "higher", acc(0.08), acc(0.04)) == "✗"
+    assert moved("perplexity", "lower", {"perplexity": 2069.0}, {"perplexity": 91.1}) == "✓"
+    row = lambda ppl, sp, pref, ar: {  # noqa: E731
+        "perplexity": ppl, "perplexity_chance": 2048.0, "perplexity_n": 8192,
+        "speaker_accuracy": sp, "speaker_accuracy_chance": 0.25, "speaker_accuracy_n": 200,
+        "whole_line_preference": pref, "whole_line_preference_chance": 0.5, "whole_line_preference_n": 200,
+        "arithmetic_accuracy": ar, "arithmetic_accuracy_chance": 1 / 109, "arithmetic_accuracy_n": 200}
+    table = format_table({"init": row(2069.0, 0.0, 0.0, 0.0), "seq": row(91.1, 0.0, 0.0, 0.0),
+                          "sft": row(1083.0, 0.455, 0.025, 0.405), "dpo": row(714.6, 0.455, 0.32, 0.155),
+                          "grpo": row(761.7, 0.455, 0.325, 0.43)}).splitlines()
+    assert table[3].split() == ["(held", "out)", "8,192", "tokens", "200", "questions", "200", "pairs", "200", "sums"]
+    assert "91.1 ✓" in table[5] and "45.5% ✓" in table[6] and "32.0% ✓" in table[7] and "43.0% ✓" in table[8]

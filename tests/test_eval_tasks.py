@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from astrai_train.cli import main as cli
-from astrai_train.data.tasks import TaskConfig, derive_tasks
+from astrai_train.data.tasks import TaskConfig, derive_tasks, speaker_prompt
 from astrai_train.evaluate import EvalConfig, evaluate
 
 
@@ -37,12 +37,13 @@ def test_cli_prints_every_metric_with_chance(tiny_model_dir, tasks, tmp_path, ca
     assert cli(["eval", "--model", str(tiny_model_dir), "--data", str(tasks), "--limit", "6",
                 "--ppl-tokens", "600", "--json", str(out)]) == 0
     table = capsys.readouterr().out
-    for label in ("perplexity", "speaker accuracy", "next-line preference", "arithmetic accuracy", "chance"):
+    for label in ("perplexity", "speaker accuracy", "whole-line preference", "arithmetic accuracy", "chance"):
         assert label in table
     r = json.loads(out.read_text())
-    assert r["speaker_accuracy"]["chance"] == 0.25 and r["next_line_preference"]["chance"] == 0.5
+    assert r["speaker_accuracy"]["chance"] == 0.25 and r["whole_line_preference"]["chance"] == 0.5
     assert 0 <= r["speaker_accuracy"]["first_choice"] <= 1 and "most frequent choice" in table
-    assert r["speaker_accuracy"]["n"] == r["arithmetic_accuracy"]["n"] == r["next_line_preference"]["n"] == 6
+    assert r["speaker_accuracy"]["n"] == r["arithmetic_accuracy"]["n"] == r["whole_line_preference"]["n"] == 6
+    assert r["arithmetic_accuracy"]["chance"] == 1 / 109  # sums of 0-99 and 0-9 are 0-108
     assert r["perplexity"]["n"] == 600 and r["perplexity"]["chance"] > 1000
     # A random-init model is about as perplexed as a uniform guess over the vocabulary.
     assert 0.5 * r["perplexity"]["chance"] < r["perplexity"]["value"] < 2 * r["perplexity"]["chance"]
@@ -82,14 +83,14 @@ def test_accuracy_scores_what_the_model_actually_says(tiny_model_dir, tmp_path, 
     (tmp_path / "dpo_eval.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     r = evaluate(EvalConfig(model=str(tiny_model_dir), data=str(tmp_path)))
     assert r["arithmetic_accuracy"]["value"] == 0.5 and r["arithmetic_accuracy"]["n"] == 4
-    assert math.isclose(r["next_line_preference"]["value"], 1 / 3)
+    assert math.isclose(r["whole_line_preference"]["value"], 1 / 3)
     assert "perplexity" not in r and "speaker_accuracy" not in r
 
 
 def test_speaker_baselines():
     from astrai_train.evaluate import speaker_baselines
 
-    ask = lambda names, answer: {"prompt": [{"role": "user", "content": f"Who speaks this line in X? Choose from: "  # noqa: E731
-                                                                      f"{', '.join(names)}.\nA line."}], "answer": answer}
-    recs = [ask(["Macbeth", "Banquo"], "Macbeth"), ask(["Macbeth", "Banquo", "Ross", "Lennox"], "Ross")]
+    ask = lambda names, answer: {"prompt": [{"role": "user", "content": speaker_prompt("X", names, "A line.")}],  # noqa: E731
+                                 "answer": answer}
+    recs = [ask(["Macbeth", "Banquo"], "A"), ask(["Macbeth", "Banquo", "Ross", "Lennox"], "C")]
     assert speaker_baselines(recs) == (pytest.approx((1 / 2 + 1 / 4) / 2), 0.5)

@@ -5,7 +5,8 @@ boundaries (packing): window i starts at token i * stride and holds window_size 
 
     input_ids  = stream[s     : s + W]
     target_ids = stream[s + 1 : s + W + 1]
-    loss_mask  = mask  [s + 1 : s + W + 1]     (SFT: aligned with the targets)
+    loss_mask  = mask  [s + 1 : s + W + 1]     (SFT: aligned with the targets; off for the example
+                                                the window cuts off from its start, see SFTDataset)
 
 so there are (n_tokens - W - 1) // stride + 1 windows; a tail shorter than a stride is dropped.
 
@@ -74,14 +75,30 @@ class SeqDataset(_WindowDataset):
 
 class SFTDataset(_WindowDataset):
     """SFT windows: input_ids, target_ids and loss_mask (BoolTensor, True where the target is an
-    assistant token, so the loss covers replies and never prompts or template tokens)."""
+    assistant token, so the loss covers replies and never prompts or template tokens).
+
+    A window that starts inside an example holds that example's reply without the start of its
+    prompt; the reply's tokens get no loss there (they do in the window that holds the example's
+    start), or the model would learn to answer questions it was not shown: for a sum cut before
+    its numbers, an answer made up from memory. So an example longer than a window is trained on
+    only as far as the window holding its start reaches; a stride below window_size covers more."""
 
     objective = "sft"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._starts = self.store.offsets["sequence"]  # stream position where each example begins
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         item = super().__getitem__(i)
         start, stop = self._span(i)
-        item["loss_mask"] = torch.from_numpy(self.store.read("loss_mask", start + 1, stop).astype(np.bool_))
+        mask = self.store.read("loss_mask", start + 1, stop).astype(np.bool_)
+        # The example holding stream position `start` began at or before it; if before, its
+        # targets (stream positions start+1 .. its end) are cut off from their prompt.
+        k = int(np.searchsorted(self._starts, start, side="right")) - 1
+        if self._starts[k] < start:
+            mask[:max(0, int(self._starts[k + 1]) - start - 1)] = False
+        item["loss_mask"] = torch.from_numpy(mask)
         return item
 
 

@@ -26,10 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-line-chars", type=int, default=d.max_line_chars,
                         help="longest line used in a question or answer (default: %(default)s)")
     parser.add_argument("--max-operand", type=int, default=d.max_operand,
-                        help="arithmetic adds integers in [0, N] (default: %(default)s)")
-    parser.add_argument("--renamed-pct", type=int, default=d.renamed_pct,
-                        help="%% of training speaker questions with the names swapped for other plays' "
-                             "names, so the answer must be read from the choices (default: %(default)s)")
+                        help="a sum's first number is in [0, N] (default: %(default)s)")
+    parser.add_argument("--max-addend", type=int, default=d.max_addend,
+                        help="a sum's second number is in [0, N] (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of every random choice (default: %(default)s)")
 
 
@@ -39,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = TaskConfig(train_size=args.train_size, eval_size=args.eval_size, choices=args.choices,
                          max_line_chars=args.max_line_chars, max_operand=args.max_operand,
-                         renamed_pct=args.renamed_pct, seed=args.seed)
+                         max_addend=args.max_addend, seed=args.seed)
         counts = derive_tasks(args.corpus, args.out, cfg)
     except (ValueError, FileNotFoundError) as e:
         print(f"astrai tasks: error: {e}", file=sys.stderr)

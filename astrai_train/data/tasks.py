@@ -1,21 +1,25 @@
 """Real task data from the Shakespeare corpus, in the JSONL formats TRL uses.
 
 A fixed split holds out whole plays (EVAL_PLAYS) so evaluation never sees a line the model was
-trained on. Every file is derived deterministically from the corpus and the seed.
+trained on, and a fixed share of the sums so it never sees a sum it was trained on. Every file is
+derived deterministically from the corpus and the seed.
 
     seq_{train,eval}.txt     the text itself (poems included in train)
     sft_{train,eval}.jsonl   {"messages": [user, assistant], "task"}: speaker / next line / arithmetic
-    dpo_{train,eval}.jsonl   {"prompt": [user], "chosen": [assistant], "rejected": [assistant], "task"}
-    grpo_{train,eval}.jsonl  {"prompt": [user], "answer": str, "task"}: speaker / arithmetic
+    dpo_{train,eval}.jsonl   {"prompt": [user], "chosen": [assistant], "rejected": [assistant], "task"}:
+                             the line that follows, over the same line cut short
+    grpo_{train,eval}.jsonl  {"prompt": [user], "answer": str, "task"}: arithmetic (eval: and speaker)
 
 The tasks are shaped to be learnable by a tiny model in CPU minutes: speaker questions are
-multiple choice among the play's most frequent speakers (listed in the prompt, most frequent
-first), and only short lines are used. "task" is an extra column that TRL ignores and `astrai eval` groups by.
+multiple choice among the play's most frequent speakers (lettered, most frequent first, answered
+with the letter), sums add a digit to a number, and only short lines are used. "task" is an extra
+column that TRL ignores and `astrai eval` groups by.
 """
 from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable
@@ -26,9 +30,10 @@ from .corpus import Work, frequent_speakers, load_corpus
 EVAL_PLAYS = ("julius_caesar_gut", "macbeth_gut", "tempest_gut", "twelfth_night_gut")
 
 # Mixtures (fractions of each file's examples); the remainder of SFT is next-line questions.
-SFT_SPEAKER_SHARE = 0.4
-SFT_ARITHMETIC_SHARE = 0.2
-GRPO_ARITHMETIC_SHARE = 0.5
+SFT_SPEAKER_SHARE = 0.2
+SFT_ARITHMETIC_SHARE = 0.7
+# Option labels of a speaker question; the answer is one of them.
+CHOICE_LABELS = "ABCDEFGH"
 
 
 @dataclass(frozen=True)
@@ -36,12 +41,12 @@ class TaskConfig:
     """How many examples of what shape `derive_tasks` writes."""
 
     train_size: int = 4000      # examples in each *_train.jsonl
-    eval_size: int = 400        # examples in each *_eval.jsonl (fewer if the held-out plays run out)
+    eval_size: int = 400        # examples per *_eval.jsonl (grpo_eval: of each kind); fewer if the held-out ones run out
     choices: int = 4            # speakers offered per speaker question: the play's most frequent ones
     min_line_chars: int = 12    # shorter lines carry too little to guess from
     max_line_chars: int = 60    # longer lines are skipped: short targets are learnable by tiny models
-    max_operand: int = 99       # arithmetic questions add two integers in [0, max_operand]
-    renamed_pct: int = 50       # % of training speaker questions whose names are swapped (see _speaker_qa)
+    max_operand: int = 99       # a sum's first number is in [0, max_operand]
+    max_addend: int = 9         # and its second in [0, max_addend]: number + digit is learnt as a method
     seed: int = 0               # every random choice derives from this
 
     def __post_init__(self) -> None:
@@ -49,17 +54,34 @@ class TaskConfig:
             value = getattr(self, f.name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"TaskConfig.{f.name} must be a non-negative integer, got {value!r}")
-        if self.renamed_pct > 100:
-            raise ValueError(f"TaskConfig.renamed_pct must be at most 100, got {self.renamed_pct}")
-        if self.choices < 2:
-            raise ValueError(f"TaskConfig.choices must be at least 2, got {self.choices}")
+        if not 2 <= self.choices <= len(CHOICE_LABELS):
+            raise ValueError(f"TaskConfig.choices must be between 2 and {len(CHOICE_LABELS)}, got {self.choices}")
         if self.min_line_chars > self.max_line_chars:
             raise ValueError(f"TaskConfig.min_line_chars ({self.min_line_chars}) exceeds "
                              f"max_line_chars ({self.max_line_chars})")
 
 
 def speaker_prompt(title: str, choices: list[str], line: str) -> str:
-    return f"Who speaks this line in {title}? Choose from: {', '.join(choices)}.\n{line}"
+    """Multiple choice with lettered options, answered with the letter. Answering with the name
+    would ask a 4M-parameter model to copy, token by token, a name it has never seen (the held-out
+    plays' casts) out of the prompt, which it does not learn in a CPU demo's budget: it answers
+    with a name memorised from the training plays instead, right 0-3% of the time."""
+    options = "\n".join(f"{label}. {name}" for label, name in zip(CHOICE_LABELS, choices))
+    return f"Who speaks this line in {title}?\n{line}\n{options}"
+
+
+def speaker_choices(prompt: str) -> list[str]:
+    """The names a speaker prompt offers, in order: its last rows, labelled A, B, ... ([] when
+    the prompt does not end in such options)."""
+    rows = prompt.split("\n")
+    for start in range(len(rows) - 1, -1, -1):
+        if rows[start].startswith(f"{CHOICE_LABELS[0]}. "):
+            options = rows[start:]
+            if len(options) <= len(CHOICE_LABELS) and all(
+                    row.startswith(f"{label}. ") for label, row in zip(CHOICE_LABELS, options)):
+                return [row[3:] for row in options]
+            break
+    return []
 
 
 def next_line_prompt(line: str) -> str:
@@ -68,6 +90,19 @@ def next_line_prompt(line: str) -> str:
 
 def arithmetic_prompt(a: int, b: int) -> str:
     return f"What is {a} + {b}?"
+
+
+def cut_short(line: str, rng: random.Random) -> str:
+    """`line` stopped after a random number of its words: at least half of them kept and at
+    least one missing (a cut near the start would leave a reply so short that no model could be
+    taught to prefer the whole line's many more tokens), cut at a space of the line itself (so
+    the kept words are the line's own tokens)."""
+    line = line.strip()
+    spaces = [m.start() for m in re.finditer(r"\s+", line)]  # spaces[i]: after word i + 1
+    if len(spaces) < 2:
+        raise ValueError(f"a line of fewer than three words has no cut that leaves a line: {line!r}")
+    n_words = len(spaces) + 1
+    return line[:rng.choice(spaces[(n_words + 1) // 2 - 1:])]
 
 
 def _user(text: str) -> list[dict[str, str]]:
@@ -109,29 +144,20 @@ class _Pool:
                 for a, b in zip(turn.lines, turn.lines[1:]):
                     if ok(a) and ok(b) and a != b:
                         self.next_line.append((a, b, play.name))
-        self.lines_by_play: dict[str, list[str]] = {}
-        for a, b, play in self.next_line:
-            self.lines_by_play.setdefault(play, []).append(b)
-        self.names = sorted({name for _, top, _, _ in self.speaker for name in top})
-        self.renamed_pct = 0  # set for the training split
 
 
-def _speaker_qa(item: tuple[str, tuple[str, ...], str, str], pool: _Pool, rng: random.Random) -> tuple[str, str]:
-    """(prompt, answer) of a speaker question. With probability renamed_pct the play's names are
-    swapped, position for position, for names from other plays: then only the prompt tells which
-    name to answer, so the model learns to answer from the listed choices instead of memorising
-    line -> name, and that is what carries over to the held-out plays."""
+def _speaker_qa(item: tuple[str, tuple[str, ...], str, str]) -> tuple[str, str]:
+    """(prompt, answer) of a speaker question: the answer is the speaker's letter."""
     title, top, line, speaker = item
-    if pool.renamed_pct and rng.randrange(100) < pool.renamed_pct:
-        others = [n for n in pool.names if n not in top]
-        if len(others) >= len(top):
-            names = rng.sample(others, len(top))
-            return speaker_prompt(title, names, line), names[top.index(speaker)]
-    return speaker_prompt(title, list(top), line), speaker
+    return speaker_prompt(title, list(top), line), CHOICE_LABELS[top.index(speaker)]
 
 
 def _arithmetic_split(cfg: TaskConfig, n_eval: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    pairs = [(a, b) for a in range(cfg.max_operand + 1) for b in range(cfg.max_operand + 1)]
+    """(train sums, held-out sums). A number plus a digit is learnt as a method (copy the tens,
+    add the units, carry) that a tiny model applies to held-out sums as well as to trained ones.
+    Two digits (0-9 + 0-9) make only 100 sums, too few to learn a method from: a tiny model gets a
+    held-out one right only as the mirror of a trained one (3 + 4 from 4 + 3)."""
+    pairs = [(a, b) for a in range(cfg.max_operand + 1) for b in range(cfg.max_addend + 1)]
     random.Random(cfg.seed).shuffle(pairs)
     n_eval = min(n_eval, len(pairs) // 2)
     return pairs[n_eval:], pairs[:n_eval]
@@ -142,31 +168,30 @@ def _arith(pairs: list[tuple[int, int]]) -> list[tuple[str, str]]:
 
 
 def _split_records(pool: _Pool, arith: list[tuple[str, str]], n: int, rng: random.Random,
-                   repeat: bool) -> dict[str, list[dict[str, Any]]]:
+                   train: bool) -> dict[str, list[dict[str, Any]]]:
+    repeat = train  # the training split cycles through its questions; the eval split uses each once
     n_sp, n_ar = int(n * SFT_SPEAKER_SHARE), int(n * SFT_ARITHMETIC_SHARE)
     sft = [{"messages": _user(p) + _assistant(a), "task": "speaker"}
-           for p, a in (_speaker_qa(it, pool, rng) for it in _take(pool.speaker, n_sp, rng, repeat))]
+           for p, a in (_speaker_qa(it) for it in _take(pool.speaker, n_sp, rng, repeat))]
     sft += [{"messages": _user(next_line_prompt(x)) + _assistant(y), "task": "next_line"}
             for x, y, _ in _take(pool.next_line, n - n_sp - n_ar, rng, repeat)]
     sft += [{"messages": _user(p) + _assistant(a), "task": "arithmetic"} for p, a in _take(arith, n_ar, rng, repeat)]
     rng.shuffle(sft)
 
-    # DPO: the rejected line comes from another play of the same split, so it is fluent
-    # Shakespeare that simply does not follow.
-    other_plays = sorted(pool.lines_by_play)
-    dpo = []
-    for x, y, play in _take(pool.next_line, n, rng, repeat):
-        others = [p for p in other_plays if p != play] or other_plays
-        rejected = rng.choice(pool.lines_by_play[rng.choice(others)])
-        if rejected == y:
-            continue
-        dpo.append({"prompt": _user(next_line_prompt(x)), "chosen": _assistant(y),
-                    "rejected": _assistant(rejected), "task": "next_line"})
+    # DPO: the rejected reply is the very line that follows, stopped short. A pretrained model
+    # prefers it (fewer tokens, fewer nats); what DPO has to teach is that a reply ends where the
+    # line does, which is a property of lines, so it carries over to the held-out plays.
+    cuttable = [(x, y) for x, y, _ in pool.next_line if len(y.split()) >= 3]
+    dpo = [{"prompt": _user(next_line_prompt(x)), "chosen": _assistant(y), "rejected": _assistant(cut_short(y, rng)),
+            "task": "next_line"} for x, y in _take(cuttable, n, rng, repeat)]
 
-    n_ga = int(n * GRPO_ARITHMETIC_SHARE)
-    grpo = [{"prompt": _user(p), "answer": a, "task": "speaker"}
-            for p, a in (_speaker_qa(it, pool, rng) for it in _take(pool.speaker, n - n_ga, rng, repeat))]
-    grpo += [{"prompt": _user(p), "answer": a, "task": "arithmetic"} for p, a in _take(arith, n_ga, rng, repeat)]
+    # GRPO trains on sums only, the metric it is for (rewarding sampled speaker letters mostly
+    # rewards the prior, "A", that SFT already taught). The eval file holds both kinds of
+    # question, n of each, for `astrai eval`.
+    grpo = [{"prompt": _user(p), "answer": a, "task": "arithmetic"} for p, a in _take(arith, n, rng, repeat)]
+    if not train:
+        grpo += [{"prompt": _user(p), "answer": a, "task": "speaker"}
+                 for p, a in (_speaker_qa(it) for it in _take(pool.speaker, n, rng, repeat))]
     rng.shuffle(grpo)
     return {"sft": sft, "dpo": dpo, "grpo": grpo}
 
@@ -196,14 +221,13 @@ def derive_tasks(corpus_dir: str | Path, out_dir: str | Path, cfg: TaskConfig = 
         counts[f"seq_{split}.txt"] = len(text)
 
     arith_train, arith_eval = _arithmetic_split(cfg, cfg.eval_size)
-    for split, group, n, arith, repeat in (
+    for split, group, n, arith, train in (
         ("train", train_works, cfg.train_size, _arith(arith_train), True),
         ("eval", eval_works, cfg.eval_size, _arith(arith_eval), False),
     ):
         pool = _Pool([w for w in group if w.is_play], cfg)
-        pool.renamed_pct = cfg.renamed_pct if split == "train" else 0
         rng = random.Random(f"{cfg.seed}-{split}")
-        for kind, records in _split_records(pool, arith, n, rng, repeat).items():
+        for kind, records in _split_records(pool, arith, n, rng, train).items():
             _write_jsonl(out / f"{kind}_{split}.jsonl", records)
             counts[f"{kind}_{split}.jsonl"] = len(records)
 
