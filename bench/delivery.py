@@ -224,13 +224,9 @@ class Daemon:
                 "facade": sum(seconds(f"/proc/{c}/stat") for c in children)}
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        import serve_online
+
+        serve_online.stop_process(self.proc)
 
 
 def run_system(system: str, args: argparse.Namespace, model_dir: Path, jobs: list[list[int]],

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -199,22 +198,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from astrai_train.model import ModelConfig, Transformer, fuse_projections
-    from astrai_train.tokenizer import Tokenizer
 
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     env = common.environment()
-    config = ModelConfig.from_preset(args.preset)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = Transformer(config)
-    model = model.to(torch.bfloat16).eval()
-    fuse_projections(model)                 # as LLM(model_dir) does for the model it loads
-    with tempfile.TemporaryDirectory() as tmp:
-        common.synthetic_tokenizer(config.vocab_size, tmp)
-        tok = Tokenizer.from_pretrained(tmp)
+    config, model, tok = common.random_gpu_model(args.preset)
     reqs = serve.w1_requests(serve.Sizes(num_requests=args.num_requests), config.vocab_size)
     log(f"{args.preset} on {env.get('device')}: {len(reqs)} requests, {sum(n for _, n in reqs)} output tokens")
     rows: list[Row] = []

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -149,20 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from astrai_serve import LLM, SamplingParams
-    from astrai_train.model import ModelConfig, Transformer, fuse_projections
-    from astrai_train.tokenizer import Tokenizer
 
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
-    config = ModelConfig.from_preset(args.preset)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = Transformer(config)
-    model = model.to(torch.bfloat16).eval()
-    fuse_projections(model)                 # as LLM(model_dir) does for the model it loads
-    with tempfile.TemporaryDirectory() as tmp:
-        common.synthetic_tokenizer(config.vocab_size, tmp)
-        tok = Tokenizer.from_pretrained(tmp)
+    config, model, tok = common.random_gpu_model(args.preset)
     s = serve.FULL
     t = time.perf_counter()
     llm = LLM.from_model(model, tok, max_num_seqs=256, max_num_batched_tokens=16384, max_model_len=args.max_model_len,

@@ -16,23 +16,12 @@ import torch
 
 from astrai_serve.engine import LLMEngine, SamplingParams
 from astrai_serve.engine.cuda_graphs import graph_batch_sizes
-from astrai_train.model import Transformer
 
-from engine_support import GQA, MLA  # noqa: E402
+from engine_support import gpu_model_of, prompts_of  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
-CONFIGS = {"gqa": GQA, "mla": MLA}  # the CPU engine tests' models (engine_support.py)
-
-
-def model_of(arch: str, dtype=torch.float32) -> Transformer:
-    torch.manual_seed(0)
-    return Transformer(CONFIGS[arch]).to("cuda", dtype).eval()
-
-
-def prompts_of(lengths, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 300, (n,), generator=g).tolist() for n in lengths]
+model_of = gpu_model_of  # the CPU engine tests' models (engine_support.py), on the GPU
 
 
 PROMPTS = prompts_of((3, 17, 40, 9, 33, 21, 5, 12, 26, 8, 15))

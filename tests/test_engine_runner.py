@@ -19,7 +19,7 @@ from astrai_train.model import ModelConfig, Transformer, kv_layout
 from astrai_train.tokenizer import IncrementalDetokenizer, Tokenizer
 from astrai_train.tokenizer.detokenizer import push_many
 
-from engine_support import GQA, GREEDY, MLA  # noqa: E402
+from engine_support import GQA, GREEDY, MLA, prompts_of  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # toy matmuls: see conftest.one_thread
@@ -32,11 +32,6 @@ def models():
         torch.manual_seed(0)
         out[name] = Transformer(config).eval()
     return out
-
-
-def prompts_of(lengths, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 300, (n,), generator=g).tolist() for n in lengths]
 
 
 PROMPTS = prompts_of((3, 17, 40, 9, 33, 21, 5))

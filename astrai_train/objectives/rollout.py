@@ -72,7 +72,7 @@ class RolloutSampler:
             self._llm = None                     # free the old cache before the new one is made
             if sized:
                 args["num_pages"] = self._pages = 2 * need
-            args.setdefault("max_num_seqs", max(n_seqs, int(self.engine_args.get("max_num_seqs", 0))))
+            args.setdefault("max_num_seqs", n_seqs)
             if next(self.model.parameters()).is_cuda:
                 # Rollouts sample at a temperature, so compiling the graphed decode (its bf16
                 # near-ties may flip) costs nothing in fidelity and fuses its small kernels.
