@@ -11,6 +11,7 @@ and prefill/mixed ones. Prints plain text: this is a diagnostic, not a benchmark
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 import time
 from collections import defaultdict
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/profile_step.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="qwen3-0.6b", help="model preset, random bf16 weights (default qwen3-0.6b)")
-    p.add_argument("--workloads", default="W3,W1,W2", help="comma-separated, in order, repeats allowed: W1, W2, W3, replay, host-W1, host-W2, host-W3 (default W3,W1,W2)")
+    p.add_argument("--workloads", default="W3,W1,W2", help="comma-separated, in order, repeats allowed: W1, W2, W3, R (GRPO rollouts), replay, host-W1, host-W2, host-W3, host-R (default W3,W1,W2)")
     p.add_argument("--compile-decode", action=argparse.BooleanOptionalAction, default=True,
                    help="torch.compile the graphed decode forward (default on, as in the serve bench)")
     p.add_argument("--max-model-len", type=int, default=2048, help="engine max_model_len (default 2048, as bench/serve.py)")
@@ -174,6 +175,16 @@ def main(argv: list[str] | None = None) -> int:
             params = [SamplingParams(max_tokens=s.w2_output, **greedy)] * len(prompts)
             profiled(llm, prompts, params, "W2 cache on", args.trace_steps)
             w2_split(llm, prompts, params)
+        elif w in ("R", "host-R"):
+            # bench/train_rollouts.py's batch: 32 prompts of 64-256 tokens, 8 seeded samples each.
+            rng = random.Random(3)
+            prompts = [[rng.randrange(5, config.vocab_size) for _ in range(rng.randint(64, 256))] for _ in range(32)]
+            params = [SamplingParams(n=8, temperature=1.0, max_tokens=256, seed=i, ignore_eos=True)
+                      for i in range(len(prompts))]
+            if w == "R":
+                profiled(llm, prompts, params, "R rollouts", args.trace_steps)
+            else:
+                host_profile(llm, prompts, params, "R")
         elif w == "host-W2":
             prompts = serve.w2_prompts(s, config.vocab_size)
             host_profile(llm, prompts, [SamplingParams(max_tokens=s.w2_output, **greedy)] * len(prompts), "W2")

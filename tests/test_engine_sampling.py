@@ -39,10 +39,10 @@ def test_sampling_params_normalise_and_from_dict():
         SamplingParams.from_dict({"max_new_tokens": 3})
 
 
-def sample(logits, params, generators=None, histories=None, seed=0):
+def sample(logits, params, seeds=None, histories=None, seed=0, positions=None):
     sampler = Sampler(torch.device("cpu"), seed)
     n = len(params)
-    return sampler(logits.clone(), params, generators or [None] * n, histories or [([], 0)] * n)
+    return sampler(logits.clone(), params, seeds or [None] * n, positions or [0] * n, histories or [([], 0)] * n)
 
 
 def freqs(tokens, vocab):
@@ -97,15 +97,33 @@ def test_seeded_rows_do_not_depend_on_the_batch():
     logits = torch.randn(5, 1000)
     seeded = SamplingParams(temperature=1.0, seed=7)
     free = SamplingParams(temperature=1.0)
-    sampler = Sampler(torch.device("cpu"), 0)
-    alone = [sample(logits[2:3], [seeded], [sampler.request_generator(7)]).token_ids[0] for _ in range(2)]
+    alone = [sample(logits[2:3], [seeded], [7], positions=[40], seed=s).token_ids[0] for s in range(2)]
     mixed = sample(logits, [free, free, seeded, SamplingParams(temperature=0), free],
-                   [None, None, sampler.request_generator(7), None, None], seed=123).token_ids
+                   [None, None, 7, None, None], seed=123, positions=[3, 9, 40, 1, 2]).token_ids
     assert alone[0] == alone[1] == mixed[2]
-    # The generator advances: the next draw differs from the first for some step.
-    g = sampler.request_generator(7)
-    draws = [sample(logits[2:3], [seeded], [g]).token_ids[0] for _ in range(5)]
+    # The noise moves with the position sampled: later positions draw other tokens.
+    draws = [sample(logits[2:3], [seeded], [7], positions=[40 + k]).token_ids[0] for k in range(5)]
     assert len(set(draws)) > 1
+    # Another seed, other noise; unseeded rows follow the sampler's own stream.
+    assert [sample(logits[2:3], [seeded], [8 + k], positions=[40]).token_ids[0] for k in range(5)] != [alone[0]] * 5
+    with pytest.raises(ValueError, match="seeded rows need the positions"):
+        Sampler(torch.device("cpu"))(logits[:1], [seeded], [7], None)
+
+
+def test_gumbel_draws_follow_softmax_at_temperature():
+    # Many seeded rows of the same logits: each (seed, position) key is one independent draw.
+    logits = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4])).repeat(4000, 1)
+    params = [SamplingParams(temperature=0.5, seed=1)] * 4000
+    got = freqs(sample(logits, params, list(range(4000)), positions=[5] * 4000).token_ids, 4)
+    want = torch.softmax(logits[0] / 0.5, -1)
+    assert torch.allclose(got, want, atol=0.03), (got, want)
+
+
+def test_detokenize_false_refuses_stop_strings():
+    with pytest.raises(ValueError, match="detokenize=True"):
+        SamplingParams(stop=["x"], detokenize=False)
+    with pytest.raises(ValueError, match="detokenize"):
+        SamplingParams(detokenize=1)
 
 
 def test_logprobs_are_of_the_raw_distribution():

@@ -88,3 +88,10 @@ def test_generate_command(tiny_model_dir):
     assert bad.returncode == 2 and "temperature=-1.0" in bad.stderr
     missing = run_cli("--model", str(tiny_model_dir / "nope"), "--prompt", "x")
     assert missing.returncode == 2 and "no such model directory" in missing.stderr
+
+
+def test_detokenize_false_gives_the_same_tokens_and_no_text(llm):
+    with_text = llm.generate(["KING. What say you?"], LONG)[0]
+    ids_only = llm.generate(["KING. What say you?"], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True,
+                                                                    detokenize=False))[0]
+    assert ids_only.token_ids == with_text.token_ids and with_text.text and ids_only.text == ""

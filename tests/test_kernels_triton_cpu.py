@@ -50,3 +50,12 @@ def test_triton_impl_by_name_checks_dtypes() -> None:
         impl(case.q.half(), *case.args()[1:])
     with pytest.raises(ValueError, match="multiple of kv heads"):
         impl(case.q[:, :3], *case.args()[1:])
+
+
+def test_interpreted_gumbel_sampling_kernel_matches_reference() -> None:
+    # Same noise bits and same draws as the torch path (greedy rows, ties: first index).
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "astrai_serve.kernels.triton_sampling"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "kernel == reference" in proc.stdout, proc.stderr[-3000:]

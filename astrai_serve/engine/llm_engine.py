@@ -167,8 +167,8 @@ class LLMEngine:
             seq = Sequence(seq_id=self._next_id, request_id=request_id, index=i, token_ids=list(ids),
                            num_prompt_tokens=len(ids), params=params, arrival=self._next_id)
             self._next_id += 1
-            gen = None if params.seed is None else self.sampler.request_generator(sample_seed(params.seed, i))
-            seq.state = new_state(seq, self.tokenizer, gen)
+            seed = None if params.seed is None else sample_seed(params.seed, i)
+            seq.state = new_state(seq, self.tokenizer, seed)
             samples.append(seq)
         self.scheduler.add(samples)
         self._requests[request_id] = samples
@@ -229,7 +229,8 @@ class LLMEngine:
         histories = None
         if any(p.uses_penalties for p in params):
             histories = [(s.token_ids, s.num_prompt_tokens) for s in seqs]
-        return plan, seqs, self.sampler.sample_async(logits, params, [s.state.generator for s in seqs], histories)
+        return plan, seqs, self.sampler.sample_async(logits, params, [s.state.seed for s in seqs],
+                                                     [len(s.token_ids) for s in seqs], histories)
 
     # ---- state -------------------------------------------------------------------------------
     def stats(self) -> EngineStats:

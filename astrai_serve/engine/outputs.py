@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from astrai_train.tokenizer import IncrementalDetokenizer
 from astrai_train.tokenizer.detokenizer import push_many
 
@@ -49,7 +47,7 @@ class SampleState:
     """Engine-side state of one sample (kept in Sequence.state)."""
 
     stop_ids: frozenset[int]                        # token ids that end the sample
-    generator: torch.Generator | None               # per-request RNG when a seed is given
+    seed: int | None                                # the sample's seed (its noise is a hash of seed and position)
     detok: IncrementalDetokenizer | None            # None when the engine has no tokenizer
     text: str = ""
     emitted_chars: int = 0
@@ -59,16 +57,16 @@ class SampleState:
     pushed_from: int = 0                            # len(text) before the last pushed token's text
 
 
-def new_state(seq: Sequence, tokenizer, generator: torch.Generator | None) -> SampleState:
+def new_state(seq: Sequence, tokenizer, seed: int | None) -> SampleState:
     p = seq.params
     stop_ids = set(p.stop_token_ids)
     if tokenizer is not None and not p.ignore_eos:
         stop_ids |= set(tokenizer.stop_ids)
     detok = None
-    if tokenizer is not None:
+    if tokenizer is not None and p.detokenize:
         detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=p.skip_special_tokens)
     holdback = max((len(s) for s in p.stop), default=1) - 1
-    return SampleState(frozenset(stop_ids), generator, detok, holdback=holdback)
+    return SampleState(frozenset(stop_ids), seed, detok, holdback=holdback)
 
 
 def check_stop(seq: Sequence, max_seq_len: int) -> str | None:

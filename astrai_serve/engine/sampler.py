@@ -4,11 +4,11 @@ Order per row: penalties (repetition on prompt+output tokens; presence and frequ
 tokens, as OpenAI defines them) -> greedy argmax when temperature is 0 -> otherwise temperature,
 top-k, top-p and min-p (one sort for all three) -> a draw. Greedy and sampled rows share the batch.
 
-The draw is the exponential race: argmax(p / E) with E ~ Exp(1) i.i.d. picks token i with
-probability p_i. The noise of rows without a seed comes from the engine's generator in one call;
-a row with a seed draws its own noise row from its request's generator, so the same seed gives
-the same tokens whatever else is in the batch (seeded requests are drawn per request: one small
-device call each).
+The draw is the Gumbel-max trick with hashed noise (kernels/gumbel.py): argmax(x / T + G) picks
+token i with probability softmax(x / T)_i, in ONE pass over the logits (one Triton kernel on the
+GPU). A row's noise is a hash of its key: for a seeded sample a hash of (seed, position sampled),
+so the same seed gives the same tokens whatever else is in the batch, with no per-request
+generator and no per-row launch; rows without a seed take keys from the sampler's own stream.
 
 Log-probs are those of the model's distribution (log_softmax of the raw logits, before
 penalties and temperature), as vLLM reports them.
@@ -22,7 +22,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from astrai_serve.kernels.gumbel import gumbel_argmax, seeded_keys, split_keys
 
 from .sampling_params import SamplingParams
 from .transfer import to_device
@@ -39,24 +42,19 @@ class SampleResult:
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0) -> None:
         self.device = device
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(seed)
+        self._rng = np.random.Generator(np.random.PCG64(seed))   # keys of rows without a seed
 
-    def request_generator(self, seed: int) -> torch.Generator:
-        g = torch.Generator(device=self.device)
-        g.manual_seed(seed)
-        return g
-
-    def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
-                 generators: list[torch.Generator | None],
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], seeds: list[int | None] | None = None,
+                 positions: list[int] | None = None,
                  histories: list[tuple[list[int], int]] | None = None) -> SampleResult:
-        """logits [S, V] float32; per row: its params, its own generator (or None) and
-        (token_ids, num_prompt_tokens) for the penalties (needed only when a row has some)."""
-        return self.sample_async(logits, params, generators, histories).result()
+        """logits [S, V] float32; per row: its params, its sample's seed (or None), the position
+        it samples (the sequence's length; with a seed it picks the noise) and (token_ids,
+        num_prompt_tokens) for the penalties (needed only when a row has some)."""
+        return self.sample_async(logits, params, seeds, positions, histories).result()
 
     @torch.inference_mode()
-    def sample_async(self, logits: torch.Tensor, params: list[SamplingParams],
-                     generators: list[torch.Generator | None],
+    def sample_async(self, logits: torch.Tensor, params: list[SamplingParams], seeds: list[int | None] | None = None,
+                     positions: list[int] | None = None,
                      histories: list[tuple[list[int], int]] | None = None) -> "PendingSample":
         """Enqueue the sampling of every row; the result comes with `.result()`."""
         want_lp = any(p.logprobs for p in params)
@@ -65,12 +63,22 @@ class Sampler:
             if histories is None:
                 raise ValueError("rows with penalties need their token histories")
             logits = self._penalize(logits, params, histories)
-        greedy_ids = logits.argmax(-1)
         if all(p.greedy for p in params):
-            tokens = greedy_ids
+            tokens = logits.argmax(-1)
         else:
-            tokens = self._draw(logits, params, generators, greedy_ids)
+            tokens = self._draw(logits, params, self._keys(len(params), seeds, positions))
         return self._to_host(tokens, raw_logprobs, params)
+
+    def _keys(self, n: int, seeds: list[int | None] | None, positions: list[int] | None) -> np.ndarray:
+        """uint64 noise key per row: the sampler's stream, or a hash of (seed, position)."""
+        keys = self._rng.integers(0, np.iinfo(np.uint64).max, size=n, dtype=np.uint64, endpoint=True)
+        rows = [i for i, s in enumerate(seeds or ()) if s is not None]
+        if rows:
+            if positions is None:
+                raise ValueError("seeded rows need the positions they sample")
+            keys[rows] = seeded_keys(np.array([seeds[i] for i in rows], dtype=np.uint64),
+                                     np.array([positions[i] for i in rows], dtype=np.uint64))
+        return keys
 
     def _penalize(self, logits: torch.Tensor, params: list[SamplingParams],
                   histories: list[tuple[list[int], int]]) -> torch.Tensor:
@@ -97,21 +105,19 @@ class Sampler:
         logits[idx] = sub
         return logits
 
-    def _draw(self, logits: torch.Tensor, params: list[SamplingParams],
-              generators: list[torch.Generator | None], greedy_ids: torch.Tensor) -> torch.Tensor:
+    def _draw(self, logits: torch.Tensor, params: list[SamplingParams], keys: np.ndarray) -> torch.Tensor:
         dev = logits.device
-        temps, is_greedy = to_device([[p.temperature if p.temperature > 0 else 1.0 for p in params],
-                                      [float(p.greedy) for p in params]], torch.float32, dev)
-        x = logits / temps[:, None]
-        if any(p.top_k or p.top_p < 1 or p.min_p > 0 for p in params):
-            x = self._filter(x, params)
-        probs = x.softmax(-1)
-        noise = torch.empty_like(probs).exponential_(generator=self.generator)
-        for i, g in enumerate(generators):
-            if g is not None and not params[i].greedy:
-                noise[i].exponential_(generator=g)
-        sampled = (probs / noise.clamp_(min=1e-20)).argmax(-1)
-        return torch.where(is_greedy.bool(), greedy_ids, sampled)
+        keys_t = to_device(split_keys(keys), torch.int64, dev)
+        temps = [p.temperature for p in params]           # 0 = greedy: argmax, no noise
+        if not any(p.top_k or p.top_p < 1 or p.min_p > 0 for p in params):
+            return gumbel_argmax(logits, to_device(temps, torch.float32, dev), keys_t)
+        # Filters act on the tempered distribution: divide first, then draw at temperature 1.
+        scale, unit = to_device([[t if t > 0 else 1.0 for t in temps], [1.0 if t > 0 else 0.0 for t in temps]],
+                                torch.float32, dev)
+        tokens = gumbel_argmax(self._filter(logits / scale[:, None], params), unit, keys_t)
+        if any(p.greedy for p in params):   # greedy rows: the raw argmax, whatever their filters
+            tokens = torch.where(unit > 0, tokens, logits.argmax(-1))
+        return tokens
 
     @staticmethod
     def _filter(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

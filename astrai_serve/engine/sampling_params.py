@@ -31,6 +31,7 @@ class SamplingParams:
     logprobs: bool = False                # return the log-prob of every generated token
     top_logprobs: int = 0                 # with logprobs: also the this-many most likely alternatives
     skip_special_tokens: bool = True      # leave special tokens out of the returned text
+    detokenize: bool = True               # False: token ids only, no text (saves the host time, e.g. GRPO rollouts)
 
     def __post_init__(self) -> None:
         # Accept a single string / list for the tuple fields, as OpenAI clients send either.
@@ -85,6 +86,10 @@ class SamplingParams:
             raise bad("logprobs", "must be true or false")
         if not is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise bad("top_logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}]")
+        if not isinstance(self.detokenize, bool):
+            raise bad("detokenize", "must be true or false")
+        if self.stop and not self.detokenize:
+            raise bad("stop", "stop strings need the text: set detokenize=True or use stop_token_ids")
         if self.top_logprobs and not self.logprobs:
             raise bad("top_logprobs", "needs logprobs=True")
 

@@ -102,7 +102,8 @@ class RolloutSampler:
         from astrai_serve import SamplingParams
 
         params = [SamplingParams(n=self.group_size, temperature=self.temperature, max_tokens=self.max_new_tokens,
-                                 seed=(seed + i) % (1 << 62), stop_token_ids=tuple(sorted(self.stop_ids)))
+                                 seed=(seed + i) % (1 << 62), stop_token_ids=tuple(sorted(self.stop_ids)),
+                                 detokenize=False)  # rewards decode whole completions themselves
                   for i in range(len(prompts))]
         llm = self._engine(len(prompts) * self.group_size, max(len(p) for p in prompts))
         outputs = llm.generate(prompts, params)
