@@ -93,7 +93,7 @@ def test_padded_graph_decode_equals_recompute(models, arch, overlap):
 @pytest.mark.parametrize("graphs", [False, True])
 def test_cascade_decode_over_a_shared_prefix_equals_recompute(models, arch, graphs, monkeypatch):
     """Requests behind one system prompt decode with cascade attention (the shared pages attended
-    once for the batch). The torch kernel checks each step's shared_len promise against the page
+    once for the batch). The torch kernel checks each step's cascade plan against the page
     tables, so a wrong prefix length fails loudly, and the tokens must equal a recompute."""
     from astrai_serve.engine import model_runner
 
@@ -107,7 +107,7 @@ def test_cascade_decode_over_a_shared_prefix_equals_recompute(models, arch, grap
     prompts = [system + q for q in prompts_of((3, 9, 1, 6, 12, 4), seed=8)]
     shared_steps = []
     indices = engine.runner._indices
-    engine.runner._indices = lambda plan: (lambda idx: shared_steps.append(idx["shared"]) or idx)(indices(plan))
+    engine.runner._indices = lambda plan: (lambda idx: shared_steps.append(first_shared(idx)) or idx)(indices(plan))
     # One request first, so the rest find the system prompt in the prefix cache.
     first = run_all(engine, prompts[:1], SamplingParams(max_tokens=2, temperature=0.0))
     lengths = [10, 8, 10, 6, 9, 10]              # the batch shrinks: padded graph rows join the cascade
@@ -115,6 +115,44 @@ def test_cascade_decode_over_a_shared_prefix_equals_recompute(models, arch, grap
     assert first[0].token_ids == outs[0].token_ids[:2]
     assert [o.token_ids for o in outs] == [recompute_greedy(model, p, n) for p, n in zip(prompts, lengths)]
     assert 24 in shared_steps                   # the 6 whole pages of the system prompt
+    assert engine.stats().pages_in_use == 0
+
+
+def first_shared(idx: dict) -> int | None:
+    """The first sequence's shared tokens in a step's cascade plan (None: no cascade)."""
+    return None if idx["cascade"] is None else int(idx["cascade"][0])
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_cascade_over_groups_of_samples_equals_recompute(models, graphs, monkeypatch):
+    """GRPO's shape: n samples behind each of several prompts share that prompt's pages. Each
+    group becomes a cascade chunk of its own (the torch kernel checks the plan against the page
+    tables), and the tokens equal a recompute."""
+    from astrai_serve.engine import model_runner
+
+    monkeypatch.setattr(model_runner, "CASCADE_MIN_SEQS", 2)
+    monkeypatch.setattr(model_runner, "CASCADE_MIN_SAVED_TOKENS", 1)
+    model = models["gqa"]
+    engine = LLMEngine.from_model(model, None, num_pages=120, page_size=4, max_num_seqs=9)
+    if graphs:
+        with_emulated_graphs(engine, max_batch=9)
+    plans = []
+    indices = engine.runner._indices
+    engine.runner._indices = lambda plan: (lambda idx: plans.append(idx["cascade"]) or idx)(indices(plan))
+    prompts = prompts_of((13, 18, 9), seed=5)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"g{i}", p, SamplingParams(max_tokens=8, temperature=0.0, n=3))
+    samples = {}
+    while engine.has_unfinished_requests():
+        samples.update({(o.request_id, o.index): o.token_ids for o in engine.step() if o.finished})
+    for i, p in enumerate(prompts):
+        assert [samples[f"g{i}", k] for k in range(3)] == [recompute_greedy(model, p, 8)] * 3
+    chunked = [p for p in plans if p is not None]
+    assert chunked, "no decode step ran with a cascade plan"
+    s = 9
+    c = (len(chunked[0]) - s) // 3
+    assert sorted(chunked[0][s + c:s + 2 * c].tolist()) == [0] * (c - 3) + [3, 3, 3]   # a chunk per prompt
+    assert chunked[0][:s].tolist() == [12] * 3 + [16] * 3 + [8] * 3          # its whole prompt pages
     assert engine.stats().pages_in_use == 0
 
 

@@ -9,7 +9,7 @@ import torch
 
 from astrai_serve.kernels import get_attention_impl, reference
 from astrai_serve.kernels.cases import make_case
-from astrai_serve.kernels.selfcheck import GPU_CHECKS, run_checks, tolerance
+from astrai_serve.kernels.selfcheck import GPU_CHECKS, cascade_plan, run_checks, tolerance
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -47,7 +47,7 @@ def test_decode_has_no_host_sync_and_replays_in_a_cuda_graph(value_in_key: bool,
     shape = (16, 1, 576, 512) if value_in_key else (16, 8, 128, 128)
     case = make_case([100, 700, 1500], [1, 1, 1], *shape, page_size=16, value_in_key=value_in_key,
                      dtype=torch.bfloat16, device="cuda", seed=3, shared_prefix=64 if cascade else 0)
-    kw = {"shared_len": torch.tensor([64], dtype=torch.int32, device="cuda")} if cascade else {}
+    kw = {"cascade": cascade_plan(case, "cuda")} if cascade else {}
     impl(*case.args(), **kw)                            # compile outside the checks
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -64,7 +64,7 @@ def test_decode_has_no_host_sync_and_replays_in_a_cuda_graph(value_in_key: bool,
     with torch.cuda.graph(graph):
         out = impl(*case.args(), **kw)
     if cascade:
-        kw["shared_len"].fill_(0)
+        kw["cascade"].fill_(0)                          # a plan of zeros: cascade off, same graph
     case.context_lens.copy_(torch.tensor([37, 1, 1499], dtype=torch.int32))
     case.q.copy_(torch.randn_like(case.q))
     graph.replay()

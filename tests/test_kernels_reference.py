@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from astrai_serve.kernels import get_attention_impl, paged_attention
+from astrai_serve.kernels.cascade import plan_cascade
 from astrai_serve.kernels.cases import dense_attention, make_case
 
 # (ctx_lens, q_lens): pure decode, pure prefill, mixed decode + prefill chunks on a cached prefix.
@@ -78,11 +79,39 @@ def test_get_attention_impl_by_name() -> None:
         get_attention_impl("flash")
 
 
-def test_reference_checks_the_shared_prefix_promise():
-    case = make_case([60, 70], [1, 1], 4, 2, 16, 16, 16, shared_prefix=32)
-    ok = paged_attention(*case.args(), shared_len=torch.tensor([32], dtype=torch.int32))
+def test_reference_checks_the_cascade_promise():
+    case = make_case([60, 70, 40], [1, 1, 1], 4, 2, 16, 16, 16, shared_prefix=32)
+    plan, saved = plan_cascade(case.page_table.numpy(), case.context_lens.numpy(), 16, 8)
+    assert plan.tolist() == [32, 32, 32, 0, 3, 32] and saved == 64      # one chunk of all 3
+    ok = paged_attention(*case.args(), cascade=torch.from_numpy(plan))
     torch.testing.assert_close(ok, paged_attention(*case.args()))
-    with pytest.raises(ValueError, match="do not share their first 3 pages"):
-        paged_attention(*case.args(), shared_len=torch.tensor([48], dtype=torch.int32))
-    with pytest.raises(ValueError, match="shared_len=24 must be a multiple of the page size"):
-        paged_attention(*case.args(), shared_len=torch.tensor([24], dtype=torch.int32))
+    too_long = plan.copy()
+    too_long[[0, 1, 2, 5]] = 48
+    with pytest.raises(ValueError, match="below their context lengths"):
+        paged_attention(*case.args(), cascade=torch.from_numpy(too_long))
+    two = make_case([60, 70, 40], [1, 1, 1], 4, 2, 16, 16, 16, shared_prefix=32, prefix_groups=[0, 0, 1])
+    with pytest.raises(ValueError, match="do not share their first 2 pages"):
+        paged_attention(*two.args(), cascade=torch.from_numpy(plan))
+    half_page = plan.copy()
+    half_page[[0, 1, 2, 5]] = 24
+    with pytest.raises(ValueError, match="whole pages of 16 tokens"):
+        paged_attention(*case.args(), cascade=torch.from_numpy(half_page))
+    with pytest.raises(ValueError, match="want S \\+ 3 x chunks"):
+        paged_attention(*case.args(), cascade=torch.zeros(4, dtype=torch.int64))
+
+
+def test_cascade_planner_groups_neighbours_and_cuts_chunks():
+    # Groups 0 (3 sequences), a loner, group 2 (5 sequences) and group 3 (2 sequences, one whole
+    # page below their context) with chunks of at most 2: a group's odd one out shares nothing.
+    case = make_case([40, 50, 45, 33, 60, 70, 80, 90, 35, 17, 17], [1] * 11, 4, 2, 16, 16, 16, shared_prefix=16,
+                     prefix_groups=[0, 0, 0, 1, 2, 2, 2, 2, 2, 3, 3])
+    plan, saved = plan_cascade(case.page_table.numpy(), case.context_lens.numpy(), 16, 2)
+    s = 11
+    c = (len(plan) - s) // 3
+    assert plan[:s].tolist() == [16, 16, 0, 0, 16, 16, 16, 16, 0, 16, 16]
+    assert list(zip(plan[s:s + c], plan[s + c:s + 2 * c], plan[s + 2 * c:])) == [
+        (0, 2, 16), (4, 2, 16), (6, 2, 16), (9, 2, 16)]
+    assert saved == 4 * 16
+    paged_attention(*case.args(), cascade=torch.from_numpy(plan))       # keeps the promise
+    fixed, _ = plan_cascade(case.page_table.numpy(), case.context_lens.numpy(), 16, 2, capacity=6)
+    assert len(fixed) == s + 18 and fixed[s + 6 + 4:s + 12].tolist() == [0, 0]   # unused slots: count 0

@@ -6,8 +6,9 @@ replays the whole forward, LM head included, with one launch.
 
 How:
 - Static inputs live in device buffers that every step copies into (non_blocking, from pinned
-  memory): the cascade's shared-prefix length, token ids, positions and cache slots in ONE int64
-  buffer laid out [shared | ids | positions | slots] for the graph's batch size b, and a page table of fixed width (the pages of the longest
+  memory): the cascade plan, token ids, positions and cache slots in ONE int64 buffer laid out
+  [plan | ids | positions | slots] for the graph's batch size b (the plan with a slot for every
+  possible chunk, kernels/cascade.py), and a page table of fixed width (the pages of the longest
   sequence, max_model_len). Context lengths are computed inside the graph (position + 1: every
   row is a decode), and cu_seqlens is a constant arange.
 - A batch of n sequences runs in the graph of the smallest captured size b >= n. The b - n padding
@@ -18,9 +19,9 @@ How:
 - Graphs share one memory pool and are captured largest first, so the smaller ones reuse the
   blocks the largest one freed. Capture stops at a time budget; batch sizes not reached (the
   smallest) pad up to the smallest captured size.
-- Sizes from `cascade_min_batch` up are captured twice, with and without cascade attention (a
-  prefix shared by the whole batch read once, see model_runner.py); a step picks by whether its
-  batch shares one.
+- Sizes from `cascade_min_batch` up are captured twice, with and without cascade attention
+  (prefixes that neighbouring sequences hold in the same pages read once per chunk, see
+  model_runner.py); a step picks by whether it has a plan.
 Mixed prefill/decode and prefill steps stay eager (their shapes vary with every step).
 
 With `compile=True` the captured forward is first run through torch.compile (the attention call
@@ -44,6 +45,7 @@ import numpy as np
 import torch
 
 from astrai_serve.kernels import PagedAttentionFn
+from astrai_serve.kernels.cascade import graph_plan_len, pad_plan
 
 from .paged_attention import PagedAttention, PagedKVCache, StepMetadata
 from .transfer import HostStaging
@@ -82,7 +84,8 @@ class DecodeGraphs:
         with torch.inference_mode():
             vocab = model.compute_logits(torch.zeros(1, model.config.dim, device=device,
                                                      dtype=cache.k.dtype)).shape[-1]
-        self.meta = torch.zeros(1 + 3 * max_batch, dtype=torch.int64, device=device)  # [shared | ids | positions | slots]
+        # [plan | ids | positions | slots], each graph's own layout for its batch size
+        self.meta = torch.zeros(graph_plan_len(max_batch) + 3 * max_batch, dtype=torch.int64, device=device)
         self.page_table = torch.full((max_batch, max_pages), pad_page, dtype=torch.int32, device=device)
         self.context_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
         self.cu_seqlens = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
@@ -95,18 +98,20 @@ class DecodeGraphs:
 
     # ---- capture -----------------------------------------------------------------------------
     def _fill_padding(self, b: int) -> None:
-        """Every row a padding row: token 0 at position 0, written to the reserved page."""
-        self.meta[:1 + 2 * b].zero_()
-        self.meta[1 + 2 * b:1 + 3 * b].fill_(self.pad_slot)
+        """Every row a padding row: token 0 at position 0, written to the reserved page; no plan."""
+        p = graph_plan_len(b)
+        self.meta[:p + 2 * b].zero_()
+        self.meta[p + 2 * b:p + 3 * b].fill_(self.pad_slot)
         self.page_table[:b].fill_(self.pad_page)
 
     def _forward(self, b: int, cascade: bool = False) -> None:
-        ids, positions, slots = self.meta[1:1 + b], self.meta[1 + b:1 + 2 * b], self.meta[1 + 2 * b:1 + 3 * b]
+        p = graph_plan_len(b)
+        ids, positions, slots = self.meta[p:p + b], self.meta[p + b:p + 2 * b], self.meta[p + 2 * b:p + 3 * b]
         context_lens = self.context_lens[:b]
         context_lens.copy_(positions + 1)
         meta = StepMetadata(slot_mapping=slots, page_table=self.page_table[:b],
                             cu_seqlens_q=self.cu_seqlens[:b + 1], context_lens=context_lens,
-                            shared_len=self.meta[:1] if cascade else None)
+                            cascade=self.meta[:p] if cascade else None)
         hidden = self._flat(ids, positions, self._attention(self.cache, meta, self.kernel))
         self.logits[:b].copy_(self.model.compute_logits(hidden))
 
@@ -160,13 +165,13 @@ class DecodeGraphs:
         return None
 
     def run(self, ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, tables: np.ndarray,
-            rows: np.ndarray, pad_row: int, width: int, shared: int = -1) -> torch.Tensor:
+            rows: np.ndarray, pad_row: int, width: int, cascade: np.ndarray | None = None) -> torch.Tensor:
         """Logits [n, vocab] float32 for a decode batch of n = len(ids) sequences.
 
         `tables[rows[i], :width]` is the page table of row i; `tables[pad_row]` is the padding
-        row (the reserved page everywhere); shared >= 0 runs the cascade graph with that many
-        shared prefix tokens (where the padded size has one). The result is a view of the
-        shared logits buffer: valid until the next replay.
+        row (the reserved page everywhere); a cascade plan for the n sequences runs the cascade
+        graph (where the padded size has one). The result is a view of the shared logits buffer:
+        valid until the next replay.
         """
         n = len(ids)
         b = self.padded_size(n)
@@ -174,10 +179,11 @@ class DecodeGraphs:
             raise ValueError(f"decode batch of {n} exceeds the largest captured graph ({self.sizes[-1]})")
         if width > self.width:
             raise ValueError(f"page table of {width} pages exceeds the graph's width {self.width}")
-        cascade = shared >= 0 and self.takes_cascade(b)
-        meta_t, meta = self._meta_host.take(1 + 3 * b)
-        meta[0] = max(shared, 0)
-        body = meta[1:]
+        use_cascade = cascade is not None and self.takes_cascade(b)
+        p = graph_plan_len(b)
+        meta_t, meta = self._meta_host.take(p + 3 * b)
+        meta[:p] = pad_plan(cascade if use_cascade else None, n, b)
+        body = meta[p:]
         body[:n], body[n:b] = ids, 0
         body[b:b + n], body[b + n:2 * b] = positions, 0
         body[2 * b:2 * b + n], body[2 * b + n:] = slots, self.pad_slot
@@ -185,11 +191,11 @@ class DecodeGraphs:
         table = table.reshape(b, width)
         table[:n] = tables[rows, :width]
         table[n:] = tables[pad_row, :width]
-        self.meta[:1 + 3 * b].copy_(meta_t, non_blocking=True)
+        self.meta[:p + 3 * b].copy_(meta_t, non_blocking=True)
         self.page_table[:b, :width].copy_(table_t.view(b, width), non_blocking=True)
         self._meta_host.copied()
         self._table_host.copied()
-        self.graphs[b, cascade].replay()
+        self.graphs[b, use_cascade].replay()
         return self.logits[:n]
 
 

@@ -11,10 +11,11 @@ go through the LM head.
 Pure-decode steps of at most `graph_max_batch` sequences replay a CUDA graph (cuda_graphs.py)
 when graphs are on; everything else runs eagerly.
 
-Cascade attention: when every sequence of a decode step starts with the same pages (a prompt
-prefix they all got from the prefix cache: one system prompt behind many requests), the step
-passes `shared_len` and the kernel reads those keys once for the whole batch instead of once
-per sequence. The host finds the shared pages by comparing page-table rows (numpy, ~20 µs).
+Cascade attention: when neighbouring sequences of a decode step start with the same pages (a
+prompt prefix from the prefix cache: one system prompt behind many requests, or the prompt the
+n samples of a GRPO group share), the step passes a cascade plan (kernels/cascade.py) and the
+kernel reads those keys once per chunk of up to 32 such sequences instead of once per sequence.
+The host plans it by comparing neighbouring page-table rows (numpy).
 
 Page tables are kept on the host between steps (PageTables), one numpy row per running
 sequence, so a decode step of 256 sequences touches only the pages added since the last step
@@ -28,9 +29,10 @@ import numpy as np
 import torch
 
 from astrai_serve.kernels import PagedAttentionFn
+from astrai_serve.kernels.cascade import max_chunk_seqs, plan_cascade
 
 from .cuda_graphs import DecodeGraphs
-from .paged_attention import PagedAttention, PagedKVCache, StepMetadata, shared_prefix_tokens
+from .paged_attention import PagedAttention, PagedKVCache, StepMetadata
 from .scheduler import ScheduledChunk, StepPlan
 from .transfer import HostStaging
 
@@ -84,10 +86,11 @@ class PageTables:
         return rows
 
 
-# Cascade pays once the key reads it saves (shared tokens x (sequences - 1), per layer and kv
-# head) outweigh its extra launches; below these the plain kernel is as fast.
+# Cascade pays once the key reads it saves (shared tokens x (sequences in its chunk - 1), per
+# layer and kv head) outweigh its extra launch per layer: ~4 µs, the time to read ~16 MB, ~4k
+# tokens of qwen3-0.6b's K/V over 28 layers. 8,192 saved tokens is twice that break-even.
 CASCADE_MIN_SEQS = 8
-CASCADE_MIN_SAVED_TOKENS = 32768
+CASCADE_MIN_SAVED_TOKENS = 8192
 
 
 class ModelRunner:
@@ -100,6 +103,7 @@ class ModelRunner:
         compile_graphs); cascade: use cascade attention for decode steps that share a prefix."""
         self.cascade_min_seqs = CASCADE_MIN_SEQS if cascade else None
         self.cascade_min_saved = CASCADE_MIN_SAVED_TOKENS
+        self.cascade_max_seqs = max_chunk_seqs(model.config.n_heads // cache.layout.n_kv, cache.layout.k_dim)
         self.model = model
         self.cache = cache
         self.kernel = kernel
@@ -144,13 +148,13 @@ class ModelRunner:
         sampling = [i for i, c in enumerate(chunks) if c.samples]
         sample_rows = cu[1:][sampling] - 1 if len(sampling) < s else cu[1:] - 1
         width = int(ctx.max() + ps - 1) // ps
-        shared = -1                                  # -1: no cascade this step
+        cascade = None                               # None: no cascade this step
         if n == s and self.cascade_min_seqs is not None and s >= self.cascade_min_seqs:
-            tokens = shared_prefix_tokens(self.tables.array[rows, :width], ctx, ps)
-            if tokens * (s - 1) >= self.cascade_min_saved:
-                shared = tokens
+            plan, saved = plan_cascade(self.tables.array[rows, :width], ctx, ps, self.cascade_max_seqs)
+            if saved >= self.cascade_min_saved:
+                cascade = plan
         return dict(ids=ids, positions=positions, slots=slots, cu=cu, ctx=ctx, rows=rows,
-                    sample_rows=sample_rows, width=width, all_sample=len(sampling) == s, shared=shared)
+                    sample_rows=sample_rows, width=width, all_sample=len(sampling) == s, cascade=cascade)
 
     def uses_graph(self, plan: StepPlan) -> bool:
         """Whether `execute(plan)` replays a CUDA graph: a pure decode that fits the largest one."""
@@ -164,7 +168,7 @@ class ModelRunner:
         idx = self._indices(plan)
         if self.uses_graph(plan):
             return self.graphs.run(idx["ids"], idx["positions"], idx["slots"], self.tables.array, idx["rows"],
-                                   self.tables.pad_row, idx["width"], idx["shared"])
+                                   self.tables.pad_row, idx["width"], idx["cascade"])
         return self._eager(idx)
 
     def _eager(self, idx: dict) -> torch.Tensor:
@@ -172,10 +176,11 @@ class ModelRunner:
         n, s, r, w = len(ids), len(rows), len(sample_rows), idx["width"]
         # int64 part first (ids, positions, slots, sampled rows), then the int32 part in one run
         # (cu_seqlens, context lens, page table), so one copy in and one cast make all of it.
-        cascade = idx["shared"] >= 0
+        plan = idx["cascade"]
         parts = [ids, idx["positions"], idx["slots"], sample_rows, idx["cu"], idx["ctx"],
-                 self.tables.array[rows, :w].reshape(-1)] + ([np.array([idx["shared"]])] if cascade else [])
-        total = 3 * n + r + (s + 1) + s + s * w + int(cascade)
+                 self.tables.array[rows, :w].reshape(-1)] + ([plan] if plan is not None else [])
+        n_plan = 0 if plan is None else len(plan)
+        total = 3 * n + r + (s + 1) + s + s * w + n_plan
         host_t, host = self._staging.take(total)
         np.concatenate(parts, out=host)
         if self.device.type == "cpu":
@@ -184,9 +189,9 @@ class ModelRunner:
             buf = host_t.to(self.device, non_blocking=True)
             self._staging.copied()
         input_ids, positions, slots, rows_t = torch.split(buf[:3 * n + r], [n, n, n, r])
-        cu_t, ctx_t, table_t, shared_t = torch.split(buf[3 * n + r:].to(torch.int32), [s + 1, s, s * w, int(cascade)])
+        cu_t, ctx_t, table_t, plan_t = torch.split(buf[3 * n + r:].to(torch.int32), [s + 1, s, s * w, n_plan])
         meta = StepMetadata(slot_mapping=slots, page_table=table_t.view(s, w), cu_seqlens_q=cu_t,
-                            context_lens=ctx_t, shared_len=shared_t if cascade else None)
+                            context_lens=ctx_t, cascade=plan_t if plan is not None else None)
         hidden = self.model.forward_flat(input_ids, positions, PagedAttention(self.cache, meta, self.kernel))
         if not (idx["all_sample"] and n == s):        # keep only the rows that sample
             hidden = hidden[rows_t]

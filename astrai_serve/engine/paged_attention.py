@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from astrai_serve.kernels import PagedAttentionFn
@@ -48,20 +47,9 @@ class StepMetadata:
     page_table: torch.Tensor     # [S, max_pages] int32: pages of each sequence (padded with 0)
     cu_seqlens_q: torch.Tensor   # [S+1] int32: rows of q belonging to each sequence
     context_lens: torch.Tensor   # [S] int32: tokens of context (cached + new) per sequence
-    # [1] int (decode only): the first shared_len tokens of every sequence sit in the same pages
-    # (a prefix-cache hit they all share), so the kernel may attend to them once for all; None: no hint
-    shared_len: torch.Tensor | None = None
-
-
-def shared_prefix_tokens(tables: np.ndarray, context_lens: np.ndarray, page_size: int) -> int:
-    """Tokens at the start of every row's context held in the same pages (whole pages only, and
-    never the page a row is still writing): the longest common prefix of the page-table rows."""
-    limit = int(context_lens.min() - 1) // page_size
-    if limit <= 0 or len(tables) < 2:
-        return 0
-    head = tables[:, :limit]
-    same = (head == head[:1]).all(axis=0)
-    return int(limit if same.all() else same.argmin()) * page_size
+    # (decode only) the cascade plan, kernels/cascade.py: which sequences hold a prefix in the same
+    # pages (a prefix-cache hit they share), so the kernel attends to it once per chunk; None: no hint
+    cascade: torch.Tensor | None = None
 
 
 class PagedAttention:
@@ -83,6 +71,6 @@ class PagedAttention:
                 raise ValueError("the model gave no values but the KV layout stores them")
             v_cache = self.cache.v[layer]
             v_cache.view(-1, layout.n_kv, layout.v_dim).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
-        hint = {} if meta.shared_len is None else {"shared_len": meta.shared_len}
+        hint = {} if meta.cascade is None else {"cascade": meta.cascade}
         return self.kernel(q, k_cache, v_cache, meta.page_table, meta.cu_seqlens_q, meta.context_lens,
                            scale, layout.v_dim, **hint)

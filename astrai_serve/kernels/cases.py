@@ -37,17 +37,19 @@ class PagedCase:
 def make_case(ctx_lens: list[int], q_lens: list[int], n_heads: int, n_kv: int, k_dim: int,
               v_dim: int, page_size: int, value_in_key: bool = False, dtype: torch.dtype = torch.float32,
               device: str | torch.device = "cpu", seed: int = 0, spare_pages: int = 3,
-              shared_prefix: int = 0) -> PagedCase:
+              shared_prefix: int = 0, prefix_groups: list[int] | None = None) -> PagedCase:
     """A random case: sequence s has ctx_lens[s] cached tokens, the last q_lens[s] of them queried.
-    The first `shared_prefix` tokens (whole pages) are the same tokens in the same pages for all."""
+    The first `shared_prefix` tokens (whole pages) are the same tokens in the same pages for all
+    sequences of one prefix group (prefix_groups[s]; None: one group for all)."""
     if len(ctx_lens) != len(q_lens) or any(ql > c for ql, c in zip(q_lens, ctx_lens)):
         raise ValueError(f"bad case: ctx_lens={ctx_lens} q_lens={q_lens}")
     if shared_prefix % page_size or any(c <= shared_prefix for c in ctx_lens):
         raise ValueError(f"bad case: shared_prefix={shared_prefix} must be whole pages below every context")
     gen = torch.Generator().manual_seed(seed)
     n_shared = shared_prefix // page_size
+    groups = prefix_groups if prefix_groups is not None else [0] * len(ctx_lens)
     pages_per_seq = [(c + page_size - 1) // page_size - n_shared for c in ctx_lens]
-    n_pages = sum(pages_per_seq) + n_shared + spare_pages
+    n_pages = sum(pages_per_seq) + n_shared * len(set(groups)) + spare_pages
     order = torch.randperm(n_pages, generator=gen).tolist()
     max_pages = max(max(pages_per_seq), 1)
 
@@ -58,10 +60,13 @@ def make_case(ctx_lens: list[int], q_lens: list[int], n_heads: int, n_kv: int, k
     v_cache = None if value_in_key else rand(n_pages, page_size, n_kv, v_dim)
     page_table = torch.zeros(len(ctx_lens), max_pages + n_shared, dtype=torch.int32)
     keys, values = [], []
-    shared_pages = [order.pop() for _ in range(n_shared)]
-    shared_k = rand(shared_prefix, n_kv, k_dim)
-    shared_v = shared_k[..., :v_dim] if value_in_key else rand(shared_prefix, n_kv, v_dim)
+    prefixes = {}                                  # group -> (pages, keys, values)
+    for g in dict.fromkeys(groups):
+        shared_k = rand(shared_prefix, n_kv, k_dim)
+        shared_v = shared_k[..., :v_dim] if value_in_key else rand(shared_prefix, n_kv, v_dim)
+        prefixes[g] = ([order.pop() for _ in range(n_shared)], shared_k, shared_v)
     for s, ctx in enumerate(ctx_lens):
+        shared_pages, shared_k, shared_v = prefixes[groups[s]]
         mine = shared_pages + [order.pop() for _ in range(pages_per_seq[s])]
         page_table[s, :len(mine)] = torch.tensor(mine, dtype=torch.int32)
         k = torch.cat([shared_k, rand(ctx - shared_prefix, n_kv, k_dim)])

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from astrai_serve.kernels.cascade import check_cascade, max_chunk_seqs
+
 
 def check_paged_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | None,
                      page_table: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -44,20 +46,6 @@ def check_paged_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                          "disagree on the number of sequences")
 
 
-def check_shared_prefix(page_table: torch.Tensor, context_lens: torch.Tensor, shared: int, page_size: int) -> None:
-    """Raise unless the first `shared` tokens of every sequence longer than that (and of row 0)
-    sit in row 0's pages, as whole pages (the promise a cascade-attention caller makes). Shorter
-    rows are a CUDA graph's padding: what they attend to does not matter."""
-    if shared == 0:
-        return
-    if shared < 0 or shared % page_size or shared >= int(context_lens[0]):
-        raise ValueError(f"shared_len={shared} must be a multiple of the page size ({page_size}) below the "
-                         f"first sequence's context length ({int(context_lens[0])})")
-    pages = page_table[context_lens > shared, : shared // page_size]
-    if not bool((pages == pages[:1]).all()):
-        raise ValueError(f"shared_len={shared}: the sequences do not share their first {shared // page_size} pages")
-
-
 def gather_context(cache: torch.Tensor, pages: torch.Tensor, length: int) -> torch.Tensor:
     """The first `length` token slots of one sequence as a contiguous [length, H, D] tensor."""
     page_size = cache.shape[1]
@@ -68,15 +56,16 @@ def gather_context(cache: torch.Tensor, pages: torch.Tensor, length: int) -> tor
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | None,
                     page_table: torch.Tensor, cu_seqlens_q: torch.Tensor,
                     context_lens: torch.Tensor, scale: float, v_dim: int,
-                    shared_len: torch.Tensor | None = None) -> torch.Tensor:
+                    cascade: torch.Tensor | None = None) -> torch.Tensor:
     """out[N, Hq, v_dim]: each query attends causally to its sequence's cached context.
 
-    shared_len is the GPU kernels' cascade hint (a prefix held in the same pages by every
-    sequence); the answer does not depend on it, so here it is only checked to be true.
+    cascade is the GPU kernels' plan for prefixes that sequences hold in the same pages
+    (kernels/cascade.py); the answer does not depend on it, so here it is only checked to be true.
     """
     check_paged_args(q, k_cache, v_cache, page_table, cu_seqlens_q, context_lens, v_dim)
-    if shared_len is not None:
-        check_shared_prefix(page_table, context_lens, int(shared_len.reshape(-1)[0]), k_cache.shape[1])
+    if cascade is not None:
+        check_cascade(cascade, page_table, context_lens, k_cache.shape[1],
+                      max_chunk_seqs(q.shape[1] // k_cache.shape[2], q.shape[2]))
     n_tokens, n_heads, _ = q.shape
     n_kv = k_cache.shape[2]
     group = n_heads // n_kv

@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from astrai_serve.kernels import reference
+from astrai_serve.kernels.cascade import max_chunk_seqs, plan_cascade
 from astrai_serve.kernels.cases import dense_attention, make_case
 
 
@@ -38,7 +39,8 @@ class Check:
     num_splits: int | None = None   # force the decode split count (None: the implementation picks)
     dtype: str | None = None        # override the suite's dtype
     config: tuple | None = None     # TileConfig fields to force (None: the implementation picks)
-    shared_prefix: int | None = None  # tokens every sequence holds in the same pages, passed as shared_len
+    shared_prefix: int | None = None  # tokens each prefix group holds in the same pages: run with a cascade plan
+    prefix_groups: tuple[int, ...] | None = None  # group of each sequence (None: one group for all)
 
 
 CPU_CHECKS = [
@@ -59,6 +61,11 @@ CPU_CHECKS = [
           shared_prefix=39),
     Check("cascade_mla", (75, 90, 200), (1, 1, 1), 4, 1, 40, 32, 16, True, num_splits=2, shared_prefix=48),
     Check("cascade_off", (97, 20), (1, 1), 4, 2, 16, 16, 16, num_splits=1, shared_prefix=0),
+    # GRPO's shape: groups of samples behind their own prompts, one sequence alone, a long group
+    # cut into chunks of 8 (64 rows per program over a group of 8 heads)
+    Check("cascade_groups_g8", (40, 50, 45, 33, 60, 70, 80, 90, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44),
+          (1,) * 18, 16, 2, 16, 16, 16, num_splits=2, shared_prefix=32,
+          prefix_groups=(0, 0, 0, 1, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3)),
 ]
 
 GPU_CHECKS = [
@@ -90,9 +97,20 @@ GPU_CHECKS = [
           shared_prefix=2000),
     Check("cascade_q06b_b3_split5", (2001, 2100, 3000), (1, 1, 1), 16, 8, 128, 128, num_splits=5,
           shared_prefix=1984),
+    # GRPO's shape: 32 prompts of 64-256 tokens, 8 samples each, 1-256 tokens generated
+    Check("cascade_q06b_grpo_32x8", tuple(64 + (37 * i) % 192 + (i * 13) % 200 + 1 for i in range(256)),
+          (1,) * 256, 16, 8, 128, 128, shared_prefix=64, prefix_groups=tuple(i // 8 for i in range(256))),
     Check("cascade_mla_b9", tuple(1000 + 13 * i for i in range(9)), (1,) * 9, 16, 1, 576, 512,
           value_in_key=True, shared_prefix=992),
 ]
+
+def cascade_plan(case: Any, device: str) -> torch.Tensor:
+    """The engine's planner on the case's page tables, with a graph-like slot for every pair."""
+    n_seqs, group = len(case.keys), case.q.shape[1] // case.k_cache.shape[2]
+    plan, _ = plan_cascade(case.page_table.cpu().numpy(), case.context_lens.cpu().numpy(),
+                           case.k_cache.shape[1], max_chunk_seqs(group, case.q.shape[2]), capacity=n_seqs // 2)
+    return torch.from_numpy(plan).to(device)
+
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -109,10 +127,11 @@ def run_checks(checks: list[Check], impl: Callable[..., torch.Tensor], dtype: st
         dt = DTYPES[c.dtype or dtype]
         case = make_case(list(c.ctx_lens), list(c.q_lens), c.n_heads, c.n_kv, c.k_dim, c.v_dim,
                          c.page_size, c.value_in_key, dt, device, seed=seed * 1000 + i,
-                         shared_prefix=c.shared_prefix or 0)
+                         shared_prefix=c.shared_prefix or 0,
+                         prefix_groups=None if c.prefix_groups is None else list(c.prefix_groups))
         kwargs = {} if c.num_splits is None else {"num_splits": c.num_splits}
         if c.shared_prefix is not None:
-            kwargs["shared_len"] = torch.tensor([c.shared_prefix], dtype=torch.int32, device=device)
+            kwargs["cascade"] = cascade_plan(case, device)
         if c.config is not None:
             from astrai_serve.kernels.triton_attention import TileConfig
             kwargs["config"] = TileConfig(*c.config)

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from astrai_serve.kernels.cascade import prefix_block_rows
 from astrai_serve.kernels.reference import check_paged_args
 
 LOG2E = 1.4426950408889634
@@ -88,7 +89,7 @@ def _attend_range(
 
 @triton.jit
 def _paged_attn_kernel(
-    Q, K, V, Out, PartOut, PartLse, PageTable, CuQ, CtxLens, TileSeq, TileBlk, SharedLen,
+    Q, K, V, Out, PartOut, PartLse, PageTable, CuQ, CtxLens, TileSeq, TileBlk, Cascade,
     scale_log2, n_seqs,
     stride_qn, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
     stride_on, stride_oh, stride_pn, stride_ph, stride_ps, stride_ln, stride_lh, stride_pt,
@@ -96,7 +97,7 @@ def _paged_attn_kernel(
     BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TPT: tl.constexpr,
     VALUE_IN_KEY: tl.constexpr, DECODE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    SPLIT_MASK: tl.constexpr, SHARED: tl.constexpr, SPLIT_BASE,
+    SPLIT_MASK: tl.constexpr, SHARED: tl.constexpr, SPLIT_BASE: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -120,9 +121,10 @@ def _paged_attn_kernel(
     pos = ctx - q_len + tok                 # each row's own position: its causal limit
     n_tok = tl.minimum(q_len - qblk * TPT, TPT)
     kv_hi = tl.where(n_tok > 0, ctx - q_len + qblk * TPT + n_tok, 0)
-    # SHARED (decode only): keys [0, shared) are a prefix every sequence holds in the same pages;
-    # _shared_prefix_kernel attends to them once for all sequences, this kernel to the rest.
-    kv_base = tl.load(SharedLen) if SHARED else 0
+    # SHARED (decode only): keys [0, shared) are a prefix this sequence holds in the same pages
+    # as the rest of its cascade chunk; _shared_prefix_kernel attends to them once for the whole
+    # chunk, this kernel to the rest (Cascade[seq] = shared, see kernels/cascade.py).
+    kv_base = tl.load(Cascade + seq).to(tl.int32) if SHARED else 0
     if NUM_SPLITS > 1:
         chunk = tl.cdiv(tl.cdiv(kv_hi - kv_base, NUM_SPLITS), BLOCK_N) * BLOCK_N
         kv_lo = kv_base + split * chunk
@@ -166,6 +168,11 @@ def _paged_attn_kernel(
     o = acc / l_safe[:, None]
     out_mask = row_ok[:, None] & (dv < DV)[None, :]
     rows = (q_start + tok).to(tl.int64)
+    if SHARED:
+        # A sequence in no chunk gets nothing from the prefix kernel: mark its slots empty.
+        no_prefix = row_ok & (kv_base == 0) & (split == 0)
+        for s in tl.static_range(SPLIT_BASE):
+            tl.store(PartLse + rows * stride_ln + head * stride_lh + s, float("-inf"), mask=no_prefix)
     if NUM_SPLITS > 1 or SHARED:
         slot = SPLIT_BASE + split
         p_ptr = PartOut + rows[:, None] * stride_pn + head[:, None] * stride_ph + slot * stride_ps
@@ -179,29 +186,33 @@ def _paged_attn_kernel(
 
 @triton.jit
 def _shared_prefix_kernel(
-    Q, K, V, PartOut, PartLse, PageTable, SharedLen, scale_log2, n_rows,
+    Q, K, V, PartOut, PartLse, PageTable, Cascade, scale_log2, n_seqs, n_chunks,
     stride_qn, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
-    stride_pn, stride_ph, stride_ps, stride_ln, stride_lh,
+    stride_pn, stride_ph, stride_ps, stride_ln, stride_lh, stride_pt,
     G: tl.constexpr, PAGE: tl.constexpr, KD1: tl.constexpr, KD2: tl.constexpr, DV: tl.constexpr,
     BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VALUE_IN_KEY: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
 ):
-    """Cascade decode, part 1: the keys [0, shared) that every sequence holds in the same pages.
+    """Cascade decode, part 1: the keys [0, shared) that the sequences of one cascade chunk hold
+    in the same pages (kernels/cascade.py: a system prompt, or a GRPO group's prompt).
 
-    A program owns BLOCK_M query rows (sequence, head-in-group) of one kv head ACROSS sequences,
-    so each shared key is loaded once per tile instead of once per sequence: with 256 sequences
-    behind one 2,000-token system prompt this turns the decode's biggest read into a small
-    matmul. Every row sees every shared key (each sequence's own tokens come after them), so
-    only the ragged last block is masked. Partial outputs go to split slots [0, NUM_SPLITS).
+    A program owns the query rows (sequence, head-in-group) of one chunk for one kv head ACROSS
+    sequences, so each shared key is loaded once per chunk instead of once per sequence: with 256
+    sequences behind one 2,000-token system prompt this turns the decode's biggest read into a
+    small matmul. Every row sees every shared key (each sequence's own tokens come after them),
+    so only the ragged last block is masked. Partial outputs go to split slots [0, NUM_SPLITS).
+    An unused chunk slot (count 0) has no rows and writes nothing.
     """
-    tile = tl.program_id(0)
+    chunk_id = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    shared = tl.load(SharedLen)
-    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < n_rows
-    seq = (offs_m // G).to(tl.int64)        # decode: sequence s is query row s
+    first = tl.load(Cascade + n_seqs + chunk_id).to(tl.int32)
+    count = tl.load(Cascade + n_seqs + n_chunks + chunk_id).to(tl.int32)
+    shared = tl.load(Cascade + n_seqs + 2 * n_chunks + chunk_id).to(tl.int32)
+    offs_m = tl.arange(0, BLOCK_M)
+    row_ok = offs_m < count * G
+    seq = (first + offs_m // G).to(tl.int64)   # decode: sequence s is query row s
     head = kvh * G + offs_m % G
     chunk = tl.cdiv(tl.cdiv(shared, NUM_SPLITS), BLOCK_N) * BLOCK_N
     lo = split * chunk
@@ -220,12 +231,13 @@ def _shared_prefix_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     pos = tl.full([BLOCK_M], 0, tl.int32) + shared      # every shared key is visible
+    pt_row = PageTable + first.to(tl.int64) * stride_pt  # the chunk's pages: its first sequence's
     acc, l_i, m_i = _attend_range(
-        acc, l_i, m_i, q1, q2, K, V, PageTable, pos, kvh, lo, full_hi, hi, scale_log2,
+        acc, l_i, m_i, q1, q2, K, V, pt_row, pos, kvh, lo, full_hi, hi, scale_log2,
         stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
         PAGE, KD1, KD2, DV, BLOCK_D1, BLOCK_D2, BLOCK_DV, BLOCK_N, VALUE_IN_KEY, False)
     acc, l_i, m_i = _attend_range(
-        acc, l_i, m_i, q1, q2, K, V, PageTable, pos, kvh, full_hi, hi, hi, scale_log2,
+        acc, l_i, m_i, q1, q2, K, V, pt_row, pos, kvh, full_hi, hi, hi, scale_log2,
         stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
         PAGE, KD1, KD2, DV, BLOCK_D1, BLOCK_D2, BLOCK_DV, BLOCK_N, VALUE_IN_KEY, True)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -305,15 +317,15 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     page_table: torch.Tensor, cu_seqlens_q: torch.Tensor,
                     context_lens: torch.Tensor, scale: float, v_dim: int,
                     num_splits: int | None = None, config: TileConfig | None = None,
-                    shared_len: torch.Tensor | None = None) -> torch.Tensor:
+                    cascade: torch.Tensor | None = None) -> torch.Tensor:
     """out[N, Hq, v_dim]; see the module docstring.
 
     num_splits and config override the decode split count and the block shape (for tests and
     benchmarks; the defaults come from `decode_splits` and `pick_config`).
-    shared_len (decode only; int32 [1] on the device): the caller's promise that the first
-    shared_len tokens (a multiple of the page size, below every context length) of every
-    sequence sit in the same pages, as row 0 of page_table lists them. Those keys are then
-    attended once for all sequences (cascade attention); 0 turns it off without a new graph.
+    cascade (decode only; an int plan on the device, see kernels/cascade.py): the caller's
+    promise that each chunk's sequences hold their first shared tokens in the same pages. Those
+    keys are then attended once per chunk (cascade attention); a plan of zeros turns it off
+    without a new graph.
     """
     check_paged_args(q, k_cache, v_cache, page_table, cu_seqlens_q, context_lens, v_dim)
     if num_splits is not None and not 1 <= num_splits <= 256:
@@ -352,15 +364,18 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         tile_seq = torch.searchsorted(ends, ids, right=True).to(torch.int32)
         first = ends - tiles
         tile_blk = (ids - first[tile_seq.clamp(max=n_seqs - 1).long()]).to(torch.int32)
-    shared = decode and shared_len is not None
+    n_chunks = (cascade.numel() - n_seqs) // 3 if cascade is not None else 0
+    shared = decode and n_chunks > 0
     blocks = dict(BLOCK_D1=max(16, triton.next_power_of_2(kd1)),
                   BLOCK_D2=max(16, triton.next_power_of_2(max(kd2, 1))),
                   BLOCK_DV=max(16, triton.next_power_of_2(v_dim)))
     prefix_splits = 0
     if shared:
-        prefix_cfg = TileConfig(16, 32, 4, 1) if k_dim > 256 else TileConfig(64, 64, 4, 2)
-        prefix_tiles = triton.cdiv(n_seqs * group, prefix_cfg.block_m)
-        prefix_splits = decode_splits(prefix_tiles * n_kv, q.device)
+        rows = prefix_block_rows(k_dim)
+        prefix_cfg = TileConfig(rows, 32, 4, 1) if k_dim > 256 else TileConfig(rows, 64, 4, 2)
+        # Splits as if every sequence were in a full chunk (shape-only, for graphs); the grid has
+        # one program row per chunk slot, and unused slots exit at once.
+        prefix_splits = decode_splits(triton.cdiv(n_seqs * group, rows) * n_kv, q.device)
     slots = prefix_splits + splits
     if slots > 1:
         part = torch.empty(n_tokens, n_heads, slots, v_dim, dtype=torch.float32, device=q.device)
@@ -368,18 +383,18 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     else:
         part, lse = out, out                # unused by the kernel
     if shared:
-        _shared_prefix_kernel[(prefix_tiles, n_kv, prefix_splits)](
-            q, k_cache, v, part, lse, page_table, shared_len, scale * LOG2E, n_seqs * group,
+        _shared_prefix_kernel[(n_chunks, n_kv, prefix_splits)](
+            q, k_cache, v, part, lse, page_table, cascade, scale * LOG2E, n_seqs, n_chunks,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v.stride(0), v.stride(1), v.stride(2), part.stride(0), part.stride(1), part.stride(2),
-            lse.stride(0), lse.stride(1),
+            lse.stride(0), lse.stride(1), page_table.stride(0),
             G=group, PAGE=page_size, KD1=kd1, KD2=kd2, DV=v_dim, **blocks,
             BLOCK_M=prefix_cfg.block_m, BLOCK_N=prefix_cfg.block_n, VALUE_IN_KEY=value_in_key,
             NUM_SPLITS=prefix_splits, num_warps=prefix_cfg.num_warps, num_stages=prefix_cfg.num_stages,
         )
     _paged_attn_kernel[(n_tiles, n_kv, splits)](
         q, k_cache, v, out, part, lse, page_table, cu_seqlens_q, context_lens, tile_seq, tile_blk,
-        shared_len if shared else context_lens, scale * LOG2E, n_seqs,
+        cascade if shared else context_lens, scale * LOG2E, n_seqs,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
         part.stride(0), part.stride(1), part.stride(2) if slots > 1 else 0,
