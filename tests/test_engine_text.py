@@ -95,3 +95,17 @@ def test_detokenize_false_gives_the_same_tokens_and_no_text(llm):
     ids_only = llm.generate(["KING. What say you?"], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True,
                                                                     detokenize=False))[0]
     assert ids_only.token_ids == with_text.token_ids and with_text.text and ids_only.text == ""
+
+
+def test_unstreamed_request_gives_one_output_holding_everything(llm):
+    engine = llm.engine
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=True)
+    streamed = stream(engine, "every-step", "KING. What say you?", params)
+    engine.add_request("final-only", "KING. What say you?", params, stream=False)
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    assert len(outs) == 1 and outs[0].finished and len(streamed) == 12
+    assert outs[0].new_token_ids == outs[0].token_ids == streamed[-1].token_ids
+    assert outs[0].new_text == outs[0].text == streamed[-1].text
+    assert [lp[0] for lp in outs[0].logprobs] == outs[0].token_ids

@@ -90,7 +90,7 @@ class LLM:
         try:
             for i, (prompt, p) in enumerate(zip(prompts, params)):
                 rid = base + str(i)
-                engine.add_request(rid, prompt, p)
+                engine.add_request(rid, prompt, p, stream=False)   # only finished outputs are used
                 results[rid] = GenerationResult(rid, 0, 0, [None] * p.n)  # type: ignore[list-item]
             bar = None
             if use_tqdm:

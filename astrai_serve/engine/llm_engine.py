@@ -150,7 +150,10 @@ class LLMEngine:
                 raise ValueError(f"prompt token {i} is {t!r}: token ids must be integers in [0, {vocab})")
         return list(prompt)
 
-    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
+                    stream: bool = True) -> None:
+        """Queue a request. stream=False: step() returns each sample's output only once it is
+        finished (its deltas then hold everything), which saves building one per step."""
         params = SamplingParams() if params is None else params
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
@@ -165,7 +168,7 @@ class LLMEngine:
         samples = []
         for i in range(params.n):
             seq = Sequence(seq_id=self._next_id, request_id=request_id, index=i, token_ids=list(ids),
-                           num_prompt_tokens=len(ids), params=params, arrival=self._next_id)
+                           num_prompt_tokens=len(ids), params=params, arrival=self._next_id, stream=stream)
             self._next_id += 1
             seed = None if params.seed is None else sample_seed(params.seed, i)
             seq.state = new_state(seq, self.tokenizer, seed)
@@ -212,6 +215,8 @@ class LLMEngine:
         advance_text(grew, reasons, later)
         outputs = []
         for seq, reason in zip(grew, reasons):
+            if reason is None and not seq.stream:
+                continue
             outputs.append(make_output(seq, finished=reason is not None))
             if reason is not None and all(s.is_finished for s in self._requests.get(seq.request_id, [])):
                 self._requests.pop(seq.request_id, None)

@@ -46,6 +46,7 @@ class Sequence:
     share_from: "Sequence | None" = None        # sample 0 of the request, whose prompt pages siblings share
     pending_siblings: list["Sequence"] = field(default_factory=list)  # samples 1..n-1 waiting for our prefill
     finish_reason: str | None = None            # "stop" | "length" | "abort" once finished
+    stream: bool = True                         # an output every step (False: one, when finished)
     state: Any = None                           # engine-side per-sample state (detokenizer, RNG, ...)
 
     @property
