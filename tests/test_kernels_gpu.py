@@ -92,3 +92,9 @@ def test_gumbel_sampling_kernel_matches_reference() -> None:
     from astrai_serve.kernels.triton_sampling import selfcheck
 
     selfcheck()  # asserts kernel == torch reference on CUDA tensors
+
+
+def test_gemv_kernel_matches_torch() -> None:
+    from astrai_serve.kernels.triton_gemv import selfcheck
+
+    selfcheck()  # bf16 on CUDA, against an fp32 matmul

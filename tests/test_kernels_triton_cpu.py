@@ -59,3 +59,11 @@ def test_interpreted_gumbel_sampling_kernel_matches_reference() -> None:
     proc = subprocess.run([sys.executable, "-m", "astrai_serve.kernels.triton_sampling"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "kernel == reference" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_interpreted_gemv_kernel_matches_torch() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "astrai_serve.kernels.triton_gemv"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "kernel == torch" in proc.stdout, proc.stderr[-3000:]
