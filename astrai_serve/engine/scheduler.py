@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 from operator import attrgetter
+from typing import NamedTuple
 
 from .kv_manager import KVCacheManager
 from .sequence import Sequence, SeqStatus
@@ -33,8 +34,9 @@ from .sequence import Sequence, SeqStatus
 _arrival = attrgetter("arrival")
 
 
-@dataclass(frozen=True)
-class ScheduledChunk:
+class ScheduledChunk(NamedTuple):
+    # A NamedTuple, not a frozen dataclass: 256 of these are built every step, and a frozen
+    # dataclass's __init__ costs several times a tuple's.
     seq: Sequence
     start: int         # position of the first token computed (== seq.num_computed when planned)
     num_tokens: int    # tokens computed this step: token_ids[start:start + num_tokens]
@@ -123,22 +125,24 @@ class Scheduler:
         for s in sorted(self.running, key=_arrival):
             (prefills if len(s.token_ids) - s.num_computed > 1 else decodes).append(s)
         running, ps = SeqStatus.RUNNING, self.kv.page_size
+        chunks, ensure = plan.chunks, self.kv.ensure
         for seq in decodes + prefills:
             if budget == 0:
                 break
             if seq.status is not running:   # preempted earlier in this loop
                 continue
-            q = min(len(seq.token_ids) - seq.num_computed, budget)
+            n = len(seq.token_ids)
+            q = min(n - seq.num_computed, budget)
             end = seq.num_computed + q
             # (the first test is kv.ensure's own fast path, inlined: the pages already cover end)
-            while len(seq.page_table) * ps < end and not self.kv.ensure(seq, end):
+            while len(seq.page_table) * ps < end and not ensure(seq, end):
                 victim = max((s for s in self.running if s.seq_id not in taken), key=lambda s: s.arrival)
                 self._preempt(victim)
                 plan.preempted.append(victim)
                 if victim is seq:
                     break
             else:
-                plan.chunks.append(ScheduledChunk(seq, seq.num_computed, q, end == len(seq.token_ids)))
+                chunks.append(ScheduledChunk(seq, seq.num_computed, q, end == n))
                 taken.add(seq.seq_id)
                 budget -= q
         if not plan.preempted:
