@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="storage dtype (default float32 on cpu, bfloat16 on gpu)")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
+    parser.add_argument("--only", default="", help="run only the checks whose name contains this")
     args = parser.parse_args(argv)
     from astrai_serve.kernels import get_attention_impl
     from astrai_serve.kernels.cases import patch_triton_interpreter
@@ -171,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cpu" and args.impl == "triton":
         patch_triton_interpreter()          # CPU tensors only run under TRITON_INTERPRET=1
     dtype = args.dtype or ("bfloat16" if args.suite == "gpu" else "float32")
-    results = run_checks(GPU_CHECKS if args.suite == "gpu" else CPU_CHECKS,
-                         get_attention_impl(args.impl), dtype, device)
+    checks = [c for c in (GPU_CHECKS if args.suite == "gpu" else CPU_CHECKS) if args.only in c.name]
+    results = run_checks(checks, get_attention_impl(args.impl), dtype, device)
     if args.json:
         print(json.dumps(results))
     else:

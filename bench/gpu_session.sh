@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One GPU session's build-check-time run, most important first, each phase under its own time
+# limit, so a lease that runs out still returns what finished. Usage:
+#
+#   bash bench/gpu_session.sh OUT_DIR [PHASES]     PHASES: comma list of check,rollouts,serve,gemv,tests
+#
+# check     new kernels against their references on the GPU (cascade plans, Gumbel sampling, GEMV)
+# rollouts  bench/train.py --grpo-rollouts (engine vs the generate loop vs HF generate)
+# serve     bench/serve.py W1, W3 and W4 (no HF peer: W1's ratio to it is in docs/bench/serve-h200.json)
+# gemv      bench/gemv.py (batch-1 matmuls: cuBLAS vs the Triton GEMV)
+# tests     the GPU tests of the engine's cascade graphs and the kernels' graph capture
+# Logs and JSON land in OUT_DIR (at most 8 files come back from the device tool).
+set -u
+out=${1:?usage: bash bench/gpu_session.sh OUT_DIR [PHASES]}
+phases=${2:-check,rollouts,serve,gemv,tests}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+
+run() {  # run NAME SECONDS CMD...: log to OUT_DIR/NAME.log, say how it ended
+    local name=$1 limit=$2
+    shift 2
+    local start=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" >"$out/$name.log" 2>&1
+    local rc=$?
+    echo "== $name: rc $rc after $((SECONDS - start)) s" | tee -a "$out/summary.log"
+    tail -n 40 "$out/$name.log"
+}
+
+for phase in ${phases//,/ }; do
+    case $phase in
+        check) run check 120 bash -c "$py -m astrai_serve.kernels.selfcheck --suite gpu --only cascade && \
+                   $py -m astrai_serve.kernels.triton_sampling && $py -m astrai_serve.kernels.triton_gemv" ;;
+        rollouts) run rollouts 240 "$py" bench/train.py --grpo-rollouts --json "$out/rollouts.json" ;;
+        serve) run serve 300 "$py" bench/serve.py --compile-decode --workloads W1,W3,W4 --skip-peer \
+                   --repeats 1 --json "$out/serve.json" ;;
+        gemv) run gemv 120 "$py" bench/gemv.py --json "$out/gemv.json" ;;
+        tests) run tests 180 "$py" -m pytest -o addopts="" -m gpu -p no:cacheprovider -q -x \
+                   tests/test_kernels_gpu.py tests/test_engine_graphs_gpu.py -k "cascade or gumbel or gemv or sync" ;;
+        *) echo "unknown phase $phase" >&2; exit 2 ;;
+    esac
+done
