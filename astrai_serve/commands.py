@@ -1,21 +1,24 @@
-"""`astrai serve`: the gRPC core, and the OpenAI REST facade in a child process.
+"""`astrai serve`: the gRPC core, with the engine and the OpenAI REST facade in child processes.
 
     astrai serve --model DIR [--host 127.0.0.1] [--grpc-port 50051] [--http-port 8000] [--no-http]
-                 [--http-in-process] [--api-key KEY | env ASTRAI_API_KEY] [--served-model-name NAME]
-                 [--shutdown-timeout S] [engine options]
+                 [--http-in-process] [--engine-in-process] [--api-key KEY | env ASTRAI_API_KEY]
+                 [--served-model-name NAME] [--shutdown-timeout S] [engine options]
 
-The engine steps on its own thread (EngineLoop); the gRPC core runs on the main thread's event
-loop. The facade is `astrai gateway` in a child process (facade_process.py) that serves on the
-HTTP socket bound here and reaches the core over gRPC like any other client, so its per-token
-Python never competes with the engine for this process's GIL (`--http-in-process` runs it on a
-thread here instead). Once both listen, one line goes to stdout:
+The daemon's process runs only I/O: the gRPC core on the main thread's event loop. The engine
+steps in a child process (engine_process.py), so the core's per-message Python never competes
+with it for a GIL (`--engine-in-process` steps it on a thread here instead: EngineLoop). The
+facade is `astrai gateway` in another child process (facade_process.py) that serves on the HTTP
+socket bound here and reaches the core over gRPC like any other client (`--http-in-process` runs
+it on a thread here instead). Once both listen, one line goes to stdout:
 
     astrai serve: ready grpc=127.0.0.1:50051 http=http://127.0.0.1:8000 model=NAME
 
 SIGTERM or SIGINT: stop admitting (health turns NOT_SERVING, new calls get UNAVAILABLE/503),
 let in-flight requests finish for up to --shutdown-timeout seconds, abort the rest, stop the
-facade, exit 0. A second signal skips the wait. Should the facade process die, the daemon shuts
-down the same way and exits 1, so a supervisor restarts the whole service.
+engine and the facade, exit 0. A second signal skips the wait. Should the facade process die,
+the daemon shuts down the same way and exits 1, so a supervisor restarts the whole service.
+Should the engine process die, the daemon stays up: open requests end with an error, health
+turns NOT_SERVING and new requests get UNAVAILABLE, as when the engine raises.
 """
 from __future__ import annotations
 
@@ -43,7 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-http", action="store_true", help="run the gRPC core alone, without the REST facade")
     parser.add_argument("--http-in-process", action="store_true",
                         help="run the REST facade on a thread of this process instead of a child process "
-                             "(it then shares the engine's GIL: slower under load)")
+                             "(it then shares the gRPC core's GIL: slower under load)")
+    # dest: `engine_*` names are the engine's own settings (engine_args.engine_overrides).
+    parser.add_argument("--engine-in-process", dest="in_process_engine", action="store_true",
+                        help="step the engine on a thread of this process instead of a child process "
+                             "(it then shares the gRPC core's GIL: slower under load)")
     parser.add_argument("--api-key", default=None,
                         help=f"require this key from clients (HTTP 'Authorization: Bearer', gRPC 'authorization' "
                              f"metadata); default: ${API_KEY_ENV}, else no key")
@@ -87,10 +94,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         _check_args(args)
-        overrides = engine_overrides(args)
-        from astrai_serve.engine.llm_engine import LLMEngine  # heavy (torch): after the cheap checks
-
-        engine = LLMEngine(args.model, **overrides)
+        engine_loop = _engine(args, engine_overrides(args))
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"astrai serve: error: {exc}", file=sys.stderr)
         return 2
@@ -99,10 +103,24 @@ def run(args: argparse.Namespace) -> int:
         log.warning("binding %s without an API key: anyone who can reach it may generate", args.host)
     name = args.served_model_name or args.model.resolve().name
     try:
-        return asyncio.run(_serve(args, engine, name, api_key))
+        return asyncio.run(_serve(args, engine_loop, name, api_key))
     except OSError as exc:
         print(f"astrai serve: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        engine_loop.stop(10.0)  # a no-op after a clean shutdown; else the engine process must not linger
+
+
+def _engine(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
+    """The engine, loaded: an EngineProcess (a child process), or an EngineLoop with --engine-in-process."""
+    if args.in_process_engine:
+        from astrai_serve.engine.llm_engine import LLMEngine  # heavy (torch): after the cheap checks
+        from astrai_serve.engine_loop import EngineLoop
+
+        return EngineLoop(LLMEngine(args.model, **overrides))
+    from astrai_serve.engine_process import EngineProcess
+
+    return EngineProcess(args.model, overrides, log_level=args.log_level)
 
 
 class _FacadeThread:
@@ -141,11 +159,9 @@ def _facade(args: argparse.Namespace, grpc_target: str, api_key: str | None) -> 
                          log_level="error" if args.log_level == "error" else "warning")
 
 
-async def _serve(args: argparse.Namespace, engine: Any, name: str, api_key: str | None) -> int:
-    from astrai_serve.engine_loop import EngineLoop
+async def _serve(args: argparse.Namespace, engine_loop: Any, name: str, api_key: str | None) -> int:
     from astrai_serve.grpc_server import CoreServer, GenerationServicer
 
-    engine_loop = EngineLoop(engine)
     core = CoreServer(GenerationServicer(engine_loop, name), args.host, args.grpc_port, api_key)
     grpc_target = f"{_connect_host(args.host)}:{core.port}"
     facade = None if args.no_http else _facade(args, grpc_target, api_key)

@@ -12,6 +12,9 @@ caller learns whether its request was accepted from the first item it receives.
 Flush hooks run on the loop thread after each round of deliveries, so a consumer can batch:
 the gRPC core's sinks only append to a list, and its hook hands the whole step's outputs to the
 event loop in one `call_soon_threadsafe` instead of one wake-up per token per stream.
+
+`engine_process.py` runs this same loop in a child process and offers its interface (EngineHandle)
+in the daemon; the helpers below (Entry, deliver, run_hooks) are shared with it.
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ class EngineFailed:
     message: str
 
 
+MARKERS = (Rejected, Aborted, EngineFailed)  # the items that end a request; always its last
 Sink = Callable[[Any], None]
 
 
@@ -55,28 +59,58 @@ class EngineDeadError(RuntimeError):
     """Raised by submit once the loop is stopped or has died."""
 
 
+def num_samples(params: Any) -> int:
+    """How many samples (`n`) a request's SamplingParams ask for."""
+    return max(1, int(getattr(params, "n", 1) or 1))
+
+
 @dataclass
-class _Entry:
+class Entry:
+    """A submitted request: where its outputs go, and how far it has got."""
+
+    request_id: str
     sink: Sink
     n: int            # samples the request produces; it is done when all have finished
     finished: int = 0
 
+    def ends_with(self, item: Any) -> bool:
+        """Count one delivered item; True once the request is over (a marker, or its last sample finished)."""
+        if isinstance(item, MARKERS):
+            return True
+        self.finished += bool(item.finished)
+        return self.finished >= self.n
 
-class EngineLoop:
-    """Owns an LLMEngine and steps it on a daemon thread while it has work."""
 
-    def __init__(self, engine: Any):
-        self.engine = engine
-        self._commands: queue.SimpleQueue[tuple] = queue.SimpleQueue()
-        self._entries: dict[str, _Entry] = {}  # loop thread only
-        self._inflight = 0                      # len(_entries), published for other threads
-        self._stats = engine.stats()            # last snapshot, replaced (never mutated) per step
+def deliver(sink: Sink, item: Any) -> None:
+    try:
+        sink(item)
+    except Exception:  # a broken consumer must not take the engine down with it
+        log.exception("a request sink raised; dropping its output")
+
+
+def run_hooks(hooks: list[Callable[[], None]]) -> None:
+    for hook in hooks:
+        try:
+            hook()
+        except Exception:
+            log.exception("a flush hook raised")
+
+
+class EngineHandle:
+    """What the gRPC core drives. Subclasses add submit, abort, stop(timeout), stats(),
+    num_inflight and what requests are checked against (tokenizer, max_seq_len, vocab_size).
+    Outputs reach the sinks, then the flush hooks, on one thread running `_run`: EngineLoop steps
+    the engine there; EngineProcess (engine_process.py) reads what its engine process sends."""
+
+    def __init__(self, thread_name: str):
         self._error: str | None = None
         self._stopped = threading.Event()
         self._flush_hooks: list[Callable[[], None]] = []
-        self._thread = threading.Thread(target=self._run, name="astrai-engine-loop", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
 
-    # ---- any thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        raise NotImplementedError
+
     def start(self) -> None:
         self._thread.start()
 
@@ -86,9 +120,26 @@ class EngineLoop:
 
     @property
     def error(self) -> str | None:
-        """Why the loop died, or None."""
+        """Why the engine died, or None."""
         return self._error
 
+    def add_flush_hook(self, hook: Callable[[], None]) -> None:
+        """Run hook on the delivery thread after each round of sink deliveries."""
+        self._flush_hooks.append(hook)
+
+
+class EngineLoop(EngineHandle):
+    """Owns an LLMEngine and steps it on a daemon thread while it has work."""
+
+    def __init__(self, engine: Any):
+        super().__init__("astrai-engine-loop")
+        self.engine = engine
+        self._commands: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._entries: dict[str, Entry] = {}   # loop thread only
+        self._inflight = 0                      # len(_entries), published for other threads
+        self._stats = engine.stats()            # last snapshot, replaced (never mutated) per step
+
+    # ---- any thread ------------------------------------------------------------------------
     @property
     def num_inflight(self) -> int:
         return self._inflight
@@ -97,9 +148,19 @@ class EngineLoop:
         """The engine's EngineStats as of the end of the last step."""
         return self._stats
 
-    def add_flush_hook(self, hook: Callable[[], None]) -> None:
-        """Run hook on the loop thread after each round of sink deliveries."""
-        self._flush_hooks.append(hook)
+    # What the gRPC side needs to check and tokenize requests (EngineProcess has the same).
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def max_seq_len(self) -> int:
+        """Longest prompt + completion: the model's context, or less when the KV pool is smaller."""
+        return int(self.engine.max_seq_len)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.engine.model_config.vocab_size)
 
     def submit(self, request_id: str, prompt: Any, params: Any, sink: Sink) -> None:
         """Queue a request. Its outputs (or a Rejected) go to sink, on the loop thread."""
@@ -140,7 +201,7 @@ class EngineLoop:
             self._error = f"{type(exc).__name__}: {exc}"
             log.error("engine loop died:\n%s", traceback.format_exc())
             for request_id, entry in self._entries.items():
-                self._deliver(entry.sink, EngineFailed(request_id, self._error))
+                deliver(entry.sink, EngineFailed(request_id, self._error))
             self._entries.clear()
             self._inflight = 0
         finally:
@@ -161,15 +222,15 @@ class EngineLoop:
         if command[0] == "add":
             _, request_id, prompt, params, sink = command
             if request_id in self._entries:
-                self._deliver(sink, Rejected(request_id, ValueError(
+                deliver(sink, Rejected(request_id, ValueError(
                     f"request_id {request_id!r} is already running; request ids must be unique")))
                 return
             try:
                 self.engine.add_request(request_id, prompt, params)
             except ValueError as exc:
-                self._deliver(sink, Rejected(request_id, exc))
+                deliver(sink, Rejected(request_id, exc))
                 return
-            self._entries[request_id] = _Entry(sink=sink, n=max(1, int(getattr(params, "n", 1) or 1)))
+            self._entries[request_id] = Entry(request_id, sink, num_samples(params))
         elif command[0] == "abort":
             _, request_id, sink = command
             entry = self._entries.get(request_id)
@@ -183,38 +244,25 @@ class EngineLoop:
             entry = self._entries.get(out.request_id)
             if entry is None:
                 continue  # aborted while this step ran
-            self._deliver(entry.sink, out)
-            if out.finished:
-                entry.finished += 1
-                if entry.finished >= entry.n:
-                    del self._entries[out.request_id]
+            deliver(entry.sink, out)
+            if entry.ends_with(out):
+                del self._entries[out.request_id]
 
     def _end_orphans(self) -> None:
         # The engine has nothing left, yet some request never got its final output: end its
         # stream rather than leave a client waiting forever on a request nobody will step.
         for request_id, entry in self._entries.items():
             log.warning("request %s ended inside the engine without a final output; closing it", request_id)
-            self._deliver(entry.sink, Aborted(request_id))
+            deliver(entry.sink, Aborted(request_id))
         self._entries.clear()
 
     def _abort_all(self) -> None:
         for request_id, entry in list(self._entries.items()):
             self.engine.abort_request(request_id)
-            self._deliver(entry.sink, Aborted(request_id))
+            deliver(entry.sink, Aborted(request_id))
         self._entries.clear()
         self._inflight = 0
         self._stats = self.engine.stats()
 
     def _flush(self) -> None:
-        for hook in self._flush_hooks:
-            try:
-                hook()
-            except Exception:
-                log.exception("a flush hook raised")
-
-    @staticmethod
-    def _deliver(sink: Sink, item: Any) -> None:
-        try:
-            sink(item)
-        except Exception:  # a broken consumer must not take the engine down with it
-            log.exception("a request sink raised; dropping its output")
+        run_hooks(self._flush_hooks)

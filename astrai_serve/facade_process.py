@@ -13,15 +13,10 @@ when the daemon dies, however it dies: the facade never outlives the daemon.
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
-from pathlib import Path
 
 from astrai_serve.auth import API_KEY_ENV
+from astrai_serve.child_process import child_env, python_argv
 from astrai_serve.facade_server import bind_socket, http_url
-
-# The directory holding astrai_serve: the child must import the same code as this process.
-_PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
 
 
 class FacadeProcess:
@@ -40,11 +35,10 @@ class FacadeProcess:
     async def start(self, timeout: float = 60.0) -> None:
         """Spawn the child and wait for its ready line; OSError if it does not come."""
         fd = self.sock.fileno()
-        env = {**os.environ, API_KEY_ENV: self.api_key or ""}  # the key travels here, not in argv where `ps` shows it
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p)
+        env = child_env(**{API_KEY_ENV: self.api_key or ""})  # the key travels here, not in argv where `ps` shows it
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "astrai_train.cli", "gateway", "--grpc-target", self.grpc_target,
-            "--http-fd", str(fd), "--stop-on-stdin-eof", "--log-level", self.log_level,
+            *python_argv("astrai_train.cli", "gateway", "--grpc-target", self.grpc_target,
+                         "--http-fd", str(fd), "--stop-on-stdin-eof", "--log-level", self.log_level),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, pass_fds=(fd,), env=env)
         self.sock.close()  # the child holds its own copy of the listening socket
         try:

@@ -1,4 +1,5 @@
-"""The gRPC core: astrai.v1.GenerationService over an EngineLoop, plus health and reflection.
+"""The gRPC core: astrai.v1.GenerationService over an engine handle (an EngineLoop, the engine on a
+thread here, or an EngineProcess, the engine in a child process), plus health and reflection.
 
 Requests are checked and tokenized here, on the asyncio side (in a worker thread, so a huge
 prompt blocks neither the event loop nor the engine), and reach the engine as token ids. A bad
@@ -10,7 +11,8 @@ Each Generate call owns an asyncio.Queue fed by the engine loop through a StepBa
 of the event loop per engine step, not per output). Whatever has queued up when the call looks
 again goes out as one message per sample: a stream that lags (a slow client, or an event loop
 busy with many streams) sends its backlog in one message instead of one per token, so the cost of
-delivery falls as the load rises instead of stealing the engine's time (all of it shares one GIL).
+delivery falls as the load rises instead of stealing the engine's time (which, with the engine on a
+thread of this process, shares one GIL with it).
 When the client cancels, the handler is cancelled and its `finally` aborts the request, freeing
 its pages at once.
 """
@@ -28,7 +30,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from astrai_serve.auth import GrpcApiKeyInterceptor
-from astrai_serve.engine_loop import Aborted, EngineDeadError, EngineFailed, EngineLoop, Rejected
+from astrai_serve.engine_loop import MARKERS, EngineDeadError, EngineFailed, EngineHandle, Rejected, num_samples
 from astrai_serve.metrics import ServerMetrics
 from astrai_serve.proto import generate_pb2 as pb
 from astrai_serve.proto import generate_pb2_grpc as pb_grpc
@@ -45,8 +47,9 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # above the facade's 4 MiB body limit, so 
 class StepBatcher:
     """Sinks for Generate calls that deliver a whole engine step at once to this event loop.
 
-    The sinks and flush() run on the engine-loop thread only (so the list needs no lock); the
-    event loop wakes once per step, not once per output."""
+    The sinks and flush() run on the engine loop's delivery thread only (the loop thread, or an
+    EngineProcess's reader thread), so the list needs no lock; the event loop wakes once per step,
+    not once per output."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self._loop = loop
@@ -69,15 +72,13 @@ class StepBatcher:
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
     """Create inside the running event loop that will serve it (it batches deliveries to it)."""
 
-    def __init__(self, engine_loop: EngineLoop, model_name: str, metrics: ServerMetrics | None = None):
+    def __init__(self, engine_loop: EngineHandle, model_name: str, metrics: ServerMetrics | None = None):
         self.loop = engine_loop
         self.model_name = model_name
         self.metrics = metrics or ServerMetrics()
-        engine = engine_loop.engine
-        self.tokenizer = engine.tokenizer
-        # The engine's limit: the model's context, or less when the KV pool cannot hold that much.
-        self.max_len = int(getattr(engine, "max_seq_len", engine.model_config.max_len))
-        self.vocab_size = int(engine.model_config.vocab_size)
+        self.tokenizer = engine_loop.tokenizer
+        self.max_len = engine_loop.max_seq_len  # the model's context, or less when the KV pool is smaller
+        self.vocab_size = engine_loop.vocab_size
         self.checker = RequestChecker(self.tokenizer, self.max_len, self.vocab_size)
         self.batcher = StepBatcher(asyncio.get_running_loop())
         engine_loop.add_flush_hook(self.batcher.flush)
@@ -126,7 +127,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         except EngineDeadError as exc:
             await self._abort(context, grpc.StatusCode.UNAVAILABLE, f"the engine is not running: {exc}")
         self.active += 1
-        stream = _Stream(self, request_id, max(1, int(getattr(params, "n", 1) or 1)), len(ids), start)
+        stream = _Stream(self, request_id, num_samples(params), len(ids), start)
         try:
             while not stream.done:
                 # Everything queued since we last looked: more than one step's outputs when we lag
@@ -136,7 +137,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 while not queue.empty():
                     items.append(queue.get_nowait())
                 # A marker (Rejected, Aborted, EngineFailed) is always a request's last item.
-                marker = items.pop() if isinstance(items[-1], _MARKERS) else None
+                marker = items.pop() if isinstance(items[-1], MARKERS) else None
                 for response in stream.responses(items):
                     yield response
                 if marker is None:
@@ -188,9 +189,6 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             prompt_tokens_total=s.prompt_tokens_total, generation_tokens_total=s.generation_tokens_total,
             num_preemptions_total=s.num_preemptions_total,
             histograms=self.metrics.histograms(), requests_finished_total=self.metrics.finished())
-
-
-_MARKERS = (Rejected, Aborted, EngineFailed)
 
 
 class _Stream:

@@ -5,10 +5,13 @@ the engine alone, through gRPC `Generate` streams, and through the OpenAI REST f
                              [--repeats 3] [--slow-ms 2] [--json PATH] [--tiny] [--skip-peer]
 
 offline      `LLM.generate` in this process: the engine's own rate, the peer of every other row
-grpc         `astrai serve --no-http` as a subprocess, one grpc.aio stream per request
-rest         `astrai serve` (the facade in its own process), the `openai` AsyncOpenAI client
-             streaming completions (token-id prompts, `ignore_eos`)
+grpc         `astrai serve --no-http` as a subprocess (the engine in its own child process), one
+             grpc.aio stream per request
+rest         `astrai serve` (the facade and the engine in their own processes), the `openai`
+             AsyncOpenAI client streaming completions (token-id prompts, `ignore_eos`)
 rest-thread  the same with `--http-in-process`: the facade on a thread of the daemon's process
+rest-engine-thread  the same as rest with `--engine-in-process`: the engine on a thread of the
+             daemon's process, sharing a GIL with the gRPC core (the layout before the engine process)
 grpc-slow    the gRPC streams read by a consumer slower than the engine: it blocks --slow-ms per
              message (all streams share one thread, as a busy facade does) and uses the facade's
              small receive window. One message per token makes it the bottleneck; a server that
@@ -19,15 +22,16 @@ makes exactly --max-tokens tokens. output tok/s = tokens / (last response end - 
 `msgs/request` counts the gRPC messages (or SSE chunks with text) a client received per request:
 max-tokens means one per token, fewer means the server coalesced a lagging stream's backlog.
 CPU time per output token, read from /proc (so it holds on a busy machine, where rates do not):
-`core` is the daemon's main thread (the gRPC core's event loop: delivery work that shares the GIL
-with the engine loop), `daemon` the whole daemon process (engine included), `facade` the facade's
-child process.
+`core` is the daemon's main thread (the gRPC core's event loop), `daemon` the whole daemon process
+(with `--engine-in-process` the engine too, whose GIL the core's delivery work then shares),
+`engine` the engine's child process, `facade` the facade's child process.
 
 The model is tiny (random weights, float32, one thread), so a run takes seconds. On a CPU its
 step (the torch reference attention) still costs far more per token than delivery does, unlike on
 a GPU, and the clients share the cores with the daemon: read the ratios and the CPU time per
 token, not the absolute rates. On an H200 the engine makes ~37,000 tokens/s with 256 requests, so
-delivery has well under 30 us of the daemon's GIL per token; `core` above that means lag there.
+with the engine on a thread delivery has well under 30 us of the daemon's GIL per token; `core`
+above that means lag there.
 """
 from __future__ import annotations
 
@@ -51,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import Row, key, log  # noqa: E402
 
-SYSTEMS = ("offline", "grpc", "rest", "rest-thread", "grpc-slow")
+SYSTEMS = ("offline", "grpc", "rest", "rest-thread", "rest-engine-thread", "grpc-slow")
 # The REST facade's gRPC channel options (core_client.CHANNEL_OPTIONS), spelled out so that this
 # file also measures a checkout that predates them.
 FACADE_WINDOW = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
@@ -213,15 +217,24 @@ class Daemon:
         threading.Thread(target=self.proc.stdout.read, daemon=True).start()
 
     def cpu(self) -> dict[str, float]:
-        """CPU seconds so far: the main thread, the whole daemon, its child processes (the facade)."""
+        """CPU seconds so far: the main thread, the whole daemon, and its engine and facade child processes."""
         def seconds(stat_path: str) -> float:
             fields = Path(stat_path).read_text().rsplit(")", 1)[1].split()
             return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
+        def child(word: bytes) -> float:
+            total = 0.0
+            for c in children:
+                try:
+                    total += seconds(f"/proc/{c}/stat") if word in Path(f"/proc/{c}/cmdline").read_bytes() else 0.0
+                except OSError:  # it exited since the listing
+                    pass
+            return total
+
         pid = self.proc.pid
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
         return {"core": seconds(f"/proc/{pid}/task/{pid}/stat"), "daemon": seconds(f"/proc/{pid}/stat"),
-                "facade": sum(seconds(f"/proc/{c}/stat") for c in children)}
+                "engine": child(b"astrai_serve.engine_process"), "facade": child(b"gateway")}
 
     def stop(self) -> None:
         import serve_online
@@ -234,7 +247,8 @@ def run_system(system: str, args: argparse.Namespace, model_dir: Path, jobs: lis
     engine = engine_settings(args)
     if system == "offline":
         return [run_offline(model_dir, engine, jobs, args.max_tokens) for _ in range(args.repeats)]
-    flags = {"grpc": ["--no-http"], "grpc-slow": ["--no-http"], "rest": [], "rest-thread": ["--http-in-process"]}[system]
+    flags = {"grpc": ["--no-http"], "grpc-slow": ["--no-http"], "rest": [], "rest-thread": ["--http-in-process"],
+             "rest-engine-thread": ["--engine-in-process"]}[system]
     daemon = Daemon(model_dir, engine, flags, env)
     try:
         kind, target = ("grpc", daemon.ready["grpc"]) if "grpc" in system else ("rest", daemon.ready["http"])

@@ -122,7 +122,7 @@ def test_delivery_bench_tiny(tmp_path, capsys):
     assert "ratio vs peer" in capsys.readouterr().out
     rows = _rows(out)
     offline = _positive(rows, "delivery|offline|output tok/s")
-    for system in ("grpc", "rest", "rest-thread", "grpc-slow"):
+    for system in ("grpc", "rest", "rest-thread", "rest-engine-thread", "grpc-slow"):
         row = rows[f"delivery|{system}|output tok/s"]
         assert row["ratios"]["offline"] == pytest.approx(_positive(rows, row["workload"] + f"|{system}|output tok/s") / offline)
         assert "msgs/request" in row["note"] and "CPU us/token" in row["note"]

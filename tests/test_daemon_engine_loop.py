@@ -1,6 +1,7 @@
-"""EngineLoop with the real engine in-process (no mocks): per-request sinks, rejection,
-abort, stop, and — with the gRPC core and the REST facade running in-process around it — what
-clients see when the engine dies: health turns NOT_SERVING / 503 and streams end with an error."""
+"""EngineLoop with the real engine (no mocks), on a thread and in a child process (EngineProcess,
+the same interface): per-request sinks, rejection, abort, stop, and — with the gRPC core and the
+REST facade running in-process around it — what clients see when the engine dies: health turns
+NOT_SERVING / 503 and streams end with an error."""
 from __future__ import annotations
 
 import asyncio
@@ -17,6 +18,7 @@ from daemon_support import wait_for
 from astrai_serve import SamplingParams
 from astrai_serve.engine.llm_engine import LLMEngine
 from astrai_serve.engine_loop import Aborted, EngineDeadError, EngineFailed, EngineLoop, Rejected
+from astrai_serve.engine_process import EngineProcess
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -37,9 +39,18 @@ class Collector:
         return [t for item in self.items if hasattr(item, "new_token_ids") for t in item.new_token_ids]
 
 
-@pytest.fixture
-def loop(tiny_model_dir):
-    engine_loop = EngineLoop(LLMEngine(tiny_model_dir, num_pages=128))
+# The thread each layout delivers outputs and runs flush hooks on.
+DELIVERY_THREAD = {"thread": "astrai-engine-loop", "process": "astrai-engine-reader"}
+
+
+@pytest.fixture(scope="module", params=sorted(DELIVERY_THREAD))
+def loop(request, tiny_model_dir):
+    """One per layout for the module (a child process costs seconds); the stop test comes last."""
+    if request.param == "thread":
+        engine_loop = EngineLoop(LLMEngine(tiny_model_dir, num_pages=128))
+    else:
+        engine_loop = EngineProcess(tiny_model_dir, {"num_pages": 128})
+    engine_loop.kind = request.param
     engine_loop.flushes = []  # thread that ran each flush hook
     engine_loop.add_flush_hook(lambda: engine_loop.flushes.append(threading.current_thread().name))
     engine_loop.start()
@@ -52,6 +63,7 @@ def greedy(n: int) -> SamplingParams:
 
 
 def test_requests_stream_to_their_own_sinks(loop):
+    loop.flushes.clear()
     sinks = {rid: Collector() for rid in ("a", "b", "c")}
     for i, (rid, sink) in enumerate(sinks.items()):
         loop.submit(rid, [5 + i, 6, 7], greedy(4 + i), sink)
@@ -61,8 +73,8 @@ def test_requests_stream_to_their_own_sinks(loop):
         assert all(item.request_id == rid for item in sink.items)
         assert len(sink.tokens()) == 4 + i and sink.items[-1].finish_reason == "length"
     assert wait_for(lambda: loop.num_inflight == 0 and loop.stats().pages_in_use == 0)
-    # Flush hooks run on the loop thread, at least once per step that delivered something.
-    assert set(loop.flushes) == {"astrai-engine-loop"} and len(loop.flushes) >= 4 + 2
+    # Flush hooks run on the delivery thread, at least once per step that delivered something.
+    assert set(loop.flushes) == {DELIVERY_THREAD[loop.kind]} and len(loop.flushes) >= 4 + 2
 
 
 def test_rejections_do_not_disturb_running_requests(loop):
@@ -93,9 +105,9 @@ def test_abort_frees_pages_and_stops_outputs(loop):
     assert len(sink.items) == count and not sink.done.is_set() and len(sink.tokens()) < 400
 
 
-def test_stop_aborts_in_flight_and_refuses_new_work(tiny_model_dir):
-    engine_loop = EngineLoop(LLMEngine(tiny_model_dir, num_pages=128))
-    engine_loop.start()
+def test_stop_aborts_in_flight_and_refuses_new_work(loop):
+    """The last test of the module's `loop`: it stops it."""
+    engine_loop = loop
     sink = Collector()
     engine_loop.submit("running", [5, 6, 7], greedy(400), sink)
     assert wait_for(lambda: len(sink.items) >= 1, timeout=30)

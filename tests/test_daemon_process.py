@@ -1,6 +1,9 @@
 """`astrai serve`'s process layout: the REST facade runs as a child process (`astrai gateway`)
 that serves on the port the daemon bound, drains with it, and never outlives it; the daemon in
-turn does not run on half up when its facade dies. `--http-in-process` keeps the facade on a thread."""
+turn does not run on half up when its facade dies. The engine runs in another child process:
+its death fails the open streams and turns health NOT_SERVING while the daemon stays up, and it
+never outlives the daemon either. `--http-in-process --engine-in-process` keep both on threads,
+and both layouts generate the same tokens."""
 from __future__ import annotations
 
 import json
@@ -9,10 +12,12 @@ import signal
 import sys
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from daemon_support import start_serve, wait_for
+from daemon_support import proto_stubs, start_serve, wait_for
 
 pytestmark = [pytest.mark.timeout(120),
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process tree from /proc")]
@@ -30,18 +35,57 @@ def running(pid: int) -> bool:
         return False
 
 
+def child(daemon, word: bytes) -> int:
+    """The daemon's one child process whose command line has `word`."""
+    kids = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in children(daemon.proc.pid)}
+    found = [pid for pid, argv in kids.items() if word in argv]
+    assert len(found) == 1, f"expected one {word.decode()} child, got {kids}"
+    return found[0]
+
+
 def facade_pid(daemon) -> int:
-    kids = children(daemon.proc.pid)
-    assert len(kids) == 1, f"expected one facade child, got {kids}"
-    cmdline = Path(f"/proc/{kids[0]}/cmdline").read_bytes().split(b"\0")
-    assert b"gateway" in cmdline and b"--stop-on-stdin-eof" in cmdline
-    return kids[0]
+    pid = child(daemon, b"gateway")
+    assert b"--stop-on-stdin-eof" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    return pid
+
+
+def engine_pid(daemon) -> int:
+    return child(daemon, b"astrai_serve.engine_process")
+
+
+PROMPT = [5, 6, 7, 8, 9]
+GREEDY = {"max_tokens": 24, "temperature": 0.0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def stubs(tmp_path_factory):
+    return proto_stubs(tmp_path_factory.mktemp("grpc_stubs"))
+
+
+@pytest.fixture(scope="module")
+def greedy_ids(tiny_model_dir):
+    """PROMPT's greedy continuation by the engine itself, in this process: what every layout must send."""
+    from astrai_serve import LLMEngine, SamplingParams
+
+    engine = LLMEngine(tiny_model_dir, num_pages=512)
+    engine.add_request("reference", PROMPT, SamplingParams(**GREEDY))
+    ids = []
+    while engine.has_unfinished_requests():
+        ids += [t for out in engine.step() for t in out.new_token_ids]
+    assert len(ids) == GREEDY["max_tokens"]
+    return ids
+
+
+def generate_greedy(stubs, channel) -> list[int]:
+    pb2, pb2_grpc = stubs
+    request = pb2.GenerateRequest(token_ids=pb2.TokenIds(ids=PROMPT), params=pb2.SamplingParams(**GREEDY))
+    return [t for r in pb2_grpc.GenerationServiceStub(channel).Generate(request, timeout=60) for t in r.token_ids]
 
 
 def test_sigterm_drains_http_streams_then_stops_the_facade(tiny_model_dir, tmp_path):
     daemon = start_serve(tiny_model_dir, tmp_path / "serve.log", "--shutdown-timeout", "30", "--api-key", "k")
     try:
-        child = facade_pid(daemon)
+        child, engine = facade_pid(daemon), engine_pid(daemon)
         assert "k" not in Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0"), "the key must not be in argv"
         base, auth = daemon.ready["http"], {"Authorization": "Bearer k"}
         assert httpx.get(base + "/health").json() == {"status": "ok"}
@@ -59,19 +103,55 @@ def test_sigterm_drains_http_streams_then_stops_the_facade(tiny_model_dir, tmp_p
         assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length", "admitted streams finish"
         assert daemon.proc.wait(30) == 0, daemon.stderr()
         assert wait_for(lambda: not running(child), timeout=10), "the facade process outlived the daemon"
+        assert not running(engine), "the engine process outlived the daemon"
     finally:
         daemon.kill()
 
 
-def test_facade_exits_when_the_daemon_is_killed(tiny_model_dir, tmp_path):
+def test_children_exit_when_the_daemon_is_killed(tiny_model_dir, tmp_path):
     daemon = start_serve(tiny_model_dir, tmp_path / "serve.log")
-    child = facade_pid(daemon)
+    kids = {"facade": facade_pid(daemon), "engine": engine_pid(daemon)}
     daemon.kill()  # SIGKILL: no shutdown code runs in the daemon
     try:
-        assert wait_for(lambda: not running(child), timeout=20), "the facade process was orphaned"
+        for name, pid in kids.items():
+            assert wait_for(lambda: not running(pid), timeout=20), f"the {name} process was orphaned"
     finally:
-        if running(child):
-            os.kill(child, signal.SIGKILL)
+        for pid in kids.values():
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_engine_process_killed_mid_stream(tiny_model_dir, tmp_path, stubs, greedy_ids):
+    """The engine child dies (SIGKILL): its open stream ends with INTERNAL naming why, health turns
+    NOT_SERVING, and the daemon stays up refusing new work with UNAVAILABLE, then stops cleanly."""
+    pb2, pb2_grpc = stubs
+    daemon = start_serve(tiny_model_dir, tmp_path / "serve.log", "--no-http")
+    try:
+        with grpc.insecure_channel(daemon.ready["grpc"]) as channel:
+            assert generate_greedy(stubs, channel) == greedy_ids, "the engine process must generate what the engine does"
+            stub = pb2_grpc.GenerationServiceStub(channel)
+            call = stub.Generate(pb2.GenerateRequest(text="Out, out, brief candle", params=pb2.SamplingParams(
+                max_tokens=480, ignore_eos=True)), timeout=60)
+            next(call)  # running
+            engine = engine_pid(daemon)
+            os.kill(engine, signal.SIGKILL)
+            with pytest.raises(grpc.RpcError) as info:
+                list(call)
+            assert info.value.code() == grpc.StatusCode.INTERNAL
+            assert "the engine process was killed by SIGKILL" in info.value.details()
+            health = health_pb2_grpc.HealthStub(channel)
+            assert wait_for(lambda: health.Check(health_pb2.HealthCheckRequest()).status
+                            == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=10)
+            assert daemon.proc.poll() is None and not running(engine), "the daemon stays up; the engine is reaped"
+            assert not stub.GetStats(pb2.GetStatsRequest()).engine_alive
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.Generate(pb2.GenerateRequest(text="hi", params=pb2.SamplingParams(max_tokens=2)), timeout=10))
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert info.value.details() == "the engine is not running: the engine process was killed by SIGKILL"
+        assert daemon.terminate() == 0, daemon.stderr()
+        assert "the engine process was killed by SIGKILL; failing its 1 open requests" in daemon.stderr()
+    finally:
+        daemon.kill()
 
 
 def test_daemon_shuts_down_when_its_facade_dies(tiny_model_dir, tmp_path):
@@ -84,12 +164,14 @@ def test_daemon_shuts_down_when_its_facade_dies(tiny_model_dir, tmp_path):
         daemon.kill()
 
 
-def test_http_in_process_keeps_the_facade_on_a_thread(tiny_model_dir, tmp_path):
-    daemon = start_serve(tiny_model_dir, tmp_path / "serve.log", "--http-in-process")
+def test_in_process_layout_keeps_facade_and_engine_on_threads(tiny_model_dir, tmp_path, stubs, greedy_ids):
+    daemon = start_serve(tiny_model_dir, tmp_path / "serve.log", "--http-in-process", "--engine-in-process")
     try:
         assert children(daemon.proc.pid) == []
         r = httpx.post(daemon.ready["http"] + "/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        with grpc.insecure_channel(daemon.ready["grpc"]) as channel:
+            assert generate_greedy(stubs, channel) == greedy_ids, "both layouts must generate the same tokens"
         assert daemon.terminate() == 0, daemon.stderr()
     finally:
         daemon.kill()
