@@ -9,7 +9,7 @@
 # serve     bench/serve.py W1, W3 and W4 (no HF peer: W1's ratio to it is in docs/bench/serve-h200.json)
 # gemv      bench/gemv.py (batch-1 matmuls: cuBLAS vs the Triton GEMV)
 # tests     the GPU tests of the engine's cascade graphs and the kernels' graph capture
-# Logs and JSON land in OUT_DIR (at most 8 files come back from the device tool).
+# Logs and JSON land in OUT_DIR: 8 files at most, as many as the device tool brings back.
 set -u
 out=${1:?usage: bash bench/gpu_session.sh OUT_DIR [PHASES]}
 phases=${2:-check,rollouts,serve,gemv,tests}
@@ -23,7 +23,7 @@ run() {  # run NAME SECONDS CMD...: log to OUT_DIR/NAME.log, say how it ended
     local start=$SECONDS
     timeout --kill-after=10 "$limit" "$@" >"$out/$name.log" 2>&1
     local rc=$?
-    echo "== $name: rc $rc after $((SECONDS - start)) s" | tee -a "$out/summary.log"
+    echo "== $name: rc $rc after $((SECONDS - start)) s"
     tail -n 40 "$out/$name.log"
 }
 
