@@ -170,7 +170,8 @@ def _paged_attn_kernel(
     rows = (q_start + tok).to(tl.int64)
     if SHARED:
         # A sequence in no chunk gets nothing from the prefix kernel: mark its slots empty.
-        no_prefix = row_ok & (kv_base == 0) & (split == 0)
+        # (a row-shaped flag: kv_base and split are both >= 0, so their sum is 0 iff both are)
+        no_prefix = row_ok & ((offs_m * 0 + kv_base + split) == 0)
         for s in tl.static_range(SPLIT_BASE):
             tl.store(PartLse + rows * stride_ln + head * stride_lh + s, float("-inf"), mask=no_prefix)
     if NUM_SPLITS > 1 or SHARED:
