@@ -63,6 +63,22 @@ def test_radix_match_split_and_lru_eviction():
     pool.check()
 
 
+def test_eviction_does_not_walk_the_tree(monkeypatch):
+    # A full cache evicts on nearly every page a decode step allocates: the LRU leaf must come
+    # from the heap, not from a walk over thousands of leaves.
+    pool = PagePool(4000)
+    tree = RadixCache(pool, PS)
+    for i in range(1000):
+        pages = pool.alloc(2)
+        tree.insert([i, i + 1, i + 2, i + 3], pages)
+        pool.decref(pages)
+    monkeypatch.setattr(tree, "_leaves", lambda: pytest.fail("evict walked the tree"))
+    assert sum(tree.evict(1) for _ in range(500)) == 500
+    monkeypatch.undo()
+    tree.check()
+    pool.check()
+
+
 def test_radix_lru_order():
     pool = PagePool(8)
     tree = RadixCache(pool, PS)
@@ -136,6 +152,21 @@ class PoolAndTree(RuleBasedStateMachine):
         before = self.pool.num_free
         freed = self.tree.evict(n)
         assert self.pool.num_free == before + freed
+
+    @rule()
+    def evict_one_takes_a_least_recently_used_leaf(self):
+        # Against a walk of the whole tree: the page trimmed is the tail of an unlocked leaf
+        # whose last use is the oldest (the heap must agree with the brute force).
+        leaves = [leaf for leaf in self.tree._leaves() if leaf.lock_ref == 0]
+        if not leaves:
+            assert self.tree.evict(1) == 0
+            return
+        oldest = min(leaf.last_used for leaf in leaves)
+        tails = {leaf.pages[-1] for leaf in leaves if leaf.last_used == oldest}
+        before = set(self.tree.all_pages())
+        self.tree.evict(1)
+        gone = before - set(self.tree.all_pages())
+        assert len(gone) == 1 and gone <= tails, (gone, tails)
 
     @rule()
     def reset(self):

@@ -9,10 +9,16 @@ prefix hold their own references and `lock` the node where their match ended. `l
 the sequences below a node, so a node with lock_ref 0 has no user and its pages are evictable.
 `evict(n)` trims the least-recently-used unlocked leaves, page by page from their tails, until n
 pages are actually free -- leaves first, so a shared prefix outlives the branches that extend it.
+
+Evictable leaves are kept in a heap by last use, updated as nodes change (a match touches a
+leaf, an unlock frees one, an eviction bares a parent), with stale entries dropped when they
+surface. A full cache evicts on almost every page a decode step allocates, so finding the LRU
+leaf must not walk the tree: with 10,000 leaves a walk cost 5 ms per eviction.
 """
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections.abc import Sequence
 
 from .page_pool import PageAccountingError, PagePool
@@ -39,6 +45,10 @@ class RadixCache:
         self._clock = 0
         self.num_pages = 0              # pages referenced by the tree
         self.evictable_pages = 0        # pages in nodes with lock_ref == 0
+        # (last_used, tie-breaker, node) of leaves that were evictable when pushed; an entry whose
+        # node has since changed (used again, locked, grown a child, left the tree) is stale.
+        self._heap: list[tuple[int, int, RadixNode]] = []
+        self._ties = itertools.count()
 
     # ---- lookups -----------------------------------------------------------------------------
     def match_prefix(self, tokens: Sequence[int]) -> tuple[list[int], RadixNode]:
@@ -63,6 +73,7 @@ class RadixCache:
             self.pool.incref(leaf.pages)
             leaf.last_used = self._clock
             node.children[leaf.key[:ps]] = leaf
+            self._offer(leaf)
             self.num_pages += len(leaf.pages)
             self.evictable_pages += len(leaf.pages)
             out.extend(leaf.pages)
@@ -86,6 +97,7 @@ class RadixCache:
             if m < n_child:
                 child = self._split(child, m)
             child.last_used = self._clock
+            self._offer(child)
             pages.extend(child.pages)
             i += m * ps
             node = child
@@ -117,16 +129,17 @@ class RadixCache:
             node.lock_ref -= 1
             if node.lock_ref == 0:
                 self.evictable_pages += len(node.pages)
+                self._offer(node)
             node = node.parent
 
     # ---- eviction ----------------------------------------------------------------------------
     def evict(self, n: int) -> int:
         """Free at least n pages if possible (LRU unlocked leaves first); returns pages freed."""
-        heap = [(leaf.last_used, id(leaf), leaf) for leaf in self._leaves() if leaf.lock_ref == 0]
-        heapq.heapify(heap)
-        freed = 0
+        freed, heap = 0, self._heap
         while freed < n and heap:
-            _, _, leaf = heapq.heappop(heap)
+            last_used, _, leaf = heapq.heappop(heap)
+            if not self._evictable(leaf, last_used):
+                continue                                    # a stale entry
             # Trim the tail first: only as many pages as still needed, the prefix stays cached.
             k = min(len(leaf.pages), n - freed)
             drop = leaf.pages[len(leaf.pages) - k:]
@@ -136,13 +149,28 @@ class RadixCache:
             if k < len(leaf.pages):
                 leaf.pages = leaf.pages[:len(leaf.pages) - k]
                 leaf.key = leaf.key[:len(leaf.pages) * self.page_size]
+                self._offer(leaf)                           # still the LRU leaf, shorter
                 continue
             parent = leaf.parent
             del parent.children[leaf.key[:self.page_size]]
             leaf.parent, leaf.pages = None, []
-            if parent is not self.root and not parent.children and parent.lock_ref == 0:
-                heapq.heappush(heap, (parent.last_used, id(parent), parent))
+            self._offer(parent)                             # may now be a bare, unlocked leaf
         return freed
+
+    def _offer(self, node: RadixNode) -> None:
+        """Queue node for eviction if it is an unlocked leaf (checked again when it comes up)."""
+        if node.lock_ref == 0 and not node.children and node.parent is not None:
+            if len(self._heap) > 2 * self.num_pages + 1024:   # mostly stale entries: rebuild
+                self._heap = [(leaf.last_used, next(self._ties), leaf) for leaf in self._leaves()
+                              if leaf.lock_ref == 0]
+                heapq.heapify(self._heap)
+            heapq.heappush(self._heap, (node.last_used, next(self._ties), node))
+
+    def _evictable(self, node: RadixNode, last_used: int) -> bool:
+        """Whether a heap entry still describes an unlocked leaf of the tree, unused since."""
+        parent = node.parent
+        return (node.last_used == last_used and node.lock_ref == 0 and not node.children and bool(node.pages)
+                and parent is not None and parent.children.get(node.key[:self.page_size]) is node)
 
     def reset(self) -> None:
         """Forget every cached prefix (e.g. after the weights changed and the KV went stale).
@@ -159,6 +187,7 @@ class RadixCache:
         self.root.children = {}
         self.num_pages = 0
         self.evictable_pages = 0
+        self._heap = []
 
     # ---- introspection -----------------------------------------------------------------------
     def _leaves(self) -> list[RadixNode]:
