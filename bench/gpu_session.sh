@@ -2,17 +2,18 @@
 # One GPU session's build-check-time run, most important first, each phase under its own time
 # limit, so a lease that runs out still returns what finished. Usage:
 #
-#   bash bench/gpu_session.sh OUT_DIR [PHASES]     PHASES: comma list of check,rollouts,serve,gemv,tests
+#   bash bench/gpu_session.sh OUT_DIR [PHASES]     PHASES: comma list of check,rollouts,serve,w3gemv,gemv,tests
 #
 # check     new kernels against their references on the GPU (cascade plans, Gumbel sampling, GEMV)
 # rollouts  bench/train.py --grpo-rollouts (engine vs the generate loop vs HF generate)
 # serve     bench/serve.py W1, W3 and W4 (no HF peer: W1's ratio to it is in docs/bench/serve-h200.json)
+# w3gemv    bench/serve.py W3 with --decode-gemv (batch-1 decode through the Triton GEMV)
 # gemv      bench/gemv.py (batch-1 matmuls: cuBLAS vs the Triton GEMV)
 # tests     the GPU tests of the engine's cascade graphs and the kernels' graph capture
 # Logs and JSON land in OUT_DIR: 8 files at most, as many as the device tool brings back.
 set -u
 out=${1:?usage: bash bench/gpu_session.sh OUT_DIR [PHASES]}
-phases=${2:-check,rollouts,serve,gemv,tests}
+phases=${2:-check,rollouts,serve,w3gemv,gemv,tests}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
@@ -34,6 +35,8 @@ for phase in ${phases//,/ }; do
         rollouts) run rollouts 240 "$py" bench/train.py --grpo-rollouts --json "$out/rollouts.json" ;;
         serve) run serve 300 "$py" bench/serve.py --compile-decode --workloads W1,W3,W4 --skip-peer \
                    --repeats 1 --json "$out/serve.json" ;;
+        w3gemv) run w3gemv 150 "$py" bench/serve.py --compile-decode --decode-gemv --workloads W3 --skip-peer \
+                   --json "$out/w3gemv.json" ;;
         gemv) run gemv 120 "$py" bench/gemv.py --json "$out/gemv.json" ;;
         tests) run tests 180 "$py" -m pytest -o addopts="" -m gpu -p no:cacheprovider -q -x \
                    tests/test_kernels_gpu.py tests/test_engine_graphs_gpu.py -k "cascade or gumbel or gemv or sync" ;;

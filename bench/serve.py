@@ -331,6 +331,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--attention-impl", default=None, help="engine: torch | triton")
     p.add_argument("--compile-decode", action=argparse.BooleanOptionalAction, default=None,
                    help="engine: torch.compile the captured decode step (default: the engine's, off)")
+    p.add_argument("--decode-gemv", action=argparse.BooleanOptionalAction, default=None,
+                   help="engine: graphed decodes of 1-4 sequences use the Triton GEMV (default: the engine's, off)")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="one process per system (default: on with CUDA, off on the CPU)")
     p.add_argument("--phase-timeout-s", type=float, default=300.0, help="stop a system's process after this long (default 300)")
@@ -361,7 +363,7 @@ def build_spec(args: argparse.Namespace, model_dir: Path, hf_dir: Path | None, v
     engine: dict[str, Any] = {"max_num_seqs": args.max_num_seqs or (8 if args.tiny else 256),
                               "max_num_batched_tokens": args.max_num_batched_tokens or (256 if args.tiny else 16384),
                               "max_model_len": 1 << (longest - 1).bit_length()}
-    for name in ("gpu_memory_utilization", "page_size", "attention_impl", "compile_decode"):
+    for name in ("gpu_memory_utilization", "page_size", "attention_impl", "compile_decode", "decode_gemv"):
         if getattr(args, name) is not None:
             engine[name] = getattr(args, name)
     return {"model_dir": str(model_dir), "hf_dir": str(hf_dir) if hf_dir else None, "sizes": asdict(sizes),

@@ -162,3 +162,18 @@ def test_cascade_graph_decode_equals_recompute(arch, monkeypatch):
     outs, _ = run_all(engine, prompts, [SamplingParams(max_tokens=n, temperature=0.0) for n in lengths])
     assert [o[0].token_ids for o in outs] == [recompute_greedy(model, p, n) for p, n in zip(prompts, lengths)]
     assert 28 in shared                     # 7 whole pages of the 30-token system prompt
+
+
+@pytest.mark.parametrize("compile_decode", [False, True])
+def test_decode_gemv_graphs_equal_recompute(compile_decode):
+    """decode_gemv: graphs of 1-4 sequences run their matmuls through the Triton GEMV (a custom op,
+    kept whole by torch.compile); float32, so the greedy tokens must equal a recompute."""
+    model = model_of("gqa")
+    prompts = PROMPTS[:3]
+    lengths = LENGTHS[:3]
+    engine = LLMEngine.from_model(model, None, num_pages=96, page_size=4, max_num_seqs=4, cuda_graph_max_batch=4,
+                                  decode_gemv=True, compile_decode=compile_decode)
+    used = count_graph_steps(engine)
+    outs, _ = run_all(engine, prompts, [SamplingParams(max_tokens=n, temperature=0.0) for n in lengths])
+    assert [o[0].token_ids for o in outs] == [recompute_greedy(model, p, n) for p, n in zip(prompts, lengths)]
+    assert any(used)

@@ -57,14 +57,14 @@ def run_all(engine, prompts, params=GREEDY, abort_after=None):
     return [done.get(f"r{i}") for i in range(len(prompts))]
 
 
-def with_emulated_graphs(engine, max_batch):
+def with_emulated_graphs(engine, max_batch, decode_linear=None):
     """Swap in a runner with 'graphs' (eager replays on the CPU) and the padding page they need."""
     mc, kv = engine.model_config, engine.kv
     cache = PagedKVCache(kv_layout(mc), mc.n_layers, kv.num_pages + 1, kv.page_size, torch.float32,
                          torch.device("cpu"))
     engine.runner = ModelRunner(engine.runner.model, cache, get_attention_impl("torch"), torch.device("cpu"),
                                 engine.config.max_num_seqs, mc.max_len, pad_page=kv.num_pages,
-                                graph_max_batch=max_batch)
+                                graph_max_batch=max_batch, decode_linear=decode_linear)
     used = []
     uses_graph = engine.runner.uses_graph
     engine.runner.uses_graph = lambda plan: used.append(len(plan.chunks)) or uses_graph(plan)
@@ -116,6 +116,32 @@ def test_cascade_decode_over_a_shared_prefix_equals_recompute(models, arch, grap
     assert [o.token_ids for o in outs] == [recompute_greedy(model, p, n) for p, n in zip(prompts, lengths)]
     assert 24 in shared_steps                   # the 6 whole pages of the system prompt
     assert engine.stats().pages_in_use == 0
+
+
+def test_small_graphs_take_the_decode_matmul_and_keep_the_tokens(models):
+    """decode_gemv's plumbing: graphs of <= 4 sequences compute every projection and the LM head
+    with the small-batch matmul (on the CPU its op is F.linear), larger graphs and eager steps
+    do not, and the tokens equal a recompute."""
+    from astrai_serve.kernels.decode_matmul import DecodeMatmul
+
+    model = models["gqa"]
+    engine = LLMEngine.from_model(model, None, num_pages=80, page_size=4, max_num_seqs=8, decode_gemv=True)
+    rows = []
+
+    class Recording(DecodeMatmul):
+        def __call__(self, x, w):
+            rows.append((x.shape[0], tuple(w.shape)))
+            return super().__call__(x, w)
+
+    with_emulated_graphs(engine, max_batch=6, decode_linear=Recording())
+    lengths = [16 - 2 * i for i in range(len(PROMPTS))]
+    outs = run_all(engine, PROMPTS, [SamplingParams(max_tokens=n, temperature=0.0) for n in lengths])
+    assert [o.token_ids for o in outs] == [recompute_greedy(model, p, n) for p, n in zip(PROMPTS, lengths)]
+    mc = model.config
+    assert rows and {n for n, _ in rows} <= {1, 2, 4}                 # captured sizes <= 4 only
+    shapes = {w for _, w in rows}
+    assert (mc.vocab_size, mc.dim) in shapes and (mc.dim, mc.dim_ffn) in shapes   # LM head, down_proj
+    assert len(rows) % (4 * mc.n_layers + 1) == 0 or len(rows) % (7 * mc.n_layers + 1) == 0
 
 
 def first_shared(idx: dict) -> int | None:

@@ -38,6 +38,7 @@ class EngineConfig:
     cuda_graph_capture_budget_s: float = 60.0  # capture time at startup; sizes not reached pad up to a larger one
     compile_decode: bool = False             # torch.compile the graphed decode (fused kernels; bf16 near-ties may flip)
     overlap_steps: bool | None = None        # launch step N+1 before step N's text and outputs; default on with CUDA
+    decode_gemv: bool = False                # graphed decodes of 1-4 sequences use the Triton GEMV for their matmuls
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -64,8 +65,9 @@ class EngineConfig:
         for name in ("enable_cuda_graphs", "overlap_steps"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true, false or None (auto)")
-        if not isinstance(self.compile_decode, bool):
-            raise bad("compile_decode", "must be true or false")
+        for name in ("compile_decode", "decode_gemv"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be true or false")
         budget = self.cuda_graph_capture_budget_s
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
             raise bad("cuda_graph_capture_budget_s", "must be a positive number of seconds")

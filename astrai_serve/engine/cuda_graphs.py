@@ -24,6 +24,9 @@ How:
   model_runner.py); a step picks by whether it has a plan.
 Mixed prefill/decode and prefill steps stay eager (their shapes vary with every step).
 
+With `linear` given (EngineConfig.decode_gemv: kernels/decode_matmul.py), graphs of at most
+4 sequences compute their projections and LM head with it instead of cuBLAS.
+
 With `compile=True` the captured forward is first run through torch.compile (the attention call
 left opaque): its RMSNorms, rotary embeddings and SwiGLU become a few fused kernels instead of
 ~60 small ones per layer, which is most of a graph replay's time at small contexts.
@@ -40,9 +43,11 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from astrai_serve.kernels import PagedAttentionFn
 from astrai_serve.kernels.cascade import graph_plan_len, pad_plan
@@ -51,6 +56,9 @@ from .paged_attention import PagedAttention, PagedKVCache, StepMetadata
 from .transfer import HostStaging
 
 log = logging.getLogger("astrai.serve.engine")
+
+Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+SMALL_BATCH = 4          # graphs up to this batch size take the small-batch `linear`
 
 _LADDER = (1, 2, 4, 8, 16, 24, 32, 48, 64)  # then steps of 32
 
@@ -70,7 +78,7 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, cache: PagedKVCache, kernel: PagedAttentionFn,
                  max_batch: int, max_pages: int, pad_page: int, compile: bool = False,
-                 cascade_min_batch: int | None = None) -> None:
+                 cascade_min_batch: int | None = None, linear: Linear | None = None) -> None:
         device = cache.k.device
         self.model, self.cache, self.kernel = model, cache, kernel
         self._flat = torch.compile(model.forward_flat, dynamic=True) if compile else model.forward_flat
@@ -81,6 +89,7 @@ class DecodeGraphs:
         self.pad_page = pad_page
         self.pad_slot = pad_page * cache.page_size
         self.cascade_min_batch = cascade_min_batch
+        self.small_linear = linear          # for graphs of at most SMALL_BATCH rows; F.linear above
         with torch.inference_mode():
             vocab = model.compute_logits(torch.zeros(1, model.config.dim, device=device,
                                                      dtype=cache.k.dtype)).shape[-1]
@@ -112,8 +121,9 @@ class DecodeGraphs:
         meta = StepMetadata(slot_mapping=slots, page_table=self.page_table[:b],
                             cu_seqlens_q=self.cu_seqlens[:b + 1], context_lens=context_lens,
                             cascade=self.meta[:p] if cascade else None)
-        hidden = self._flat(ids, positions, self._attention(self.cache, meta, self.kernel))
-        self.logits[:b].copy_(self.model.compute_logits(hidden))
+        linear = self.small_linear if self.small_linear is not None and b <= SMALL_BATCH else F.linear
+        hidden = self._flat(ids, positions, self._attention(self.cache, meta, self.kernel), linear)
+        self.logits[:b].copy_(self.model.compute_logits(hidden, linear))
 
     @torch.inference_mode()
     def capture(self, budget_s: float) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from astrai_serve.kernels import get_attention_impl
+from astrai_serve.kernels.decode_matmul import DecodeMatmul
 from astrai_train.model import Transformer, fuse_projections, kv_layout
 
 from .config import EngineConfig
@@ -122,7 +123,8 @@ class LLMEngine:
         self.runner = ModelRunner(model, cache, kernel, device, config.max_num_seqs, max_len,
                                   pad_page=num_pages if graphs else None, graph_max_batch=graph_batch,
                                   graph_budget_s=config.cuda_graph_capture_budget_s,
-                                  compile_graphs=config.compile_decode and graphs)
+                                  compile_graphs=config.compile_decode and graphs,
+                                  decode_linear=DecodeMatmul() if config.decode_gemv else None)
         self.sampler = Sampler(device, config.seed)
         self._overlap = config.resolved_overlap_steps()
         self._inflight: tuple[StepPlan, list[Sequence], PendingSample | None] | None = None  # launched, not yet applied

@@ -23,7 +23,7 @@ instead of rebuilding 256 x max_pages entries in Python.
 """
 from __future__ import annotations
 
-from typing import Sequence as Seq
+from typing import Callable, Sequence as Seq
 
 import numpy as np
 import torch
@@ -97,7 +97,7 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, cache: PagedKVCache, kernel: PagedAttentionFn,
                  device: torch.device, max_num_seqs: int, max_model_len: int, pad_page: int | None = None,
                  graph_max_batch: int = 0, graph_budget_s: float = 60.0, compile_graphs: bool = False,
-                 cascade: bool = True) -> None:
+                 cascade: bool = True, decode_linear: "Callable | None" = None) -> None:
         """pad_page: a cache page outside the page pool, for padding rows (needed with graphs);
         graph_max_batch > 0 captures decode graphs up to that batch size (compiled first with
         compile_graphs); cascade: use cascade attention for decode steps that share a prefix."""
@@ -117,7 +117,7 @@ class ModelRunner:
             if pad_page is None:
                 raise ValueError("CUDA graphs need a reserved padding page")
             self.graphs = DecodeGraphs(model, cache, kernel, graph_max_batch, width, pad_page, compile_graphs,
-                                       cascade_min_batch=self.cascade_min_seqs)
+                                       cascade_min_batch=self.cascade_min_seqs, linear=decode_linear)
             self.graphs.capture(graph_budget_s)
 
     def _indices(self, plan: StepPlan) -> dict[str, np.ndarray | int]:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backend import AttentionBackend, KVLayout
+from .backend import AttentionBackend, KVLayout, Linear
 from .config import ModelConfig
 from .layers import RMSNorm, apply_rope
 
@@ -53,14 +53,14 @@ class GQAAttention(nn.Module):
         self.gate = _Gate(config.dim, self.n_heads * hd) if config.use_gated_attention else None
         self.qkv_weight: torch.Tensor | None = None   # set by fusion.fuse_projections (inference)
 
-    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, linear: Linear = F.linear):
         lead = x.shape[:-1]
         if self.qkv_weight is not None and not torch.is_grad_enabled():
             # One matmul; gradients would reach only the fused tensor, so training never takes it.
             nq, nk = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-            q, k, v = F.linear(x, self.qkv_weight).split([nq, nk, nk], dim=-1)
+            q, k, v = linear(x, self.qkv_weight).split([nq, nk, nk], dim=-1)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = linear(x, self.q_proj.weight), linear(x, self.k_proj.weight), linear(x, self.v_proj.weight)
         q = q.view(*lead, self.n_heads, self.head_dim)
         k = k.view(*lead, self.n_kv, self.head_dim)
         v = v.view(*lead, self.n_kv, self.head_dim)
@@ -68,11 +68,11 @@ class GQAAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def _out(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    def _out(self, x: torch.Tensor, o: torch.Tensor, linear: Linear = F.linear) -> torch.Tensor:
         o = o.reshape(*x.shape[:-1], self.n_heads * self.head_dim)
         if self.gate is not None:
             o = self.gate(x, o)
-        return self.o_proj(o)
+        return linear(o, self.o_proj.weight)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         q, k, v = self._qkv(x, cos, sin)
@@ -82,9 +82,9 @@ class GQAAttention(nn.Module):
         return self._out(x, o.transpose(1, 2))
 
     def forward_flat(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     attn: AttentionBackend, layer: int) -> torch.Tensor:
-        q, k, v = self._qkv(x, cos, sin)
-        return self._out(x, attn.attend(layer, q, k, v, self.scale))
+                     attn: AttentionBackend, layer: int, linear: Linear = F.linear) -> torch.Tensor:
+        q, k, v = self._qkv(x, cos, sin, linear)
+        return self._out(x, attn.attend(layer, q, k, v, self.scale), linear)
 
 
 class MLAAttention(nn.Module):
@@ -136,7 +136,8 @@ class MLAAttention(nn.Module):
         return self._out(x, o.transpose(1, 2))
 
     def forward_flat(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     attn: AttentionBackend, layer: int) -> torch.Tensor:
+                     attn: AttentionBackend, layer: int, linear: Linear = F.linear) -> torch.Tensor:
+        # (MLA keeps its module calls: its projections are not the batch-1 bottleneck measured)
         q_nope, q_rope, c, k_rope = self._q_and_latent(x, cos, sin)
         w = self.kv_b_proj.weight.view(self.n_heads, self.dn + self.dv, self.r)
         w_uk, w_uv = w[:, : self.dn], w[:, self.dn:]

@@ -26,13 +26,18 @@ n_kv = n_kv_heads, Dk = Dv = head_dim. MLA layers, in their absorbed form, are o
 holds per token, which is the point of MLA.
 
 `kv_layout(config)` tells a backend what to allocate per layer and token.
+
+`forward_flat` also takes `linear(x, weight)`, the matmul of every projection (F.linear by
+default): a serving engine may pass a faster one for its small decode batches.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
+
+Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # y = x @ weight.T, as F.linear without bias
 
 
 class AttentionBackend(Protocol):

@@ -1,6 +1,8 @@
 """Small building blocks: RMSNorm, rotary position embeddings, the SwiGLU MLP."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,9 +49,10 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
         self.gate_up_weight: torch.Tensor | None = None   # set by fusion.fuse_projections (inference)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear
+                ) -> torch.Tensor:
         if self.gate_up_weight is not None and not torch.is_grad_enabled():
-            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)   # one matmul for both
+            gate, up = linear(x, self.gate_up_weight).chunk(2, dim=-1)   # one matmul for both
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+            gate, up = linear(x, self.gate_proj.weight), linear(x, self.up_proj.weight)
+        return linear(F.silu(gate) * up, self.down_proj.weight)

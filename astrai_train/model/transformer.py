@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import GQAAttention, MLAAttention
-from .backend import AttentionBackend
+from .backend import AttentionBackend, Linear
 from .config import ModelConfig
 from .layers import RMSNorm, SwiGLU, rope_tables
 
@@ -32,9 +32,9 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def forward_flat(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     attn: AttentionBackend, layer: int) -> torch.Tensor:
-        x = x + self.self_attn.forward_flat(self.input_layernorm(x), cos, sin, attn, layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+                     attn: AttentionBackend, layer: int, linear: Linear = F.linear) -> torch.Tensor:
+        x = x + self.self_attn.forward_flat(self.input_layernorm(x), cos, sin, attn, layer, linear)
+        return x + self.mlp(self.post_attention_layernorm(x), linear)
 
 
 class Transformer(nn.Module):
@@ -106,21 +106,21 @@ class Transformer(nn.Module):
         hidden = self.forward_hidden(input_ids)
         return self.compute_logits(hidden) if head is None else head(hidden, self.lm_weight)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_weight)
+    def compute_logits(self, hidden: torch.Tensor, linear: Linear = F.linear) -> torch.Tensor:
+        return linear(hidden, self.lm_weight)
 
     # ---- inference forward -------------------------------------------------------------------
     def forward_flat(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                     attn: AttentionBackend) -> torch.Tensor:
+                     attn: AttentionBackend, linear: Linear = F.linear) -> torch.Tensor:
         """A flattened batch of new tokens [N] at `positions` [N] -> hidden states [N, dim].
 
-        `attn` owns the KV storage and this step's metadata (see backend.py); the caller picks
-        which rows to turn into logits with `compute_logits`.
+        `attn` owns the KV storage and this step's metadata (see backend.py); `linear` computes
+        every projection; the caller picks which rows to turn into logits with `compute_logits`.
         """
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         x = self.embed_tokens(input_ids)
         for i, block in enumerate(self.layers):
-            x = block.forward_flat(x, cos, sin, attn, i)
+            x = block.forward_flat(x, cos, sin, attn, i, linear)
         return self.norm(x)
 
     # ---- model directory ---------------------------------------------------------------------
