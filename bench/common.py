@@ -183,10 +183,11 @@ def _synthetic_words(alphabet: str, count: int) -> list[str]:
     return words
 
 
-def random_gpu_model(preset: str) -> tuple[Any, Any, Any]:
+def random_gpu_model(preset: str, fuse: bool = True) -> tuple[Any, Any, Any]:
     """(config, model, tokenizer) for in-process engine benches: the preset with seeded random
-    bf16 weights on the GPU, projections fused as LLM(model_dir) fuses them, and a synthetic
-    tokenizer covering the whole vocabulary (so every generated id is detokenized)."""
+    bf16 weights on the GPU, projections fused as LLM(model_dir) fuses them (fuse=False: left
+    apart, as a training module GRPO samples from), and a synthetic tokenizer covering the whole
+    vocabulary (so every generated id is detokenized)."""
     import tempfile
 
     import torch
@@ -199,7 +200,8 @@ def random_gpu_model(preset: str) -> tuple[Any, Any, Any]:
     with torch.device("cuda"):
         model = Transformer(config)
     model = model.to(torch.bfloat16).eval()
-    fuse_projections(model)
+    if fuse:
+        fuse_projections(model)
     with tempfile.TemporaryDirectory() as tmp:
         synthetic_tokenizer(config.vocab_size, tmp)
         tok = Tokenizer.from_pretrained(tmp)

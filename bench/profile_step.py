@@ -145,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch.compile the graphed decode forward (default on, as in the serve bench)")
     p.add_argument("--max-model-len", type=int, default=2048, help="engine max_model_len (default 2048, as bench/serve.py)")
     p.add_argument("--trace-steps", type=int, default=10, help="steps recorded by the profiler (default 10)")
+    p.add_argument("--unfused", action="store_true",
+                   help="keep q/k/v and gate/up apart, as GRPO's rollout engine runs the training module")
     args = p.parse_args(argv)
     import torch
 
@@ -152,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
-    config, model, tok = common.random_gpu_model(args.preset)
+    config, model, tok = common.random_gpu_model(args.preset, fuse=not args.unfused)
     s = serve.FULL
     t = time.perf_counter()
     llm = LLM.from_model(model, tok, max_num_seqs=256, max_num_batched_tokens=16384, max_model_len=args.max_model_len,
