@@ -143,7 +143,7 @@ def test_compiled_decode_graphs_equal_eager():
 @pytest.mark.parametrize("arch", ["gqa", "mla"])
 def test_cascade_graph_decode_equals_recompute(arch, monkeypatch):
     """Requests behind one system prompt: the captured cascade graphs (shared pages attended once
-    per batch, padded rows included) give the tokens of a full recomputation."""
+    per chunk, padded rows included) give the tokens of a full recomputation."""
     from astrai_serve.engine import model_runner
 
     monkeypatch.setattr(model_runner, "CASCADE_MIN_SEQS", 2)
@@ -154,7 +154,8 @@ def test_cascade_graph_decode_equals_recompute(arch, monkeypatch):
     assert engine.runner.graphs.takes_cascade(8) and (8, True) in engine.runner.graphs.graphs
     shared = []
     indices = engine.runner._indices
-    engine.runner._indices = lambda plan: (lambda idx: shared.append(idx["shared"]) or idx)(indices(plan))
+    engine.runner._indices = lambda plan: (lambda idx: shared.append(
+        None if idx["cascade"] is None else int(idx["cascade"][0])) or idx)(indices(plan))
     system = prompts_of((30,), seed=7)[0]
     prompts = [system + q for q in prompts_of((3, 9, 1, 6, 12, 4, 7), seed=8)]
     run_all(engine, prompts[:1], SamplingParams(max_tokens=2, temperature=0.0))   # caches the system prompt
