@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from astrai_serve.engine.penalty_counts import PenaltyCounts
 from astrai_serve.engine.sampler import Sampler
 from astrai_serve.engine.sampling_params import SamplingParams
 
@@ -137,3 +138,46 @@ def test_logprobs_are_of_the_raw_distribution():
     assert [t for t, _ in top] == [0, 1] and top[0][1] == pytest.approx(raw[0].item())
     assert res.logprobs[1] is None and res.token_ids[1] == 2
     assert math.isclose(sum(math.exp(v) for v in raw.tolist()), 1.0, rel_tol=1e-5)
+
+
+def test_penalty_counts_kept_on_the_device_match_a_rebuild():
+    """Keyed rows (the engine's path) advance their counts by each step's new tokens; every
+    step must penalize exactly as rebuilding the counts from the whole histories does."""
+    torch.manual_seed(3)
+    vocab = 40
+    params = [SamplingParams(temperature=0, repetition_penalty=1.7, frequency_penalty=0.4, presence_penalty=0.3),
+              SamplingParams(temperature=0),
+              SamplingParams(temperature=0, frequency_penalty=-0.5)]
+    histories = [([1, 2, 3], 2), ([4, 5], 1), ([6, 6, 7, 8], 3)]
+    kept = Sampler(torch.device("cpu"), 0)
+    kept._counts = PenaltyCounts(vocab, torch.device("cpu"), capacity=1)   # must grow to hold two rows
+    for step in range(25):                      # more rows than the initial capacity, and growing
+        logits = torch.randn(3, vocab)
+        want = Sampler(torch.device("cpu"), 0)(logits.clone(), params, None, [0] * 3, histories).token_ids
+        got = kept(logits.clone(), params, None, [0] * 3, histories, history_keys=[10, 11, 12]).token_ids
+        assert got == want, step
+        for (ids, _), t in zip(histories, got):
+            ids.append(t)
+    assert kept._counts.num_rows == 2            # the row without penalties never got one
+    for key in (10, 11, 12):
+        kept.release(key)
+    assert kept._counts.num_rows == 0
+
+
+def test_engine_releases_penalty_rows_when_sequences_end():
+    from astrai_serve.engine import LLMEngine
+    from astrai_train.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, dim_ffn=64,
+                                    max_len=128)).eval()
+    engine = LLMEngine.from_model(model, None, num_pages=64, page_size=4, max_num_seqs=4)
+    pen = SamplingParams(max_tokens=6, temperature=0.8, seed=1, presence_penalty=0.5, repetition_penalty=1.2, n=2)
+    engine.add_request("a", [1, 2, 3, 4, 5], pen)
+    engine.add_request("b", [9, 8, 7], pen)
+    engine.step()
+    engine.step()
+    engine.abort_request("b")
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.sampler._counts is not None and engine.sampler._counts.num_rows == 0

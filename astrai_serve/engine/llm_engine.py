@@ -183,6 +183,7 @@ class LLMEngine:
         for seq in self._requests.pop(request_id, []):
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
+                self.sampler.release(seq.seq_id)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or self._inflight is not None
@@ -212,6 +213,7 @@ class LLMEngine:
         for seq, reason in zip(grew, reasons):
             if reason is not None:
                 self.scheduler.finish(seq, reason)
+                self.sampler.release(seq.seq_id)
         if self._overlap:
             self._inflight = self._launch(self.scheduler.schedule())
         advance_text(grew, reasons, later)
@@ -233,11 +235,12 @@ class LLMEngine:
         if not seqs:
             return plan, seqs, None
         params = [s.params for s in seqs]
-        histories = None
+        histories = keys = None
         if any(p.uses_penalties for p in params):
             histories = [(s.token_ids, s.num_prompt_tokens) for s in seqs]
+            keys = [s.seq_id for s in seqs]       # counts kept on the device, advanced per step
         return plan, seqs, self.sampler.sample_async(logits, params, [s.state.seed for s in seqs],
-                                                     [len(s.token_ids) for s in seqs], histories)
+                                                     [len(s.token_ids) for s in seqs], histories, keys)
 
     # ---- state -------------------------------------------------------------------------------
     def stats(self) -> EngineStats:

@@ -27,6 +27,7 @@ import torch
 
 from astrai_serve.kernels.gumbel import gumbel_argmax, seeded_keys, split_keys
 
+from .penalty_counts import PenaltyCounts
 from .sampling_params import SamplingParams
 from .transfer import to_device
 
@@ -43,26 +44,35 @@ class Sampler:
     def __init__(self, device: torch.device, seed: int = 0) -> None:
         self.device = device
         self._rng = np.random.Generator(np.random.PCG64(seed))   # keys of rows without a seed
+        self._counts: PenaltyCounts | None = None                 # made at the first keyed penalty
+
+    def release(self, key: int) -> None:
+        """Forget the penalty counts kept for `key` (its sequence finished)."""
+        if self._counts is not None:
+            self._counts.release(key)
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], seeds: list[int | None] | None = None,
-                 positions: list[int] | None = None,
-                 histories: list[tuple[list[int], int]] | None = None) -> SampleResult:
+                 positions: list[int] | None = None, histories: list[tuple[list[int], int]] | None = None,
+                 history_keys: list[int] | None = None) -> SampleResult:
         """logits [S, V] float32; per row: its params, its sample's seed (or None), the position
         it samples (the sequence's length; with a seed it picks the noise) and (token_ids,
-        num_prompt_tokens) for the penalties (needed only when a row has some)."""
-        return self.sample_async(logits, params, seeds, positions, histories).result()
+        num_prompt_tokens) for the penalties (needed only when a row has some). With
+        history_keys (one stable key per row, e.g. the sequence id) the penalty counts are
+        kept on the device and advanced by each step's new tokens (release a key when its
+        sequence ends); without, they are rebuilt from the histories."""
+        return self.sample_async(logits, params, seeds, positions, histories, history_keys).result()
 
     @torch.inference_mode()
     def sample_async(self, logits: torch.Tensor, params: list[SamplingParams], seeds: list[int | None] | None = None,
-                     positions: list[int] | None = None,
-                     histories: list[tuple[list[int], int]] | None = None) -> "PendingSample":
+                     positions: list[int] | None = None, histories: list[tuple[list[int], int]] | None = None,
+                     history_keys: list[int] | None = None) -> "PendingSample":
         """Enqueue the sampling of every row; the result comes with `.result()`."""
         want_lp = any(p.logprobs for p in params)
         raw_logprobs = logits.log_softmax(-1) if want_lp else None
         if any(p.uses_penalties for p in params):
             if histories is None:
                 raise ValueError("rows with penalties need their token histories")
-            logits = self._penalize(logits, params, histories)
+            logits = self._penalize(logits, params, histories, history_keys)
         if all(p.greedy for p in params):
             tokens = logits.argmax(-1)
         else:
@@ -81,7 +91,7 @@ class Sampler:
         return keys
 
     def _penalize(self, logits: torch.Tensor, params: list[SamplingParams],
-                  histories: list[tuple[list[int], int]]) -> torch.Tensor:
+                  histories: list[tuple[list[int], int]], keys: list[int] | None) -> torch.Tensor:
         rows = [i for i, p in enumerate(params) if p.uses_penalties]
         n, vocab, dev = len(rows), logits.shape[1], logits.device
 
@@ -92,13 +102,18 @@ class Sampler:
             out = torch.zeros(n, vocab + 1, device=dev)
             return out.scatter_add_(1, ids, torch.ones(ids.shape, device=dev))[:, :vocab]
 
-        outputs = counts([histories[i][0][histories[i][1]:] for i in rows])
-        prompts = counts([histories[i][0][:histories[i][1]] for i in rows])
+        if keys is not None:
+            if self._counts is None:
+                self._counts = PenaltyCounts(vocab, dev)
+            outputs, in_prompt = self._counts.gather([keys[i] for i in rows], [histories[i] for i in rows])
+        else:
+            outputs = counts([histories[i][0][histories[i][1]:] for i in rows])
+            in_prompt = counts([histories[i][0][:histories[i][1]] for i in rows]) > 0
         rep, freq, pres = to_device([[params[i].repetition_penalty, params[i].frequency_penalty,
                                       params[i].presence_penalty] for i in rows], torch.float32, dev).T[:, :, None]
         idx = to_device(rows, torch.int64, dev)
         sub = logits[idx]
-        seen = (outputs > 0) | (prompts > 0)
+        seen = (outputs > 0) | in_prompt
         sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
         sub = sub - freq * outputs - pres * (outputs > 0)
         logits = logits.clone()
