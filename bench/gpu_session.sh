@@ -2,7 +2,7 @@
 # One GPU session's build-check-time run, most important first, each phase under its own time
 # limit, so a lease that runs out still returns what finished. Usage:
 #
-#   bash bench/gpu_session.sh OUT_DIR [PHASES]     PHASES: comma list of check,rollouts,serve,w3gemv,gemv,tests
+#   bash bench/gpu_session.sh OUT_DIR [PHASES]     PHASES: comma list of check,rollouts,serve,w3gemv,gemv,tests,profile-r
 #
 # check     new kernels against their references on the GPU (cascade plans, Gumbel sampling, GEMV)
 # rollouts  bench/train.py --grpo-rollouts (engine vs the generate loop vs HF generate)
@@ -10,6 +10,7 @@
 # w3gemv    bench/serve.py W3 with --decode-gemv (batch-1 decode through the Triton GEMV)
 # gemv      bench/gemv.py (batch-1 matmuls: cuBLAS vs the Triton GEMV)
 # tests     the GPU tests of the engine's cascade graphs and the kernels' graph capture
+# profile-r where a GRPO rollout step goes, with the engine as GRPO runs it (unfused, full context)
 # Logs and JSON land in OUT_DIR: 8 files at most, as many as the device tool brings back.
 set -u
 out=${1:?usage: bash bench/gpu_session.sh OUT_DIR [PHASES]}
@@ -40,6 +41,8 @@ for phase in ${phases//,/ }; do
         gemv) run gemv 120 "$py" bench/gemv.py --json "$out/gemv.json" ;;
         tests) run tests 180 "$py" -m pytest -o addopts="" -m gpu -p no:cacheprovider -q -x \
                    tests/test_kernels_gpu.py tests/test_engine_graphs_gpu.py -k "cascade or gumbel or gemv or sync" ;;
+        profile-r) run profile-r 240 "$py" bench/profile_step.py --unfused --max-model-len 40960 \
+                   --workloads R,host-R ;;
         *) echo "unknown phase $phase" >&2; exit 2 ;;
     esac
 done
