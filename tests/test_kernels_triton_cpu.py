@@ -25,12 +25,17 @@ pytest.importorskip("triton")
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def interpreted_results() -> dict[str, dict]:
+def interpreted(module: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -m module args` with TRITON_INTERPRET=1 (it must be set before Triton is imported)."""
     env = {**os.environ, "TRITON_INTERPRET": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "astrai_serve.kernels.selfcheck", "--suite", "cpu",
-                           "--json"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def interpreted_results() -> dict[str, dict]:
+    proc = interpreted("astrai_serve.kernels.selfcheck", "--suite", "cpu", "--json")
     assert proc.stdout.strip(), f"selfcheck printed nothing (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
     return {r["name"]: r for r in json.loads(proc.stdout.strip().splitlines()[-1])}
 
@@ -54,16 +59,10 @@ def test_triton_impl_by_name_checks_dtypes() -> None:
 
 def test_interpreted_gumbel_sampling_kernel_matches_reference() -> None:
     # Same noise bits and same draws as the torch path (greedy rows, ties: first index).
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "astrai_serve.kernels.triton_sampling"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = interpreted("astrai_serve.kernels.triton_sampling")
     assert proc.returncode == 0 and "kernel == reference" in proc.stdout, proc.stderr[-3000:]
 
 
 def test_interpreted_gemv_kernel_matches_torch() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "astrai_serve.kernels.triton_gemv"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = interpreted("astrai_serve.kernels.triton_gemv")
     assert proc.returncode == 0 and "kernel == torch" in proc.stdout, proc.stderr[-3000:]
