@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
 
 import numpy as np
 import torch
@@ -51,14 +50,14 @@ import torch.nn.functional as F
 
 from astrai_serve.kernels import PagedAttentionFn
 from astrai_serve.kernels.cascade import graph_plan_len, pad_plan
+from astrai_serve.kernels.decode_matmul import MAX_ROWS
+from astrai_train.model.backend import Linear
 
 from .paged_attention import PagedAttention, PagedKVCache, StepMetadata
 from .transfer import HostStaging
 
 log = logging.getLogger("astrai.serve.engine")
 
-Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-SMALL_BATCH = 4          # graphs up to this batch size take the small-batch `linear`
 
 _LADDER = (1, 2, 4, 8, 16, 24, 32, 48, 64)  # then steps of 32
 
@@ -89,7 +88,7 @@ class DecodeGraphs:
         self.pad_page = pad_page
         self.pad_slot = pad_page * cache.page_size
         self.cascade_min_batch = cascade_min_batch
-        self.small_linear = linear          # for graphs of at most SMALL_BATCH rows; F.linear above
+        self.small_linear = linear          # for graphs of at most MAX_ROWS rows; F.linear above
         with torch.inference_mode():
             vocab = model.compute_logits(torch.zeros(1, model.config.dim, device=device,
                                                      dtype=cache.k.dtype)).shape[-1]
@@ -121,7 +120,7 @@ class DecodeGraphs:
         meta = StepMetadata(slot_mapping=slots, page_table=self.page_table[:b],
                             cu_seqlens_q=self.cu_seqlens[:b + 1], context_lens=context_lens,
                             cascade=self.meta[:p] if cascade else None)
-        linear = self.small_linear if self.small_linear is not None and b <= SMALL_BATCH else F.linear
+        linear = self.small_linear if self.small_linear is not None and b <= MAX_ROWS else F.linear
         hidden = self._flat(ids, positions, self._attention(self.cache, meta, self.kernel), linear)
         self.logits[:b].copy_(self.model.compute_logits(hidden, linear))
 

@@ -23,13 +23,14 @@ instead of rebuilding 256 x max_pages entries in Python.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence as Seq
+from typing import Sequence as Seq
 
 import numpy as np
 import torch
 
 from astrai_serve.kernels import PagedAttentionFn
 from astrai_serve.kernels.cascade import max_chunk_seqs, plan_cascade
+from astrai_train.model.backend import Linear
 
 from .cuda_graphs import DecodeGraphs
 from .paged_attention import PagedAttention, PagedKVCache, StepMetadata
@@ -97,7 +98,7 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, cache: PagedKVCache, kernel: PagedAttentionFn,
                  device: torch.device, max_num_seqs: int, max_model_len: int, pad_page: int | None = None,
                  graph_max_batch: int = 0, graph_budget_s: float = 60.0, compile_graphs: bool = False,
-                 cascade: bool = True, decode_linear: "Callable | None" = None) -> None:
+                 cascade: bool = True, decode_linear: Linear | None = None) -> None:
         """pad_page: a cache page outside the page pool, for padding rows (needed with graphs);
         graph_max_batch > 0 captures decode graphs up to that batch size (compiled first with
         compile_graphs); cascade: use cascade attention for decode steps that share a prefix."""

@@ -95,20 +95,13 @@ class Sampler:
         rows = [i for i, p in enumerate(params) if p.uses_penalties]
         n, vocab, dev = len(rows), logits.shape[1], logits.device
 
-        def counts(lists: list[list[int]]) -> torch.Tensor:
-            width = max(1, max(len(x) for x in lists))
-            # pad with an extra column `vocab`, dropped after the scatter
-            ids = to_device([x + [vocab] * (width - len(x)) for x in lists], torch.int64, dev)
-            out = torch.zeros(n, vocab + 1, device=dev)
-            return out.scatter_add_(1, ids, torch.ones(ids.shape, device=dev))[:, :vocab]
-
-        if keys is not None:
+        if keys is None:        # nothing to keep between calls: counts for this call alone
+            counts, keys = PenaltyCounts(vocab, dev, capacity=n), list(range(len(params)))
+        else:
             if self._counts is None:
                 self._counts = PenaltyCounts(vocab, dev)
-            outputs, in_prompt = self._counts.gather([keys[i] for i in rows], [histories[i] for i in rows])
-        else:
-            outputs = counts([histories[i][0][histories[i][1]:] for i in rows])
-            in_prompt = counts([histories[i][0][:histories[i][1]] for i in rows]) > 0
+            counts = self._counts
+        outputs, in_prompt = counts.gather([keys[i] for i in rows], [histories[i] for i in rows])
         rep, freq, pres = to_device([[params[i].repetition_penalty, params[i].frequency_penalty,
                                       params[i].presence_penalty] for i in rows], torch.float32, dev).T[:, :, None]
         idx = to_device(rows, torch.int64, dev)

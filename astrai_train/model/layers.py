@@ -1,11 +1,11 @@
 """Small building blocks: RMSNorm, rotary position embeddings, the SwiGLU MLP."""
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .backend import Linear
 
 
 class RMSNorm(nn.Module):
@@ -49,8 +49,7 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
         self.gate_up_weight: torch.Tensor | None = None   # set by fusion.fuse_projections (inference)
 
-    def forward(self, x: torch.Tensor, linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear
-                ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, linear: Linear = F.linear) -> torch.Tensor:
         if self.gate_up_weight is not None and not torch.is_grad_enabled():
             gate, up = linear(x, self.gate_up_weight).chunk(2, dim=-1)   # one matmul for both
         else:
