@@ -143,6 +143,18 @@ def timed(fn: Callable[[], Any], device: Any = None) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
+def parse_value(text: str) -> Any:
+    """A command-line value as JSON where it parses (3, 0.5, true, null), else the string itself;
+    `false`/`true` in any case."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
 def median(values: list[float]) -> float:
     s = sorted(values)
     n = len(s)

@@ -2,7 +2,7 @@
 # One GPU session's build-check-time run, most important first, each phase under its own time
 # limit, so a lease that runs out still returns what finished. Usage:
 #
-#   bash bench/gpu_session.sh OUT_DIR [PHASES]     PHASES: comma list of check,rollouts,serve,w3gemv,gemv,tests,profile-r
+#   bash bench/gpu_session.sh OUT_DIR [PHASES]     PHASES: comma list of the phases below
 #
 # check     new kernels against their references on the GPU (cascade plans, Gumbel sampling, GEMV)
 # rollouts  bench/train.py --grpo-rollouts (engine vs the generate loop vs HF generate)
@@ -11,6 +11,10 @@
 # gemv      bench/gemv.py (batch-1 matmuls: cuBLAS vs the Triton GEMV)
 # tests     the GPU tests of the engine's cascade graphs and the kernels' graph capture
 # profile-r where a GRPO rollout step goes, with the engine as GRPO runs it (unfused, full context)
+# cascade   bench/paged_attention.py's cascade section: rollout and W2 shapes, cascade vs plain
+# r-ab      rollouts through the engine alone, cascade attention on, then off
+# profile-w3 where a batch-1 step goes with the GEMV
+# w4fast    W1 and W4 at 256 requests/s
 # Logs and JSON land in OUT_DIR: 8 files at most, as many as the device tool brings back.
 set -u
 out=${1:?usage: bash bench/gpu_session.sh OUT_DIR [PHASES]}
@@ -43,6 +47,12 @@ for phase in ${phases//,/ }; do
                    tests/test_kernels_gpu.py tests/test_engine_graphs_gpu.py -k "cascade or gumbel or gemv or sync" ;;
         profile-r) run profile-r 240 "$py" bench/profile_step.py --unfused --max-model-len 40960 \
                    --workloads R,host-R ;;
+        cascade) run cascade 150 "$py" bench/paged_attention.py --no-tests --sections cascade ;;
+        r-ab) run r-ab 240 bash -c "$py bench/train.py --grpo-rollouts --skip-peer --json '' && \
+                   $py bench/train.py --grpo-rollouts --skip-peer --engine-arg cascade_attention=false --json ''" ;;
+        profile-w3) run profile-w3 150 "$py" bench/profile_step.py --decode-gemv --workloads W3,host-W3 ;;
+        w4fast) run w4fast 300 "$py" bench/serve.py --compile-decode --workloads W1,W4 --skip-peer \
+                   --repeats 1 --rate 256 --json "$out/w4fast.json" ;;
         *) echo "unknown phase $phase" >&2; exit 2 ;;
     esac
 done

@@ -153,6 +153,90 @@ def prefill_rows() -> list[dict]:
     return rows
 
 
+def group_inputs(groups: list[tuple[int, list[int]]], shape: tuple, device: str = "cuda") -> tuple:
+    """Decode inputs for sequences in groups that share a prompt's whole pages: groups is
+    [(prompt length, [own tokens after the prompt, one per member])]. A member's context is the
+    prompt plus its own tokens; the prompt's full pages are the group's, the rest private."""
+    n_heads, n_kv, k_dim, v_dim, value_in_key = shape
+    tables, ctx_lens, at = [], [], 0
+    for prompt, owns in groups:
+        shared = list(range(at, at + prompt // PAGE))
+        at += len(shared)
+        for own in owns:
+            ctx = prompt + own
+            private = math.ceil(ctx / PAGE) - len(shared)
+            tables.append(shared + list(range(at, at + private)))
+            at += private
+            ctx_lens.append(ctx)
+    perm = torch.randperm(at + 1, device="cpu")
+    width = max(len(t) for t in tables)
+    table = torch.zeros(len(tables), width, dtype=torch.int32)
+    for i, t in enumerate(tables):
+        table[i, :len(t)] = perm[t].int()
+    k_cache = torch.randn(at + 1, PAGE, n_kv, k_dim, device=device, dtype=DT)
+    v_cache = None if value_in_key else torch.randn(at + 1, PAGE, n_kv, v_dim, device=device, dtype=DT)
+    n = len(ctx_lens)
+    q = torch.randn(n, n_heads, k_dim, device=device, dtype=DT)
+    cu = torch.arange(n + 1, dtype=torch.int32, device=device)
+    ctx = torch.tensor(ctx_lens, dtype=torch.int32, device=device)
+    return (q, k_cache, v_cache, table.to(device), cu, ctx, k_dim ** -0.5, v_dim), ctx_lens, table
+
+
+def cascade_rows(bw: float) -> list[dict]:
+    """Cascade decode (graph replays) on the two shapes it is for, against plain decode: GRPO
+    rollouts (32 prompts of 64-256 tokens x 8 samples, 128 own tokens each) and W2 (256 requests
+    behind a 2,000-token system prompt). Also the own tokens alone without cascade (the part the
+    per-sequence kernel reads) and other prefix-kernel tiles (chunk rows x keys per step)."""
+    import numpy as np
+    import random
+
+    from astrai_serve.kernels.cascade import graph_plan_len, pad_plan, plan_cascade
+
+    rng = random.Random(0)
+    shape = SHAPES["qwen3-0.6b"]
+    group = shape[0] // shape[1]
+    cases = {"rollout": [(rng.randint(64, 256), [128] * 8) for _ in range(32)],
+             "w2": [(2000, [rng.randint(50, 150) + 32 for _ in range(256)])]}
+    rows = []
+    for name, groups in cases.items():
+        args, ctx_lens, table = group_inputs(groups, shape)
+        n = len(ctx_lens)
+        own = [c - p // PAGE * PAGE for (p, owns) in groups for c in (p + o for o in owns)]
+        base = {"kind": "cascade", "shape": name, "batch": n, "ctx": int(sum(ctx_lens) / n)}
+
+        def add(variant: str, fn, read: int) -> None:
+            row = dict(base, config=variant)
+            try:
+                row["graph_us"] = 1e3 * median_ms(fn, graph=True)
+                row["gbs"] = read / row["graph_us"] / 1e3
+                row["pct_bw"] = 100 * row["gbs"] / bw
+            except Exception as err:
+                row["graph_us"], row["error"] = float("nan"), str(err)[:200]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+        add("plain", lambda: paged_attention(*args), kv_bytes(ctx_lens, shape))
+        plain_out = paged_attention(*args).float()
+        own_args = paged_inputs(own, [1] * n, shape)
+        add("own tokens only", lambda: paged_attention(*own_args), kv_bytes(own, shape))
+        distinct = kv_bytes(own, shape) + kv_bytes([p // PAGE * PAGE for p, _ in groups], shape)
+        for prefix_rows, block_n, warps, stages in [(64, 64, 4, 2), (64, 32, 4, 2), (64, 128, 4, 2),
+                                                     (64, 64, 4, 1), (32, 64, 4, 2), (16, 64, 4, 2),
+                                                     (16, 32, 2, 2), (64, 64, 8, 2)]:
+            plan, saved = plan_cascade(table.numpy().astype(np.int64), np.asarray(ctx_lens), PAGE,
+                                       max(1, prefix_rows // group))
+            padded = torch.tensor(pad_plan(plan, n, n), device="cuda")
+            assert padded.numel() == graph_plan_len(n) and saved > 0
+            cfg = TileConfig(prefix_rows, block_n, warps, stages)
+            err = (paged_attention(*args, cascade=padded, prefix_config=cfg).float() - plain_out).abs().max().item()
+            if err > 3e-2:
+                raise AssertionError(f"cascade {cfg} differs from plain decode by {err:.3g} on {name}")
+            add(f"cascade prefix {prefix_rows}x{block_n} w{warps} s{stages}" + (" *" if (prefix_rows, block_n, warps, stages) == (64, 64, 4, 2) else ""),
+                lambda: paged_attention(*args, cascade=padded, prefix_config=cfg), distinct)
+        del args, own_args
+    return rows
+
+
 def config_name(cfg: TileConfig, default: TileConfig) -> str:
     return (f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
             + ("" if cfg.split_mask else " all-masked") + (" *" if cfg == default else ""))
@@ -204,6 +288,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="paged-attention kernels: GPU tests and timings")
     parser.add_argument("--no-tests", action="store_true", help="skip pytest -m gpu tests/test_kernels_gpu.py")
     parser.add_argument("--json", type=Path, default=None, help="write all rows here")
+    parser.add_argument("--sections", default="decode,config,prefill,cascade",
+                        help="comma list of table sections: decode, config, prefill, cascade (default all)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/paged_attention.py needs a CUDA GPU")
@@ -214,7 +300,12 @@ def main() -> int:
                                    "tests/test_kernels_gpu.py"], cwd=REPO).returncode
     device = torch.cuda.get_device_name()
     bw = copy_bandwidth_gbs()
-    rows = decode_rows(bw) + decode_config_rows(bw) + prefill_rows()
+    sections = {"decode": decode_rows, "config": decode_config_rows, "prefill": lambda _bw: prefill_rows(),
+                "cascade": cascade_rows}
+    wanted = args.sections.split(",")
+    if unknown := [w for w in wanted if w not in sections]:
+        parser.error(f"--sections: unknown {unknown}; choose from {sorted(sections)}")
+    rows = [row for w in wanted for row in sections[w](bw)]
     if args.json:
         args.json.write_text(json.dumps({"device": device, "copy_gbs": bw, "tests_rc": tests_rc,
                                          "rows": rows}, indent=1))

@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trace-steps", type=int, default=10, help="steps recorded by the profiler (default 10)")
     p.add_argument("--unfused", action="store_true",
                    help="keep q/k/v and gate/up apart, as GRPO's rollout engine runs the training module")
+    p.add_argument("--decode-gemv", action="store_true", help="graphed decodes of 1-4 sequences through the Triton GEMV")
     args = p.parse_args(argv)
     import torch
 
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     s = serve.FULL
     t = time.perf_counter()
     llm = LLM.from_model(model, tok, max_num_seqs=256, max_num_batched_tokens=16384, max_model_len=args.max_model_len,
-                         compile_decode=args.compile_decode)
+                         compile_decode=args.compile_decode, decode_gemv=args.decode_gemv)
     print(f"engine built in {time.perf_counter() - t:.1f} s; graphs {llm.engine.runner.graphs.sizes}", flush=True)
     greedy = dict(temperature=0.0, ignore_eos=True)
     reqs = serve.w1_requests(s, config.vocab_size)

@@ -270,6 +270,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rollout-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="rollout model dtype on the GPU (GRPO under bf16-mixed keeps float32 weights)")
     p.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature (default 1.0)")
+    p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="an EngineConfig setting for the rollout engine, e.g. cascade_attention=false (repeatable)")
     p.add_argument("--json", default=None, help="where to write JSON (default bench-train.json / bench-rollouts.json; '' for none)")
     p.add_argument("--tiny", action="store_true", help="tiny preset and sizes, for a CPU smoke run")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
@@ -283,6 +285,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < (0 if name == "warmup_steps" else 1):
             p.error(f"--{name.replace('_', '-')} {value}: must be >= {0 if name == 'warmup_steps' else 1}")
+    args.engine_overrides = {}
+    for item in args.engine_arg:
+        name, eq, value = item.partition("=")
+        if not eq or not name:
+            p.error(f"--engine-arg {item!r}: want KEY=VALUE")
+        args.engine_overrides[name] = common.parse_value(value)
     if args.systems:
         bad = sorted(set(args.systems.split(",")) - {"astrai", "astrai-compile", "hf", "hf-compile"})
         if bad:
@@ -309,7 +317,7 @@ def build_spec(args: argparse.Namespace, device: str, workdir: Path) -> dict[str
             "rollout_prompt_range": (64, 256) if not tiny else (4, 12), "rollout_dtype": args.rollout_dtype,
             "temperature": args.temperature,
             "engine_args": {"max_num_seqs": max(prompts * group, 8),
-                            "max_num_batched_tokens": 16384 if not tiny else 256}}
+                            "max_num_batched_tokens": 16384 if not tiny else 256, **args.engine_overrides}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,6 +39,7 @@ class EngineConfig:
     compile_decode: bool = False             # torch.compile the graphed decode (fused kernels; bf16 near-ties may flip)
     overlap_steps: bool | None = None        # launch step N+1 before step N's text and outputs; default on with CUDA
     decode_gemv: bool = False                # graphed decodes of 1-4 sequences use the Triton GEMV for their matmuls
+    cascade_attention: bool = True           # decode reads a prefix neighbouring sequences share once per chunk
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -65,7 +66,7 @@ class EngineConfig:
         for name in ("enable_cuda_graphs", "overlap_steps"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true, false or None (auto)")
-        for name in ("compile_decode", "decode_gemv"):
+        for name in ("compile_decode", "decode_gemv", "cascade_attention"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false")
         budget = self.cuda_graph_capture_budget_s

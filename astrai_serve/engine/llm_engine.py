@@ -124,6 +124,7 @@ class LLMEngine:
                                   pad_page=num_pages if graphs else None, graph_max_batch=graph_batch,
                                   graph_budget_s=config.cuda_graph_capture_budget_s,
                                   compile_graphs=config.compile_decode and graphs,
+                                  cascade=config.cascade_attention,
                                   decode_linear=DecodeMatmul() if config.decode_gemv else None)
         self.sampler = Sampler(device, config.seed)
         self._overlap = config.resolved_overlap_steps()

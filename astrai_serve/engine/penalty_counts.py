@@ -42,8 +42,9 @@ class PenaltyCounts:
             entry[1] = len(ids) - n_prompt
             rows.append(row)
         if fresh_rows:
-            self.prompt[to_device(fresh_rows, torch.int64, self.device),
-                        to_device(fresh_cols, torch.int64, self.device)] = True
+            # values made on the device: `prompt[i, j] = True` would copy a CPU scalar, a host sync
+            index = (to_device(fresh_rows, torch.int64, self.device), to_device(fresh_cols, torch.int64, self.device))
+            self.prompt.index_put_(index, torch.ones(len(fresh_rows), dtype=torch.bool, device=self.device))
         if new_rows:
             index = (to_device(new_rows, torch.int64, self.device), to_device(new_cols, torch.int64, self.device))
             self.output.index_put_(index, torch.ones(len(new_rows), device=self.device), accumulate=True)

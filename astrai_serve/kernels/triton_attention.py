@@ -318,11 +318,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     page_table: torch.Tensor, cu_seqlens_q: torch.Tensor,
                     context_lens: torch.Tensor, scale: float, v_dim: int,
                     num_splits: int | None = None, config: TileConfig | None = None,
-                    cascade: torch.Tensor | None = None) -> torch.Tensor:
+                    cascade: torch.Tensor | None = None,
+                    prefix_config: TileConfig | None = None) -> torch.Tensor:
     """out[N, Hq, v_dim]; see the module docstring.
 
     num_splits and config override the decode split count and the block shape (for tests and
-    benchmarks; the defaults come from `decode_splits` and `pick_config`).
+    benchmarks; the defaults come from `decode_splits` and `pick_config`); prefix_config the
+    cascade prefix kernel's (benchmarks: the plan's chunks must fit its block_m rows).
     cascade (decode only; an int plan on the device, see kernels/cascade.py): the caller's
     promise that each chunk's sequences hold their first shared tokens in the same pages. Those
     keys are then attended once per chunk (cascade attention); a plan of zeros turns it off
@@ -373,7 +375,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     prefix_splits = 0
     if shared:
         rows = prefix_block_rows(k_dim)
-        prefix_cfg = TileConfig(rows, 32, 4, 1) if k_dim > 256 else TileConfig(rows, 64, 4, 2)
+        prefix_cfg = prefix_config or (TileConfig(rows, 32, 4, 1) if k_dim > 256 else TileConfig(rows, 64, 4, 2))
+        rows = prefix_cfg.block_m
         # Splits as if every sequence were in a full chunk (shape-only, for graphs); the grid has
         # one program row per chunk slot, and unused slots exit at once.
         prefix_splits = decode_splits(triton.cdiv(n_seqs * group, rows) * n_kv, q.device)
