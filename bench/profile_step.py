@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trace-steps", type=int, default=10, help="steps recorded by the profiler (default 10)")
     p.add_argument("--unfused", action="store_true",
                    help="keep q/k/v and gate/up apart, as GRPO's rollout engine runs the training module")
-    p.add_argument("--decode-gemv", action="store_true", help="graphed decodes of 1-4 sequences through the Triton GEMV")
+    p.add_argument("--decode-gemv", action=argparse.BooleanOptionalAction, default=None,
+                   help="graphed decodes of 1-4 sequences through the Triton GEMV (default: the engine's, on)")
     args = p.parse_args(argv)
     import torch
 

@@ -148,6 +148,7 @@ def test_cascade_graph_decode_equals_recompute(arch, monkeypatch):
 
     monkeypatch.setattr(model_runner, "CASCADE_MIN_SEQS", 2)
     monkeypatch.setattr(model_runner, "CASCADE_MIN_SAVED_TOKENS", 1)
+    monkeypatch.setattr(model_runner, "CASCADE_MIN_SHARED_TOKENS", 1)
     model = model_of(arch)
     engine = LLMEngine.from_model(model, None, num_pages=160, page_size=4, max_num_seqs=10,
                                   cuda_graph_max_batch=8)

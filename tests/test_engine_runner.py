@@ -99,6 +99,7 @@ def test_cascade_decode_over_a_shared_prefix_equals_recompute(models, arch, grap
 
     monkeypatch.setattr(model_runner, "CASCADE_MIN_SEQS", 2)
     monkeypatch.setattr(model_runner, "CASCADE_MIN_SAVED_TOKENS", 1)
+    monkeypatch.setattr(model_runner, "CASCADE_MIN_SHARED_TOKENS", 1)
     model = models[arch]
     engine = LLMEngine.from_model(model, None, num_pages=120, page_size=4, max_num_seqs=8)
     if graphs:
@@ -125,7 +126,7 @@ def test_small_graphs_take_the_decode_matmul_and_keep_the_tokens(models):
     from astrai_serve.kernels.decode_matmul import DecodeMatmul
 
     model = models["gqa"]
-    engine = LLMEngine.from_model(model, None, num_pages=80, page_size=4, max_num_seqs=8, decode_gemv=True)
+    engine = LLMEngine.from_model(model, None, num_pages=80, page_size=4, max_num_seqs=8)
     rows = []
 
     class Recording(DecodeMatmul):
@@ -149,15 +150,17 @@ def first_shared(idx: dict) -> int | None:
     return None if idx["cascade"] is None else int(idx["cascade"][0])
 
 
-@pytest.mark.parametrize("graphs", [False, True])
-def test_cascade_over_groups_of_samples_equals_recompute(models, graphs, monkeypatch):
+@pytest.mark.parametrize("graphs, min_shared", [(False, 1), (True, 1), (True, 13)])
+def test_cascade_over_groups_of_samples_equals_recompute(models, graphs, min_shared, monkeypatch):
     """GRPO's shape: n samples behind each of several prompts share that prompt's pages. Each
     group becomes a cascade chunk of its own (the torch kernel checks the plan against the page
-    tables), and the tokens equal a recompute."""
+    tables), and the tokens equal a recompute. Prefixes shorter on average than
+    CASCADE_MIN_SHARED_TOKENS (here 12 against 13) are read the plain way."""
     from astrai_serve.engine import model_runner
 
     monkeypatch.setattr(model_runner, "CASCADE_MIN_SEQS", 2)
     monkeypatch.setattr(model_runner, "CASCADE_MIN_SAVED_TOKENS", 1)
+    monkeypatch.setattr(model_runner, "CASCADE_MIN_SHARED_TOKENS", min_shared)
     model = models["gqa"]
     engine = LLMEngine.from_model(model, None, num_pages=120, page_size=4, max_num_seqs=9)
     if graphs:
@@ -174,6 +177,9 @@ def test_cascade_over_groups_of_samples_equals_recompute(models, graphs, monkeyp
     for i, p in enumerate(prompts):
         assert [samples[f"g{i}", k] for k in range(3)] == [recompute_greedy(model, p, 8)] * 3
     chunked = [p for p in plans if p is not None]
+    if min_shared > 12:
+        assert not chunked and len(plans) > 8, "a short shared prefix still ran cascade attention"
+        return
     assert chunked, "no decode step ran with a cascade plan"
     s = 9
     c = (len(chunked[0]) - s) // 3
@@ -294,10 +300,15 @@ def test_graph_settings_are_validated():
     assert not cpu.resolved_cuda_graphs() and not cpu.resolved_overlap_steps()
     with pytest.raises(ValueError, match="enable_cuda_graphs=True: CUDA graphs need a CUDA device"):
         EngineConfig(device="cpu", enable_cuda_graphs=True).resolved_cuda_graphs()
+    assert not cpu.resolved_decode_gemv()           # auto: only where graphs run
+    with pytest.raises(ValueError, match="decode_gemv=True: the GEMV runs inside CUDA graphs"):
+        EngineConfig(device="cpu", decode_gemv=True).resolved_decode_gemv()
     for bad, message in ((dict(cuda_graph_max_batch=0), "cuda_graph_max_batch=0"),
                          (dict(cuda_graph_capture_budget_s=-1), "cuda_graph_capture_budget_s=-1"),
                          (dict(overlap_steps="yes"), "overlap_steps='yes'"),
-                         (dict(enable_cuda_graphs=1), "enable_cuda_graphs=1")):
+                         (dict(enable_cuda_graphs=1), "enable_cuda_graphs=1"),
+                         (dict(decode_gemv="on"), "decode_gemv='on'"),
+                         (dict(cascade_attention=None), "cascade_attention=None")):
         with pytest.raises(ValueError, match=message):
             EngineConfig(**bad)
     assert EngineConfig(max_num_seqs=32, cuda_graph_max_batch=100).resolved_graph_max_batch() == 32

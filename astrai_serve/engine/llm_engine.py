@@ -125,7 +125,7 @@ class LLMEngine:
                                   graph_budget_s=config.cuda_graph_capture_budget_s,
                                   compile_graphs=config.compile_decode and graphs,
                                   cascade=config.cascade_attention,
-                                  decode_linear=DecodeMatmul() if config.decode_gemv else None)
+                                  decode_linear=DecodeMatmul() if config.resolved_decode_gemv() else None)
         self.sampler = Sampler(device, config.seed)
         self._overlap = config.resolved_overlap_steps()
         self._inflight: tuple[StepPlan, list[Sequence], PendingSample | None] | None = None  # launched, not yet applied

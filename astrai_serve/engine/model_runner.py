@@ -90,8 +90,14 @@ class PageTables:
 # Cascade pays once the key reads it saves (shared tokens x (sequences in its chunk - 1), per
 # layer and kv head) outweigh its extra launch per layer: ~4 µs, the time to read ~16 MB, ~4k
 # tokens of qwen3-0.6b's K/V over 28 layers. 8,192 saved tokens is twice that break-even.
+# And only for long prefixes: plain decode reads a prefix its neighbours share mostly from L2,
+# so a short one saves little, while the prefix kernel and the merge of its partial results cost
+# the same. bench/paged_attention.py --sections cascade, H200, one layer of 256 sequences:
+# GRPO groups (8 samples behind 64-256-token prompts) 85 µs plain, 158 µs cascade; W2 (a
+# 2,000-token system prompt) 323 µs plain, 160 µs cascade.
 CASCADE_MIN_SEQS = 8
 CASCADE_MIN_SAVED_TOKENS = 8192
+CASCADE_MIN_SHARED_TOKENS = 1024     # mean prefix per sequence that skips it
 
 
 class ModelRunner:
@@ -104,6 +110,7 @@ class ModelRunner:
         compile_graphs); cascade: use cascade attention for decode steps that share a prefix."""
         self.cascade_min_seqs = CASCADE_MIN_SEQS if cascade else None
         self.cascade_min_saved = CASCADE_MIN_SAVED_TOKENS
+        self.cascade_min_shared = CASCADE_MIN_SHARED_TOKENS
         self.cascade_max_seqs = max_chunk_seqs(model.config.n_heads // cache.layout.n_kv, cache.layout.k_dim)
         self.model = model
         self.cache = cache
@@ -152,7 +159,9 @@ class ModelRunner:
         cascade = None                               # None: no cascade this step
         if n == s and self.cascade_min_seqs is not None and s >= self.cascade_min_seqs:
             plan, saved = plan_cascade(self.tables.array[rows, :width], ctx, ps, self.cascade_max_seqs)
-            if saved >= self.cascade_min_saved:
+            chunks = (len(plan) - s) // 3
+            skipping = int(plan[s + chunks:s + 2 * chunks].sum()) - chunks   # sequences that skip a prefix
+            if saved >= self.cascade_min_saved and saved >= self.cascade_min_shared * skipping:
                 cascade = plan
         return dict(ids=ids, positions=positions, slots=slots, cu=cu, ctx=ctx, rows=rows,
                     sample_rows=sample_rows, width=width, all_sample=len(sampling) == s, cascade=cascade)
