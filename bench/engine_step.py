@@ -103,10 +103,10 @@ class Probe:
             self.steps += 1
             return step(engine)
 
-        def timed_launch(engine: Any, plan: Any) -> Any:
+        def timed_launch(engine: Any, plan: Any, *args: Any) -> Any:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            out = launch(engine, plan)
+            out = launch(engine, plan, *args)
             end.record()
             if out is not None:
                 self.events.append((start, end))

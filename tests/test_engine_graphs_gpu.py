@@ -116,6 +116,34 @@ def test_no_host_sync_in_any_step(graphs, overlap):
         assert outs[(f"s{i}", 0)].token_ids == first[i][0].token_ids
 
 
+@pytest.mark.parametrize("graphs", [True, False])
+def test_async_steps_have_no_host_sync_and_keep_the_tokens(graphs):
+    """Decode steps launched on the previous step's ids still on the device (async scheduling,
+    on by default with CUDA): no host sync in them, seeded and greedy tokens as without."""
+    model = model_of("gqa", torch.bfloat16)
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in LENGTHS[:6]] + [
+        SamplingParams(max_tokens=14, temperature=0.9, top_k=50, seed=5, n=2)]
+    prompts = PROMPTS[:7]
+    outs = {}
+    for flag in (False, True):
+        engine = LLMEngine.from_model(model, None, num_pages=128, page_size=8, max_num_seqs=16,
+                                      enable_cuda_graphs=graphs, cuda_graph_max_batch=8, async_scheduling=flag)
+        run_all(engine, prompts, params)                  # warm-up: kernels compile, pools grow
+        torch.cuda.synchronize()
+        for i, p in enumerate(prompts):
+            engine.add_request(f"s{i}", p, params[i])
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = {}
+            while engine.has_unfinished_requests():
+                got.update({(o.request_id, o.index): o.token_ids for o in engine.step() if o.finished})
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        outs[flag] = got
+        assert (engine.num_async_steps > 10) == flag and engine.stats().pages_in_use == 0
+    assert outs[True] == outs[False] and len(outs[True]) == 8
+
+
 def test_capture_budget_keeps_the_largest_graph():
     model = model_of("gqa")
     full = LLMEngine.from_model(model, None, num_pages=64, page_size=16, max_num_seqs=20)
@@ -155,8 +183,8 @@ def test_cascade_graph_decode_equals_recompute(arch, monkeypatch):
     assert engine.runner.graphs.takes_cascade(8) and (8, True) in engine.runner.graphs.graphs
     shared = []
     indices = engine.runner._indices
-    engine.runner._indices = lambda plan: (lambda idx: shared.append(
-        None if idx["cascade"] is None else int(idx["cascade"][0])) or idx)(indices(plan))
+    engine.runner._indices = lambda plan, *a: (lambda idx: shared.append(
+        None if idx["cascade"] is None else int(idx["cascade"][0])) or idx)(indices(plan, *a))
     system = prompts_of((30,), seed=7)[0]
     prompts = [system + q for q in prompts_of((3, 9, 1, 6, 12, 4, 7), seed=8)]
     run_all(engine, prompts[:1], SamplingParams(max_tokens=2, temperature=0.0))   # caches the system prompt

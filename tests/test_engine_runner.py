@@ -108,7 +108,7 @@ def test_cascade_decode_over_a_shared_prefix_equals_recompute(models, arch, grap
     prompts = [system + q for q in prompts_of((3, 9, 1, 6, 12, 4), seed=8)]
     shared_steps = []
     indices = engine.runner._indices
-    engine.runner._indices = lambda plan: (lambda idx: shared_steps.append(first_shared(idx)) or idx)(indices(plan))
+    engine.runner._indices = lambda plan, *a: (lambda idx: shared_steps.append(first_shared(idx)) or idx)(indices(plan, *a))
     # One request first, so the rest find the system prompt in the prefix cache.
     first = run_all(engine, prompts[:1], SamplingParams(max_tokens=2, temperature=0.0))
     lengths = [10, 8, 10, 6, 9, 10]              # the batch shrinks: padded graph rows join the cascade
@@ -167,7 +167,7 @@ def test_cascade_over_groups_of_samples_equals_recompute(models, graphs, min_sha
         with_emulated_graphs(engine, max_batch=9)
     plans = []
     indices = engine.runner._indices
-    engine.runner._indices = lambda plan: (lambda idx: plans.append(idx["cascade"]) or idx)(indices(plan))
+    engine.runner._indices = lambda plan, *a: (lambda idx: plans.append(idx["cascade"]) or idx)(indices(plan, *a))
     prompts = prompts_of((13, 18, 9), seed=5)
     for i, p in enumerate(prompts):
         engine.add_request(f"g{i}", p, SamplingParams(max_tokens=8, temperature=0.0, n=3))

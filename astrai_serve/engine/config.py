@@ -38,6 +38,7 @@ class EngineConfig:
     cuda_graph_capture_budget_s: float = 60.0  # capture time at startup; sizes not reached pad up to a larger one
     compile_decode: bool = False             # torch.compile the graphed decode (fused kernels; bf16 near-ties may flip)
     overlap_steps: bool | None = None        # launch step N+1 before step N's text and outputs; default on with CUDA
+    async_scheduling: bool | None = None     # launch a pure decode step on the previous step's ids still on the device; default on with CUDA
     decode_gemv: bool | None = None          # graphed decodes of 1-4 sequences use the Triton GEMV for their matmuls; default on with CUDA graphs
     cascade_attention: bool = True           # decode reads a prefix neighbouring sequences share once per chunk
 
@@ -63,7 +64,7 @@ class EngineConfig:
             raise bad("device", "must look like cpu, cuda or cuda:N")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise bad("seed", "must be an integer")
-        for name in ("enable_cuda_graphs", "overlap_steps", "decode_gemv"):
+        for name in ("enable_cuda_graphs", "overlap_steps", "decode_gemv", "async_scheduling"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true, false or None (auto)")
         for name in ("compile_decode", "cascade_attention"):
@@ -128,6 +129,9 @@ class EngineConfig:
 
     def resolved_overlap_steps(self) -> bool:
         return self.torch_device().type == "cuda" if self.overlap_steps is None else self.overlap_steps
+
+    def resolved_async_scheduling(self) -> bool:
+        return self.torch_device().type == "cuda" if self.async_scheduling is None else self.async_scheduling
 
     def resolved_graph_max_batch(self) -> int:
         return min(self.cuda_graph_max_batch or self.max_num_seqs, self.max_num_seqs)

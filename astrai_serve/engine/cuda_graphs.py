@@ -174,12 +174,14 @@ class DecodeGraphs:
         return None
 
     def run(self, ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, tables: np.ndarray,
-            rows: np.ndarray, pad_row: int, width: int, cascade: np.ndarray | None = None) -> torch.Tensor:
+            rows: np.ndarray, pad_row: int, width: int, cascade: np.ndarray | None = None,
+            fed: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [n, vocab] float32 for a decode batch of n = len(ids) sequences.
 
         `tables[rows[i], :width]` is the page table of row i; `tables[pad_row]` is the padding
         row (the reserved page everywhere); a cascade plan for the n sequences runs the cascade
-        graph (where the padded size has one). The result is a view of the shared logits buffer:
+        graph (where the padded size has one); `fed` (int64 [n] on the device) replaces `ids` after
+        the copy from the host. The result is a view of the shared logits buffer:
         valid until the next replay.
         """
         n = len(ids)
@@ -201,6 +203,8 @@ class DecodeGraphs:
         table[:n] = tables[rows, :width]
         table[n:] = tables[pad_row, :width]
         self.meta[:p + 3 * b].copy_(meta_t, non_blocking=True)
+        if fed is not None:
+            self.meta[p:p + n].copy_(fed)
         self.page_table[:b, :width].copy_(table_t.view(b, width), non_blocking=True)
         self._meta_host.copied()
         self._table_host.copied()

@@ -27,8 +27,9 @@ from .outputs import RequestOutput, advance_text, finish_reasons, make_output, n
 from .paged_attention import PagedKVCache
 from .sampler import PendingSample, SampleResult, Sampler
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler, StepPlan
-from .sequence import Sequence
+from .scheduler import ScheduledChunk, Scheduler, StepPlan
+from .sequence import Sequence, SeqStatus
+from .transfer import to_device
 
 Prompt = str | list[dict] | list[int]
 
@@ -128,6 +129,8 @@ class LLMEngine:
                                   decode_linear=DecodeMatmul() if config.resolved_decode_gemv() else None)
         self.sampler = Sampler(device, config.seed)
         self._overlap = config.resolved_overlap_steps()
+        self._async = config.resolved_async_scheduling()
+        self.num_async_steps = 0             # steps launched on ids still on the device (tests, stats)
         self._inflight: tuple[StepPlan, list[Sequence], PendingSample | None] | None = None  # launched, not yet applied
         self._requests: dict[str, list[Sequence]] = {}
         self._next_id = 0
@@ -196,6 +199,12 @@ class LLMEngine:
         With overlap_steps, the NEXT step is scheduled and launched before this step's text and
         outputs are built, so that CPU work runs while the GPU computes; requests added after
         this call returns join one step later than they would otherwise. Tokens are the same.
+
+        With async_scheduling, a pure decode step in flight is followed by the next decode of the
+        same sequences launched BEFORE waiting for its sampled ids: the device feeds them in
+        (`_launch_ahead`), so the GPU never idles while the host reads ids, checks stops and
+        schedules. A sequence that turns out to have stopped has computed one token for nothing,
+        which the next update drops.
         """
         inflight, self._inflight = self._inflight, None
         if inflight is None:
@@ -203,6 +212,7 @@ class LLMEngine:
             if inflight is None:
                 return []
         plan, seqs, pending = inflight
+        ahead = self._launch_ahead(plan, pending) if self._async else None
         result = pending.result() if pending is not None else SampleResult([], [])  # the one host sync
         if any(lp is not None for lp in result.logprobs):
             for seq, lp in zip(seqs, result.logprobs):
@@ -215,7 +225,9 @@ class LLMEngine:
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 self.sampler.release(seq.seq_id)
-        if self._overlap:
+        if ahead is not None:
+            self._inflight = ahead
+        elif self._overlap:
             self._inflight = self._launch(self.scheduler.schedule())
         advance_text(grew, reasons, later)
         outputs = []
@@ -227,12 +239,15 @@ class LLMEngine:
                 self._requests.pop(seq.request_id, None)
         return outputs
 
-    def _launch(self, plan: StepPlan) -> tuple[StepPlan, list[Sequence], PendingSample | None] | None:
-        """Enqueue a step's forward and sampling on the device; nothing waits for it here."""
+    def _launch(self, plan: StepPlan, fed: torch.Tensor | None = None
+                ) -> tuple[StepPlan, list[Sequence], PendingSample | None] | None:
+        """Enqueue a step's forward and sampling on the device; nothing waits for it here.
+        fed: a decode's input ids on the device (see `_launch_ahead`)."""
         if not plan.chunks:
             return None
-        logits = self.runner.execute(plan)
-        seqs = [c.seq for c in plan.chunks if c.samples]
+        logits = self.runner.execute(plan, fed)
+        sampling = [c for c in plan.chunks if c.samples]
+        seqs = [c.seq for c in sampling]
         if not seqs:
             return plan, seqs, None
         params = [s.params for s in seqs]
@@ -240,8 +255,48 @@ class LLMEngine:
         if any(p.uses_penalties for p in params):
             histories = [(s.token_ids, s.num_prompt_tokens) for s in seqs]
             keys = [s.seq_id for s in seqs]       # counts kept on the device, advanced per step
+        # the position each row samples: its length once this step's token is in (a sampling
+        # chunk ends at the newest token, or one past it for a step launched ahead)
+        positions = [c.start + c.num_tokens for c in sampling]
         return plan, seqs, self.sampler.sample_async(logits, params, [s.state.seed for s in seqs],
-                                                     [len(s.token_ids) for s in seqs], histories, keys)
+                                                     positions, histories, keys)
+
+    def _launch_ahead(self, plan: StepPlan, pending: PendingSample | None
+                      ) -> tuple[StepPlan, list[Sequence], PendingSample | None] | None:
+        """Launch the decode that follows `plan` (in flight, a pure decode) on its sampled ids
+        while they are still on the device; None where the host must see them first:
+        - a step that is not a pure decode, or whose rows use penalties (their counts need the
+          new tokens on the host);
+        - a waiting request could be admitted (a sequence ends at `plan` by length, or there is
+          a free slot): the normal schedule admits it one step sooner;
+        - a sequence needs a page and none is free (the normal schedule preempts).
+        Sequences that reach max_tokens at `plan` are left out; ones that stop on a stop token
+        or string are not known yet: their extra token is dropped by the next update."""
+        if pending is None or not all(c.num_tokens == 1 and c.samples for c in plan.chunks):
+            return None
+        sched, running = self.scheduler, SeqStatus.RUNNING
+        rows, chunks, ending = [], [], 0
+        for i, c in enumerate(plan.chunks):
+            seq = c.seq
+            if seq.status is not running:
+                continue
+            if seq.params.uses_penalties:
+                return None
+            length = c.start + 2                       # its tokens once `plan`'s token is in
+            if length - seq.num_prompt_tokens >= seq.params.max_tokens or length >= sched.max_seq_len:
+                ending += 1
+                continue
+            rows.append(i)
+            chunks.append(ScheduledChunk(seq, c.start + 1, 1, True))
+        if not chunks or (sched.waiting and len(sched.running) - ending < sched.max_num_seqs):
+            return None
+        if not all(self.kv.ensure(c.seq, c.start + 1) for c in chunks):
+            return None
+        fed = pending.tokens
+        if len(rows) < len(plan.chunks):
+            fed = fed[to_device(rows, torch.int64, fed.device)]
+        self.num_async_steps += 1
+        return self._launch(StepPlan(chunks), fed)
 
     # ---- state -------------------------------------------------------------------------------
     def stats(self) -> EngineStats:

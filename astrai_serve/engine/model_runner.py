@@ -128,16 +128,20 @@ class ModelRunner:
                                        cascade_min_batch=self.cascade_min_seqs, linear=decode_linear)
             self.graphs.capture(graph_budget_s)
 
-    def _indices(self, plan: StepPlan) -> dict[str, np.ndarray | int]:
-        """Every index of the step as numpy arrays (see the module docstring for the layout)."""
+    def _indices(self, plan: StepPlan, fed: bool = False) -> dict[str, np.ndarray | int]:
+        """Every index of the step as numpy arrays (see the module docstring for the layout);
+        fed: a decode whose input ids come from the device (zeros here)."""
         chunks, ps = plan.chunks, self.page_size
         s = len(chunks)
         rows = np.asarray(self.tables.rows_for(chunks), dtype=np.int64)
         starts = np.fromiter((c.start for c in chunks), np.int64, s)
         counts = [c.num_tokens for c in chunks]
         n = sum(counts)
+        if fed and n != s:
+            raise ValueError("only a decode step (one token per sequence) can take its ids from the device")
         if n == s:                                   # every chunk is one token (a decode)
-            ids = np.fromiter((c.seq.token_ids[c.start] for c in chunks), np.int64, s)
+            ids = (np.zeros(s, dtype=np.int64) if fed
+                   else np.fromiter((c.seq.token_ids[c.start] for c in chunks), np.int64, s))
             positions, token_rows = starts, rows
             cu = np.arange(s + 1, dtype=np.int64)
             ctx = starts + 1
@@ -173,15 +177,18 @@ class ModelRunner:
                 and all(c.num_tokens == 1 and c.samples for c in plan.chunks))
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> torch.Tensor:
-        """Logits [len(plan.sampling), vocab] (float32) for the chunks that sample this step."""
-        idx = self._indices(plan)
+    def execute(self, plan: StepPlan, fed: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [len(plan.sampling), vocab] (float32) for the chunks that sample this step.
+
+        fed (a decode only): the input ids as an int64 device tensor, one per chunk, e.g. the
+        previous step's sampled ids before they have reached the host."""
+        idx = self._indices(plan, fed is not None)
         if self.uses_graph(plan):
             return self.graphs.run(idx["ids"], idx["positions"], idx["slots"], self.tables.array, idx["rows"],
-                                   self.tables.pad_row, idx["width"], idx["cascade"])
-        return self._eager(idx)
+                                   self.tables.pad_row, idx["width"], idx["cascade"], fed)
+        return self._eager(idx, fed)
 
-    def _eager(self, idx: dict) -> torch.Tensor:
+    def _eager(self, idx: dict, fed: torch.Tensor | None = None) -> torch.Tensor:
         ids, sample_rows, rows = idx["ids"], idx["sample_rows"], idx["rows"]
         n, s, r, w = len(ids), len(rows), len(sample_rows), idx["width"]
         # int64 part first (ids, positions, slots, sampled rows), then the int32 part in one run
@@ -199,6 +206,8 @@ class ModelRunner:
             buf = host_t.to(self.device, non_blocking=True)
             self._staging.copied()
         input_ids, positions, slots, rows_t = torch.split(buf[:3 * n + r], [n, n, n, r])
+        if fed is not None:
+            input_ids = fed
         cu_t, ctx_t, table_t, plan_t = torch.split(buf[3 * n + r:].to(torch.int32), [s + 1, s, s * w, n_plan])
         meta = StepMetadata(slot_mapping=slots, page_table=table_t.view(s, w), cu_seqlens_q=cu_t,
                             context_lens=ctx_t, cascade=plan_t if plan is not None else None)

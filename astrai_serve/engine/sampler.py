@@ -155,16 +155,19 @@ class Sampler:
                 top_v, top_i = raw_logprobs.topk(top, dim=-1)
                 parts += [top_i.double().flatten(), top_v.double().flatten()]
             packed = torch.cat(parts)      # one transfer for ids and log-probs
-        return PendingSample(packed, tokens.shape[0], top, params, raw_logprobs is not None)
+        return PendingSample(packed, tokens, top, params, raw_logprobs is not None)
 
 
 class PendingSample:
     """Sampled ids on their way to the host: one non-blocking copy into pinned memory, then an
-    event. `result()` waits for that event only: the step's single host synchronisation."""
+    event. `result()` waits for that event only: the step's single host synchronisation.
+    `tokens` stays on the device: the next decode step can be fed from it before the copy lands
+    (the engine's async scheduling)."""
 
-    def __init__(self, packed: torch.Tensor, n: int, top: int, params: list[SamplingParams],
+    def __init__(self, packed: torch.Tensor, tokens: torch.Tensor, top: int, params: list[SamplingParams],
                  logprobs: bool) -> None:
-        self._n, self._top, self._params, self._logprobs = n, top, params, logprobs
+        self.tokens = tokens
+        self._n, self._top, self._params, self._logprobs = tokens.shape[0], top, params, logprobs
         self._event = None
         if packed.device.type == "cuda":
             self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
