@@ -12,7 +12,9 @@
 # tests     the GPU tests of the engine's cascade graphs and the kernels' graph capture
 # profile-r where a GRPO rollout step goes, with the engine as GRPO runs it (unfused, full context)
 # cascade   bench/paged_attention.py's cascade section: rollout and W2 shapes, cascade vs plain
-# r-ab      rollouts through the engine alone, cascade attention on, then off
+# r-loop    rollouts: the engine against the generate loop (no HF generate)
+# serve3    bench/serve.py W1, W3, W4, medians of 3
+# gpu-tests every GPU test of the engine and the kernels
 # profile-w3 where a batch-1 step goes with the GEMV
 # w4fast    W1 and W4 at 256 requests/s
 # Logs and JSON land in OUT_DIR: 8 files at most, as many as the device tool brings back.
@@ -48,8 +50,11 @@ for phase in ${phases//,/ }; do
         profile-r) run profile-r 240 "$py" bench/profile_step.py --unfused --max-model-len 40960 \
                    --workloads R,host-R ;;
         cascade) run cascade 150 "$py" bench/paged_attention.py --no-tests --sections cascade ;;
-        r-ab) run r-ab 240 bash -c "$py bench/train.py --grpo-rollouts --skip-peer --json '' && \
-                   $py bench/train.py --grpo-rollouts --skip-peer --engine-arg cascade_attention=false --json ''" ;;
+        r-loop) run r-loop 200 "$py" bench/train.py --grpo-rollouts --skip-peer --json "$out/r-loop.json" ;;
+        serve3) run serve3 400 "$py" bench/serve.py --compile-decode --workloads W1,W3,W4 --skip-peer \
+                   --repeats 3 --json "$out/serve3.json" ;;
+        gpu-tests) run gpu-tests 240 "$py" -m pytest -o addopts="" -m gpu -p no:cacheprovider -q -x \
+                   tests/test_engine_graphs_gpu.py tests/test_engine_gpu.py tests/test_kernels_gpu.py ;;
         profile-w3) run profile-w3 150 "$py" bench/profile_step.py --decode-gemv --workloads W3,host-W3 ;;
         w4fast) run w4fast 300 "$py" bench/serve.py --compile-decode --workloads W1,W4 --skip-peer \
                    --repeats 1 --rate 256 --json "$out/w4fast.json" ;;

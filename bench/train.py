@@ -257,7 +257,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=None, help="untimed steps first, compilation included (default 3)")
     p.add_argument("--systems", default=None, help="comma-separated: astrai,astrai-compile,hf,hf-compile "
                                                    "(default all four; astrai,hf with --tiny)")
-    p.add_argument("--skip-peer", action="store_true", help="leave out the Hugging Face systems")
+    p.add_argument("--skip-peer", action="store_true",
+                   help="leave out the Hugging Face systems (with --grpo-rollouts: HF generate; the generate loop stays)")
     p.add_argument("--ddp-devices", type=int, default=0, help="also run the astrai system on this many GPUs (0: no)")
     p.add_argument("--ddp-strategy", default="ddp", choices=["ddp", "fsdp"], help="strategy for --ddp-devices")
     p.add_argument("--precision", default="bf16-mixed", help="Lightning precision of the astrai systems (default bf16-mixed)")
@@ -343,8 +344,9 @@ def _main(args: argparse.Namespace) -> int:
             from astrai_train.model.hf import export_hf
 
             spec["model_dir"] = str(model_dir)
+            # --skip-peer leaves out HF generate; the generate loop (the target's baseline) stays
             spec["hf_dir"] = str(export_hf(model_dir, workdir / "hf", dtype=torch.bfloat16)) if not args.skip_peer else None
-            phases = ["rollout-engine"] + ([] if args.skip_peer else ["rollout-generate", "rollout-hf"])
+            phases = ["rollout-engine", "rollout-generate"] + ([] if args.skip_peer else ["rollout-hf"])
             default_json = "bench-rollouts.json"
         else:
             systems = (args.systems or ("astrai,hf" if args.tiny else "astrai,astrai-compile,hf,hf-compile")).split(",")
