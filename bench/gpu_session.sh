@@ -4,7 +4,7 @@
 #
 #   bash bench/gpu_session.sh OUT_DIR [PHASES]     PHASES: comma list of the phases below
 #
-# check     new kernels against their references on the GPU (cascade plans, Gumbel sampling, GEMV)
+# check     new kernels against their references on the GPU (cascade plans, Gumbel sampling, GEMV, K/V store)
 # rollouts  bench/train.py --grpo-rollouts (engine vs the generate loop vs HF generate)
 # serve     bench/serve.py W1, W3 and W4 (no HF peer: W1's ratio to it is in docs/bench/serve-h200.json)
 # w3gemv    bench/serve.py W3 with --decode-gemv (batch-1 decode through the Triton GEMV)
@@ -12,9 +12,11 @@
 # tests     the GPU tests of the engine's cascade graphs and the kernels' graph capture
 # profile-r where a GRPO rollout step goes, with the engine as GRPO runs it (unfused, full context)
 # cascade   bench/paged_attention.py's cascade section: rollout and W2 shapes, cascade vs plain
+# store     bench/paged_attention.py's store section: one layer's K/V write, index_copy_ x2 vs store_kv
 # r-loop    rollouts: the engine against the generate loop (no HF generate)
 # serve3    bench/serve.py W1, W3, W4, medians of 3
 # gpu-tests every GPU test of the engine and the kernels
+# w4ab      W4 with async scheduling, then without
 # profile-w3 where a batch-1 step goes with the GEMV
 # w4fast    W1 and W4 at 256 requests/s
 # Logs and JSON land in OUT_DIR: 8 files at most, as many as the device tool brings back.
@@ -38,7 +40,8 @@ run() {  # run NAME SECONDS CMD...: log to OUT_DIR/NAME.log, say how it ended
 for phase in ${phases//,/ }; do
     case $phase in
         check) run check 120 bash -c "$py -m astrai_serve.kernels.selfcheck --suite gpu --only cascade && \
-                   $py -m astrai_serve.kernels.triton_sampling && $py -m astrai_serve.kernels.triton_gemv" ;;
+                   $py -m astrai_serve.kernels.triton_sampling && $py -m astrai_serve.kernels.triton_gemv && \
+                   $py -m astrai_serve.kernels.triton_kv_store" ;;
         rollouts) run rollouts 240 "$py" bench/train.py --grpo-rollouts --json "$out/rollouts.json" ;;
         serve) run serve 300 "$py" bench/serve.py --compile-decode --workloads W1,W3,W4 --skip-peer \
                    --repeats 1 --json "$out/serve.json" ;;
@@ -46,10 +49,11 @@ for phase in ${phases//,/ }; do
                    --json "$out/w3gemv.json" ;;
         gemv) run gemv 120 "$py" bench/gemv.py --json "$out/gemv.json" ;;
         tests) run tests 180 "$py" -m pytest -o addopts="" -m gpu -p no:cacheprovider -q -x \
-                   tests/test_kernels_gpu.py tests/test_engine_graphs_gpu.py -k "cascade or gumbel or gemv or sync" ;;
+                   tests/test_kernels_gpu.py tests/test_engine_graphs_gpu.py -k "cascade or gumbel or gemv or sync or store" ;;
         profile-r) run profile-r 240 "$py" bench/profile_step.py --unfused --max-model-len 40960 \
                    --workloads R,host-R ;;
         cascade) run cascade 150 "$py" bench/paged_attention.py --no-tests --sections cascade ;;
+        store) run store 120 "$py" bench/paged_attention.py --no-tests --sections store ;;
         r-loop) run r-loop 200 "$py" bench/train.py --grpo-rollouts --skip-peer --json "$out/r-loop.json" ;;
         serve3) run serve3 400 "$py" bench/serve.py --compile-decode --workloads W1,W3,W4 --skip-peer \
                    --repeats 3 --json "$out/serve3.json" ;;
@@ -58,6 +62,9 @@ for phase in ${phases//,/ }; do
         profile-w3) run profile-w3 150 "$py" bench/profile_step.py --decode-gemv --workloads W3,host-W3 ;;
         w4fast) run w4fast 300 "$py" bench/serve.py --compile-decode --workloads W1,W4 --skip-peer \
                    --repeats 1 --rate 256 --json "$out/w4fast.json" ;;
+        w4ab) run w4ab 300 bash -c "$py bench/serve.py --compile-decode --workloads W4 --skip-peer --json '' && \
+                   $py bench/serve.py --compile-decode --workloads W4 --skip-peer --json '' \
+                   --engine-arg async_scheduling=false" ;;
         *) echo "unknown phase $phase" >&2; exit 2 ;;
     esac
 done

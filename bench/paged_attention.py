@@ -9,7 +9,8 @@ launched eagerly, the same captured in a CUDA graph (how the engine's decode ste
 torch reference, and dense SDPA over contiguous K/V (the peer: no paging at all). GB/s counts
 the K/V bytes each call must read once; "%bw" is that over the device-to-device copy bandwidth
 measured at the start. Eager timings flush L2 between runs (triton's do_bench); graph replays do
-not, so small cases (B=1, ctx 512: ~2 MB of K/V) are L2-resident there.
+not, so small cases (B=1, ctx 512: ~2 MB of K/V) are L2-resident there. The `store` section
+times one layer's write of new K/V into the cache (`--sections store`).
 """
 from __future__ import annotations
 
@@ -237,6 +238,44 @@ def cascade_rows(bw: float) -> list[dict]:
     return rows
 
 
+def store_rows(bw: float) -> list[dict]:
+    """One layer's K/V store into a bf16 cache of qwen3-0.6b's shape (8 kv heads x 128): the
+    torch path's two index_copy_ launches against store_kv's one, for N = 1 and 256 new tokens
+    (decode: graph replays are what the engine runs) and 16,384 (a prefill chunk: eager, L2
+    flushed, is what the engine runs). k and v are bf16 column slices of a fused qkv projection,
+    as the model hands them over; slots are distinct and scattered over twice the pages needed.
+    GB/s counts K/V bytes read plus written."""
+    from astrai_serve.kernels.reference import store_kv as store_torch
+    from astrai_serve.kernels.triton_kv_store import store_kv as store_triton
+
+    n_heads, n_kv, k_dim, v_dim, _ = SHAPES["qwen3-0.6b"]
+    rows = []
+    for n in (1, 256, 16384):
+        pages = 2 * math.ceil(n / PAGE) + 1
+        k_cache = torch.zeros(pages, PAGE, n_kv, k_dim, device="cuda", dtype=DT)
+        v_cache = torch.zeros(pages, PAGE, n_kv, v_dim, device="cuda", dtype=DT)
+        qkv = torch.randn(n, n_heads * k_dim + n_kv * (k_dim + v_dim), device="cuda", dtype=DT)
+        _, k, v = qkv.split([n_heads * k_dim, n_kv * k_dim, n_kv * v_dim], dim=1)
+        k, v = k.view(n, n_kv, k_dim), v.view(n, n_kv, v_dim)
+        slots = torch.randperm(pages * PAGE, device="cuda")[:n]
+        want = [k_cache.clone(), v_cache.clone()]
+        store_torch(*want, k, v, slots)
+        store_triton(k_cache, v_cache, k, v, slots)
+        if not (torch.equal(k_cache, want[0]) and torch.equal(v_cache, want[1])):
+            raise AssertionError(f"store_kv differs from index_copy_ at N={n}")
+        moved = 2 * n * n_kv * (k_dim + v_dim) * DT.itemsize
+        for variant, store in (("index_copy_ x2", store_torch), ("store_kv", store_triton)):
+            row = {"kind": "store", "shape": "qwen3-0.6b", "batch": n, "ctx": "-", "config": variant}
+            row["triton_us"] = 1e3 * median_ms(lambda: store(k_cache, v_cache, k, v, slots))
+            row["graph_us"] = 1e3 * median_ms(lambda: store(k_cache, v_cache, k, v, slots), graph=True)
+            row["gbs"] = moved / min(row["triton_us"], row["graph_us"]) / 1e3
+            row["pct_bw"] = 100 * row["gbs"] / bw
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del k_cache, v_cache, qkv
+    return rows
+
+
 def config_name(cfg: TileConfig, default: TileConfig) -> str:
     return (f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
             + ("" if cfg.split_mask else " all-masked") + (" *" if cfg == default else ""))
@@ -288,8 +327,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="paged-attention kernels: GPU tests and timings")
     parser.add_argument("--no-tests", action="store_true", help="skip pytest -m gpu tests/test_kernels_gpu.py")
     parser.add_argument("--json", type=Path, default=None, help="write all rows here")
-    parser.add_argument("--sections", default="decode,config,prefill,cascade",
-                        help="comma list of table sections: decode, config, prefill, cascade (default all)")
+    parser.add_argument("--sections", default="decode,config,prefill,cascade,store",
+                        help="comma list of table sections: decode, config, prefill, cascade, store "
+                             "(default all)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/paged_attention.py needs a CUDA GPU")
@@ -301,7 +341,7 @@ def main() -> int:
     device = torch.cuda.get_device_name()
     bw = copy_bandwidth_gbs()
     sections = {"decode": decode_rows, "config": decode_config_rows, "prefill": lambda _bw: prefill_rows(),
-                "cascade": cascade_rows}
+                "cascade": cascade_rows, "store": store_rows}
     wanted = args.sections.split(",")
     if unknown := [w for w in wanted if w not in sections]:
         parser.error(f"--sections: unknown {unknown}; choose from {sorted(sections)}")

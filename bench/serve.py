@@ -292,6 +292,9 @@ def run_online(spec: dict[str, Any], rate: float, client_procs: int, daemon: Any
             f"{client_procs} client proc(s), client CPU busy <= {100 * r['cpu_busy']:.0f}%")
     if r["errors"]:
         note += f"; {len(r['errors'])} errors, first: {r['errors'][0]}"
+    if "ttft_quarters" in r:
+        log(f"W4 TTFT p50 by arrival quarter (ms): {', '.join(f'{t:.0f}' for t in r['ttft_quarters'])}; "
+            f"latest send {r['send_lag_ms']:.0f} ms after its slot")
     if "tps" not in r:
         return [Row("W4", "astrai REST", "output tok/s", None, note=note)]
     return [
@@ -333,6 +336,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="engine: torch.compile the captured decode step (default: the engine's, off)")
     p.add_argument("--decode-gemv", action=argparse.BooleanOptionalAction, default=None,
                    help="engine: graphed decodes of 1-4 sequences use the Triton GEMV (default: the engine's, off)")
+    p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other EngineConfig setting, e.g. async_scheduling=false (repeatable)")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="one process per system (default: on with CUDA, off on the CPU)")
     p.add_argument("--phase-timeout-s", type=float, default=300.0, help="stop a system's process after this long (default 300)")
@@ -350,6 +355,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} {value}: must be >= 1")
     if args.rate <= 0:
         p.error(f"--rate {args.rate}: must be > 0")
+    for item in args.engine_arg:
+        if "=" not in item or not item.partition("=")[0]:
+            p.error(f"--engine-arg {item!r}: want KEY=VALUE")
     return args
 
 
@@ -366,6 +374,9 @@ def build_spec(args: argparse.Namespace, model_dir: Path, hf_dir: Path | None, v
     for name in ("gpu_memory_utilization", "page_size", "attention_impl", "compile_decode", "decode_gemv"):
         if getattr(args, name) is not None:
             engine[name] = getattr(args, name)
+    for item in args.engine_arg:
+        name, eq, value = item.partition("=")
+        engine[name] = common.parse_value(value)
     return {"model_dir": str(model_dir), "hf_dir": str(hf_dir) if hf_dir else None, "sizes": asdict(sizes),
             "vocab": vocab, "device": device, "engine": engine, "temperature": args.temperature,
             "repeats": args.repeats, "budget_s": args.budget_s or (20.0 if args.tiny else 45.0),

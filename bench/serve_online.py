@@ -159,5 +159,12 @@ def load_test(url: str, model: str, requests: list[tuple[list[int], int]], rate:
         tpot = [1e3 * (r["last"] - r["first"]) / (r["tokens"] - 1) for r in ok if r["tokens"] > 1]
         summary["tps"] = sum(r["tokens"] for r in ok) / (max(r["end"] for r in ok) - min(r["start"] for r in ok))
         summary["ttft"] = (common.percentile(ttft, 50), common.percentile(ttft, 99))
+        # TTFT by arrival quarter: a queue that builds up shows as a rising series, a fixed
+        # delay (startup, a slow path) as a flat one; and how late the clients sent (their start)
+        by_send = sorted(ok, key=lambda r: r["start"])
+        q = max(1, len(by_send) // 4)
+        summary["ttft_quarters"] = [common.median([1e3 * (r["first"] - r["start"]) for r in by_send[i:i + q]])
+                                    for i in range(0, len(by_send), q)][:4]
+        summary["send_lag_ms"] = 1e3 * max(r["start"] - at for r, (_, _, at) in zip(results, jobs) if "start" in r)
         summary["tpot"] = (common.percentile(tpot, 50), common.percentile(tpot, 99)) if tpot else (None, None)
     return summary
