@@ -66,3 +66,47 @@ def test_interpreted_gumbel_sampling_kernel_matches_reference() -> None:
 def test_interpreted_gemv_kernel_matches_torch() -> None:
     proc = interpreted("astrai_serve.kernels.triton_gemv")
     assert proc.returncode == 0 and "kernel == torch" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_interpreted_kv_store_kernel_matches_reference() -> None:
+    # GQA strided views of a fused projection cast into bf16/fp16 caches, rows wider than a
+    # program, MLA (no values), no tokens, a CUDA graph's padding rows on one slot.
+    proc = interpreted("astrai_serve.kernels.triton_kv_store")
+    assert proc.returncode == 0 and "kernel == reference" in proc.stdout, proc.stderr[-3000:]
+
+
+def _store_args(n: int = 3, n_kv: int = 2, k_dim: int = 16, v_dim: int = 8) -> dict:
+    return {"k_cache": torch.zeros(4, 16, n_kv, k_dim, dtype=torch.bfloat16),
+            "v_cache": torch.zeros(4, 16, n_kv, v_dim, dtype=torch.bfloat16),
+            "k": torch.randn(n, n_kv, k_dim), "v": torch.randn(n, n_kv, v_dim),
+            "slots": torch.arange(n)}
+
+
+@pytest.mark.parametrize("store", ["torch", "triton"])
+@pytest.mark.parametrize("bad, match", [
+    ({"k": torch.randn(3, 2, 12)}, r"k must be \[N,Hkv,Dk\].*got k \(3, 2, 12\)"),
+    ({"v": None}, "values and value cache go together: got v None"),
+    ({"v_cache": None}, "values and value cache go together"),
+    ({"v": torch.randn(3, 2, 16)}, r"v \(3, 2, 16\) and v_cache \(4, 16, 2, 8\) do not match"),
+    ({"v_cache": torch.zeros(4, 16, 2, 8)}, "share a dtype; got torch.bfloat16 and torch.float32"),
+    ({"k": torch.ones(3, 2, 16, dtype=torch.int32)}, "k must be floating point; got torch.int32"),
+    ({"k_cache": torch.zeros(16, 4, 2, 16, dtype=torch.bfloat16).transpose(0, 1)}, "k_cache must be contiguous"),
+    ({"slots": torch.arange(3, dtype=torch.int32)}, r"slots must be int64 \[N\] with N=3.*torch.int32"),
+    ({"slots": torch.arange(4)}, r"slots must be int64 \[N\] with N=3 .*\(4,\)"),
+])
+def test_kv_store_rejects_bad_arguments(store: str, bad: dict, match: str) -> None:
+    from astrai_serve.kernels import reference
+    from astrai_serve.kernels.triton_kv_store import store_kv
+
+    fn = reference.store_kv if store == "torch" else store_kv      # checks run before any launch
+    with pytest.raises(ValueError, match=match):
+        fn(**{**_store_args(), **bad})
+
+
+def test_store_goes_with_the_kernel() -> None:
+    from astrai_serve.kernels import get_store_impl_for, reference
+    from astrai_serve.kernels.triton_kv_store import store_kv
+
+    assert get_store_impl_for(get_attention_impl("torch")) is reference.store_kv
+    assert get_store_impl_for(get_attention_impl("triton")) is store_kv
+    assert get_store_impl_for(lambda *a, **kw: None) is reference.store_kv    # e.g. a test's wrapper

@@ -6,8 +6,9 @@ Storage is ONE preallocated tensor per kind for all layers:
 so a layer's cache is a contiguous slice and a token's slot is `page * page_size + offset`.
 
 `PagedAttention` carries one step's metadata (built by the ModelRunner) and implements
-`attend(layer, q, k, v, scale)`: write the new tokens' K/V at their slots, then run the paged
-attention kernel over each sequence's whole context. No state survives the step but the cache.
+`attend(layer, q, k, v, scale)`: write the new tokens' K/V at their slots (with the store that
+goes with the kernel, `kernels.get_store_impl_for`), then run the paged attention kernel over each
+sequence's whole context. No state survives the step but the cache.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from astrai_serve.kernels import PagedAttentionFn
+from astrai_serve.kernels import PagedAttentionFn, get_store_impl_for
 from astrai_train.model import KVLayout
 
 
@@ -59,18 +60,21 @@ class PagedAttention:
         self.cache = cache
         self.meta = meta
         self.kernel = kernel
+        # The K/V writes follow the kernel: the Triton kernel's store writes keys and values in
+        # one launch per layer, the torch kernel's is two index_copy_ (kernels/__init__.py).
+        self.store = get_store_impl_for(kernel)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None,
                scale: float) -> torch.Tensor:
         layout, meta = self.cache.layout, self.meta
-        k_cache = self.cache.k[layer]
-        k_cache.view(-1, layout.n_kv, layout.k_dim).index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
-        v_cache = None
-        if self.cache.v is not None:
-            if v is None:
-                raise ValueError("the model gave no values but the KV layout stores them")
+        k_cache, v_cache = self.cache.k[layer], None
+        if self.cache.v is None:
+            v = None                        # MLA: the value is inside the key, stored with it
+        elif v is None:
+            raise ValueError("the model gave no values but the KV layout stores them")
+        else:
             v_cache = self.cache.v[layer]
-            v_cache.view(-1, layout.n_kv, layout.v_dim).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+        self.store(k_cache, v_cache, k, v, meta.slot_mapping)
         hint = {} if meta.cascade is None else {"cascade": meta.cascade}
         return self.kernel(q, k_cache, v_cache, meta.page_table, meta.cu_seqlens_q, meta.context_lens,
                            scale, layout.v_dim, **hint)

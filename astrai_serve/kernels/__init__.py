@@ -5,17 +5,20 @@ Every implementation has the signature of `reference.paged_attention`; pick one 
 never need Triton. Contract for callers: every sequence in a batch has at least one query row
 (the Triton path treats N == S as a pure decode batch), and the new tokens' K/V are already in
 the cache. The Triton path does no host sync and launches a grid fixed by shapes, so a decode
-step that calls it can be captured in a CUDA graph.
+step that calls it can be captured in a CUDA graph. Each kernel has a K/V store that writes a
+step's new keys and values into the cache before it runs (`get_store_impl_for`).
 """
 from __future__ import annotations
 
+import sys
 from typing import Callable
 
 import torch
 
-from astrai_serve.kernels.reference import paged_attention
+from astrai_serve.kernels.reference import paged_attention, store_kv
 
 PagedAttentionFn = Callable[..., torch.Tensor]
+StoreKVFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor], None]
 
 IMPLS = ("torch", "triton")
 
@@ -33,4 +36,23 @@ def get_attention_impl(name: str) -> PagedAttentionFn:
     raise ValueError(f"unknown attention impl {name!r}; choose one of {', '.join(IMPLS)}")
 
 
-__all__ = ["paged_attention", "get_attention_impl", "IMPLS", "PagedAttentionFn"]
+def get_store_impl_for(kernel: PagedAttentionFn) -> StoreKVFn:
+    """The K/V store (signature of `reference.store_kv`) that goes with a paged-attention function.
+
+    The Triton kernel gets the Triton store: one launch per layer for keys and values, where the
+    torch store's two `index_copy_` launches were ~12% of a CUDA-graph decode step's GPU time at
+    batch 1. Chosen from the kernel, not from a name, because the engine hands PagedAttention only
+    the kernel. Anything else (the torch reference, a test's wrapper) gets the torch store, which
+    runs on every device.
+    """
+    # triton_attention is in sys.modules whenever `kernel` can be its function, so looking it up
+    # there never imports Triton for the torch path.
+    triton_attention = sys.modules.get("astrai_serve.kernels.triton_attention")
+    if triton_attention is not None and kernel is triton_attention.paged_attention:
+        from astrai_serve.kernels.triton_kv_store import store_kv as triton_store_kv
+        return triton_store_kv
+    return store_kv
+
+
+__all__ = ["paged_attention", "store_kv", "get_attention_impl", "get_store_impl_for", "IMPLS",
+           "PagedAttentionFn", "StoreKVFn"]

@@ -46,6 +46,47 @@ def check_paged_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                          "disagree on the number of sequences")
 
 
+def check_store_args(k_cache: torch.Tensor, v_cache: torch.Tensor | None, k: torch.Tensor,
+                     v: torch.Tensor | None, slots: torch.Tensor) -> None:
+    """Shape and dtype checks shared by every K/V store (no device reads, so no host sync; kept to
+    a few µs since they run once per layer of every eager step)."""
+    if k_cache.dim() != 4 or k.dim() != 3 or k.shape[1:] != k_cache.shape[2:]:
+        raise ValueError(f"k must be [N,Hkv,Dk] for k_cache [P,page,Hkv,Dk]; got k {tuple(k.shape)}, "
+                         f"k_cache {tuple(k_cache.shape)}")
+    if (v_cache is None) != (v is None):
+        raise ValueError(f"values and value cache go together: got v {'None' if v is None else tuple(v.shape)} "
+                         f"and v_cache {'None' if v_cache is None else tuple(v_cache.shape)}")
+    if v_cache is not None:
+        if v_cache.dim() != 4 or v_cache.shape[:3] != k_cache.shape[:3] \
+                or v.shape != (k.shape[0], k.shape[1], v_cache.shape[3]):
+            raise ValueError(f"v {tuple(v.shape)} and v_cache {tuple(v_cache.shape)} do not match "
+                             f"k {tuple(k.shape)} and k_cache {tuple(k_cache.shape)}")
+        if v_cache.dtype != k_cache.dtype:
+            raise ValueError(f"k_cache and v_cache must share a dtype; got {k_cache.dtype} and {v_cache.dtype}")
+        if not v.is_floating_point():
+            raise ValueError(f"v must be floating point; got {v.dtype}")
+        if not v_cache.is_contiguous():
+            raise ValueError("v_cache must be contiguous (a layer's slice of PagedKVCache is)")
+    if not k.is_floating_point():
+        raise ValueError(f"k must be floating point; got {k.dtype}")
+    if not k_cache.is_contiguous():
+        raise ValueError("k_cache must be contiguous (a layer's slice of PagedKVCache is)")
+    if slots.shape != (k.shape[0],) or slots.dtype != torch.int64:
+        raise ValueError(f"slots must be int64 [N] with N={k.shape[0]} (rows of k); got {slots.dtype} "
+                         f"{tuple(slots.shape)}")
+
+
+def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor | None, k: torch.Tensor,
+             v: torch.Tensor | None, slots: torch.Tensor) -> None:
+    """Write token i's key (and value) into slot `slots[i]` (= page * page_size + offset) of the
+    layer's caches, cast to the cache dtype. v_cache and v are None for MLA (the value is in the key)."""
+    check_store_args(k_cache, v_cache, k, v, slots)
+    n_kv = k_cache.shape[2]
+    k_cache.view(-1, n_kv, k_cache.shape[3]).index_copy_(0, slots, k.to(k_cache.dtype))
+    if v_cache is not None:
+        v_cache.view(-1, n_kv, v_cache.shape[3]).index_copy_(0, slots, v.to(v_cache.dtype))
+
+
 def gather_context(cache: torch.Tensor, pages: torch.Tensor, length: int) -> torch.Tensor:
     """The first `length` token slots of one sequence as a contiguous [length, H, D] tensor."""
     page_size = cache.shape[1]
