@@ -136,17 +136,30 @@ def client_worker(url: str, model: str, jobs: list[tuple[list[int], int, float]]
     return {"results": results, "cpu_busy": (time.process_time() - cpu) / max(time.time() - wall, 1e-9)}
 
 
+def _ready_client(hold_s: float) -> None:
+    """Import the client in a pool process, and hold it a moment so the pool starts them all."""
+    import openai  # noqa: F401
+
+    time.sleep(hold_s)
+
+
 def load_test(url: str, model: str, requests: list[tuple[list[int], int]], rate: float, client_procs: int,
               temperature: float, timeout_s: float = 300.0) -> dict[str, Any]:
     """Send `requests` (prompt ids, max_tokens) at `rate` per second, evenly spaced; summarise."""
     client_worker(url, model, [(p, 16, time.time()) for p, _ in requests[:8]], temperature, timeout_s)  # warm-up
-    start = time.time() + (3.0 if client_procs > 1 else 0.2)  # time for the client processes to start
-    jobs = [(p, n, start + i / rate) for i, (p, n) in enumerate(requests)]
     if client_procs == 1:
+        start = time.time() + 0.2
+        jobs = [(p, n, start + i / rate) for i, (p, n) in enumerate(requests)]
         outs = [client_worker(url, model, jobs, temperature, timeout_s)]
     else:
         ctx = multiprocessing.get_context("spawn")  # never fork a process that holds a CUDA context
         with concurrent.futures.ProcessPoolExecutor(client_procs, mp_context=ctx) as pool:
+            # Start every client process and import the client before the clock starts: a
+            # process still starting when its first requests are due sends them late, in a burst
+            # (seen: 3 s late with a fixed head start, which the server's TTFT then carried).
+            list(pool.map(_ready_client, [0.5] * client_procs))
+            start = time.time() + 0.2
+            jobs = [(p, n, start + i / rate) for i, (p, n) in enumerate(requests)]
             futures = [pool.submit(client_worker, url, model, jobs[k::client_procs], temperature, timeout_s)
                        for k in range(client_procs)]
             outs = [f.result() for f in futures]
@@ -165,6 +178,7 @@ def load_test(url: str, model: str, requests: list[tuple[list[int], int]], rate:
         q = max(1, len(by_send) // 4)
         summary["ttft_quarters"] = [common.median([1e3 * (r["first"] - r["start"]) for r in by_send[i:i + q]])
                                     for i in range(0, len(by_send), q)][:4]
-        summary["send_lag_ms"] = 1e3 * max(r["start"] - at for r, (_, _, at) in zip(results, jobs) if "start" in r)
+        due = [at for k in range(len(outs)) for _, _, at in jobs[k::len(outs)]]   # results' order
+        summary["send_lag_ms"] = 1e3 * max(r["start"] - at for r, at in zip(results, due) if "start" in r)
         summary["tpot"] = (common.percentile(tpot, 50), common.percentile(tpot, 99)) if tpot else (None, None)
     return summary
