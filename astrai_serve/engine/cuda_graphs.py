@@ -22,7 +22,8 @@ How:
 - Sizes from `cascade_min_batch` up are captured twice, with and without cascade attention
   (prefixes that neighbouring sequences hold in the same pages read once per chunk, see
   model_runner.py); a step picks by whether it has a plan.
-Mixed prefill/decode and prefill steps stay eager (their shapes vary with every step).
+Mixed prefill/decode and prefill steps stay eager (their shapes vary with every step), through
+the same forward as the graphs: compiled with compile_decode (`forward_eager`).
 
 With `linear` given (EngineConfig.decode_gemv: kernels/decode_matmul.py), graphs of at most
 4 sequences compute their projections and LM head with it instead of cuBLAS.
@@ -80,6 +81,7 @@ class DecodeGraphs:
                  cascade_min_batch: int | None = None, linear: Linear | None = None) -> None:
         device = cache.k.device
         self.model, self.cache, self.kernel = model, cache, kernel
+        self.compiled = compile
         self._flat = torch.compile(model.forward_flat, dynamic=True) if compile else model.forward_flat
         self._attention = _OpaqueAttention if compile else PagedAttention
         self.device = device
@@ -112,6 +114,25 @@ class DecodeGraphs:
         self.meta[p + 2 * b:p + 3 * b].fill_(self.pad_slot)
         self.page_table[:b].fill_(self.pad_page)
 
+    def forward_eager(self, ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
+        """Hidden states of a step run outside the graphs (prefill or mixed), through the same
+        forward the graphs captured: compiled with compile_decode. A mixed step (a new request's
+        prefill beside the running decodes) is most steps under steady arrivals (W4), and the
+        uncompiled forward spends ~1,600 small kernels on it."""
+        return self._flat(ids, positions, self._attention(self.cache, meta, self.kernel), F.linear)
+
+    def _warm_eager(self) -> None:
+        """Run forward_eager once on a small mixed step (a 3-token prefill and a decode, on the
+        padding page) so torch.compile specialises for such steps at startup, not mid-serving."""
+        dev, page = self.device, self.cache.page_size
+        n = min(3, page)
+        positions = torch.tensor(list(range(n)) + [0], dtype=torch.int64, device=dev)
+        meta = StepMetadata(slot_mapping=torch.full((n + 1,), self.pad_slot, dtype=torch.int64, device=dev),
+                            page_table=torch.full((2, 1), self.pad_page, dtype=torch.int32, device=dev),
+                            cu_seqlens_q=torch.tensor([0, n, n + 1], dtype=torch.int32, device=dev),
+                            context_lens=torch.tensor([n, 1], dtype=torch.int32, device=dev))
+        self.forward_eager(torch.zeros(n + 1, dtype=torch.int64, device=dev), positions, meta)
+
     def _forward(self, b: int, cascade: bool = False) -> None:
         p = graph_plan_len(b)
         ids, positions, slots = self.meta[p:p + b], self.meta[p + b:p + 2 * b], self.meta[p + 2 * b:p + 3 * b]
@@ -139,6 +160,8 @@ class DecodeGraphs:
                 self._fill_padding(b)
                 self.graphs[b, cascade] = (self._capture_one(b, cascade, pool, stream) if cuda
                                            else _EagerReplay(self, b, cascade))
+        if self.compiled:
+            self._warm_eager()
         if cuda:
             torch.cuda.synchronize(self.device)
         self.sizes = sorted({b for b, _ in self.graphs})

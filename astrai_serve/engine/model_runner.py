@@ -211,7 +211,10 @@ class ModelRunner:
         cu_t, ctx_t, table_t, plan_t = torch.split(buf[3 * n + r:].to(torch.int32), [s + 1, s, s * w, n_plan])
         meta = StepMetadata(slot_mapping=slots, page_table=table_t.view(s, w), cu_seqlens_q=cu_t,
                             context_lens=ctx_t, cascade=plan_t if plan is not None else None)
-        hidden = self.model.forward_flat(input_ids, positions, PagedAttention(self.cache, meta, self.kernel))
+        if self.graphs is not None:
+            hidden = self.graphs.forward_eager(input_ids, positions, meta)
+        else:
+            hidden = self.model.forward_flat(input_ids, positions, PagedAttention(self.cache, meta, self.kernel))
         if not (idx["all_sample"] and n == s):        # keep only the rows that sample
             hidden = hidden[rows_t]
         return self.model.compute_logits(hidden).float()
