@@ -136,6 +136,23 @@ def client_worker(url: str, model: str, jobs: list[tuple[list[int], int, float]]
     return {"results": results, "cpu_busy": (time.process_time() - cpu) / max(time.time() - wall, 1e-9)}
 
 
+def server_median(url: str, histogram: str) -> float | None:
+    """The upper bound of the bucket holding the median of one of the daemon's /metrics
+    histograms (the core's own view of a latency: compared with the client's, it tells the
+    engine's share from the REST and streaming path's); None if it has no observations."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    buckets = []
+    for line in text.splitlines():
+        if line.startswith(f"{histogram}_bucket"):
+            bound = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((float(bound), int(float(line.rsplit(" ", 1)[1]))))
+    total = buckets[-1][1] if buckets else 0
+    if total == 0:
+        return None
+    return next(bound for bound, cumulative in buckets if cumulative >= total / 2)
+
+
 def _ready_client(hold_s: float) -> None:
     """Import the client in a pool process, and hold it a moment so the pool starts them all."""
     import openai  # noqa: F401
