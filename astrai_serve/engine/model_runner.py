@@ -14,7 +14,7 @@ when graphs are on; everything else runs eagerly.
 Cascade attention: when neighbouring sequences of a decode step start with the same pages (a
 prompt prefix from the prefix cache: one system prompt behind many requests, or the prompt the
 n samples of a GRPO group share), the step passes a cascade plan (kernels/cascade.py) and the
-kernel reads those keys once per chunk of up to 32 such sequences instead of once per sequence.
+kernel reads those keys once per chunk of up to 8 such sequences instead of once per sequence.
 The host plans it by comparing neighbouring page-table rows (numpy).
 
 Page tables are kept on the host between steps (PageTables), one numpy row per running

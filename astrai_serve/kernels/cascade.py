@@ -26,17 +26,24 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-PREFIX_BLOCK_ROWS = 64        # query rows (sequences x heads per kv head) of one prefix program
-PREFIX_BLOCK_ROWS_WIDE = 16   # the same for keys wider than 256 channels (MLA: registers)
+# Query rows (sequences x query heads per kv head) of one prefix program: room for a chunk of
+# CHUNK_SEQS sequences, at most PREFIX_BLOCK_ROWS. Measured on an H200 (kernels/NOTES.md, qwen3-0.6b,
+# 2 query heads per kv head): 16 rows (8 sequences) beat 32 and 64 both behind 8-sample GRPO
+# prompts (111 vs 158 µs a layer) and behind one 2,000-token prompt (141 vs 160 µs).
+CHUNK_SEQS = 8
+PREFIX_BLOCK_ROWS = 64
+PREFIX_BLOCK_ROWS_WIDE = 16   # keys wider than 256 channels (MLA): registers
 
 
-def prefix_block_rows(k_dim: int) -> int:
-    return PREFIX_BLOCK_ROWS_WIDE if k_dim > 256 else PREFIX_BLOCK_ROWS
+def prefix_block_rows(k_dim: int, group: int) -> int:
+    if k_dim > 256:
+        return PREFIX_BLOCK_ROWS_WIDE
+    return min(PREFIX_BLOCK_ROWS, max(16, 1 << (CHUNK_SEQS * group - 1).bit_length()))
 
 
 def max_chunk_seqs(group: int, k_dim: int) -> int:
     """Most sequences one prefix program takes: its rows over the query heads per kv head."""
-    return max(1, prefix_block_rows(k_dim) // group)
+    return max(1, prefix_block_rows(k_dim, group) // group)
 
 
 def plan_cascade(tables: np.ndarray, context_lens: np.ndarray, page_size: int, max_seqs: int,

@@ -374,7 +374,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                   BLOCK_DV=max(16, triton.next_power_of_2(v_dim)))
     prefix_splits = 0
     if shared:
-        rows = prefix_block_rows(k_dim)
+        rows = prefix_block_rows(k_dim, group)
         prefix_cfg = prefix_config or (TileConfig(rows, 32, 4, 1) if k_dim > 256 else TileConfig(rows, 64, 4, 2))
         rows = prefix_cfg.block_m
         # Splits as if every sequence were in a full chunk (shape-only, for graphs); the grid has
