@@ -17,6 +17,7 @@
 # serve3    bench/serve.py W1, W3, W4, medians of 3
 # gpu-tests every GPU test of the engine and the kernels
 # w4ab      W4 with async scheduling, then without
+# arrivals  W4's arrivals (64 req/s) against the engine alone, beside all-at-once (bench/engine_arrivals.py)
 # profile-w3 where a batch-1 step goes with the GEMV
 # w4fast    W1 and W4 at 512 requests/s (the arrival window 0.5 s instead of 4 s)
 # Logs and JSON land in OUT_DIR: 8 files at most, as many as the device tool brings back.
@@ -65,6 +66,7 @@ for phase in ${phases//,/ }; do
         w4ab) run w4ab 300 bash -c "$py bench/serve.py --compile-decode --workloads W4 --skip-peer --json '' && \
                    $py bench/serve.py --compile-decode --workloads W4 --skip-peer --json '' \
                    --engine-arg async_scheduling=false" ;;
+        arrivals) run arrivals 200 "$py" bench/engine_arrivals.py --rate 64 ;;
         *) echo "unknown phase $phase" >&2; exit 2 ;;
     esac
 done

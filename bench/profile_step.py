@@ -116,11 +116,11 @@ def w2_split(llm: Any, prompts: list[list[int]], params: list[Any]) -> None:
     times: dict[bool, list[float]] = {True: [], False: []}
     execute = type(runner).execute
 
-    def timed(self: Any, plan: Any) -> Any:
+    def timed(self: Any, plan: Any, *args: Any) -> Any:
         graph = self.uses_graph(plan)
         torch.cuda.synchronize()
         t = time.perf_counter()
-        out = execute(self, plan)
+        out = execute(self, plan, *args)
         torch.cuda.synchronize()
         times[graph].append(time.perf_counter() - t)
         return out

@@ -126,3 +126,15 @@ def test_delivery_bench_tiny(tmp_path, capsys):
         row = rows[f"delivery|{system}|output tok/s"]
         assert row["ratios"]["offline"] == pytest.approx(_positive(rows, row["workload"] + f"|{system}|output tok/s") / offline)
         assert "msgs/request" in row["note"] and "CPU us/token" in row["note"]
+
+
+def test_engine_arrivals_tiny(capsys):
+    """W4's arrivals against the engine alone: every request's tokens counted, TTFT per quarter."""
+    arrivals = _load("engine_arrivals")
+    assert arrivals.main(["--tiny", "--rate", "200"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if " tok/s; TTFT p50 by arrival quarter" in line]
+    assert len(lines) == 2 and lines[0].startswith("all at t = 0") and lines[1].startswith("200 req/s")
+    # the same requests either way: the token counts agree
+    assert len({line.split(" tokens in ")[0].split(": ")[1] for line in lines}) == 1
+    with pytest.raises(SystemExit):
+        arrivals.main(["--tiny", "--rate", "0"])
