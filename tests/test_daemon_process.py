@@ -154,6 +154,63 @@ def test_engine_process_killed_mid_stream(tiny_model_dir, tmp_path, stubs, greed
         daemon.kill()
 
 
+# Loaded by every Python process of the daemon through PYTHONPATH; acts in the engine child only,
+# where it makes LLMEngine.step raise once a prompt starting 13, 13, 13 is running. No request can
+# make the real engine raise, so a fault is planted to test what the process layout does then.
+ENGINE_FAULT = """
+import sys
+if "astrai_serve.engine_process" in getattr(sys, "orig_argv", ()):
+    from astrai_serve.engine import llm_engine
+
+    _step = llm_engine.LLMEngine.step
+
+    def step(self):
+        if any(s.token_ids[:3] == [13, 13, 13] for s in self.scheduler.running):
+            raise RuntimeError("planted fault: a poisoned prompt")
+        return _step(self)
+
+    llm_engine.LLMEngine.step = step
+"""
+
+
+def test_engine_that_raises_fails_its_streams_and_the_daemon_stays_up(tiny_model_dir, tmp_path, stubs, greedy_ids):
+    """The engine raises inside its child (which lives on): every open stream ends with INTERNAL
+    naming the error, health turns NOT_SERVING, new work gets UNAVAILABLE, and the daemon stays
+    up and still stops cleanly."""
+    pb2, pb2_grpc = stubs
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(ENGINE_FAULT)
+    path = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)
+    daemon = start_serve(tiny_model_dir, tmp_path / "serve.log", "--no-http", env={"PYTHONPATH": path})
+    try:
+        with grpc.insecure_channel(daemon.ready["grpc"]) as channel:
+            assert generate_greedy(stubs, channel) == greedy_ids, "healthy until the poisoned prompt"
+            stub = pb2_grpc.GenerationServiceStub(channel)
+            bystander = stub.Generate(pb2.GenerateRequest(text="Out, out, brief candle", params=pb2.SamplingParams(
+                max_tokens=480, ignore_eos=True)), timeout=60)
+            next(bystander)  # running
+            poisoned = stub.Generate(pb2.GenerateRequest(token_ids=pb2.TokenIds(ids=[13, 13, 13, 7]),
+                                                         params=pb2.SamplingParams(max_tokens=4)), timeout=60)
+            for call in (poisoned, bystander):
+                with pytest.raises(grpc.RpcError) as info:
+                    list(call)
+                assert info.value.code() == grpc.StatusCode.INTERNAL
+                assert "RuntimeError: planted fault: a poisoned prompt" in info.value.details()
+            health = health_pb2_grpc.HealthStub(channel)
+            assert wait_for(lambda: health.Check(health_pb2.HealthCheckRequest()).status
+                            == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=10)
+            assert daemon.proc.poll() is None, "the daemon stays up"
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.Generate(pb2.GenerateRequest(text="hi", params=pb2.SamplingParams(max_tokens=2)), timeout=10))
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "planted fault: a poisoned prompt" in info.value.details()
+        assert daemon.terminate() == 0, daemon.stderr()
+        assert "engine loop died" in daemon.stderr()
+    finally:
+        daemon.kill()
+
+
 def test_daemon_shuts_down_when_its_facade_dies(tiny_model_dir, tmp_path):
     daemon = start_serve(tiny_model_dir, tmp_path / "serve.log")
     try:
