@@ -18,12 +18,13 @@
 # gpu-tests every GPU test of the engine and the kernels
 # w4ab      W4 with async scheduling, then without
 # arrivals  W4's arrivals (64 req/s) against the engine alone, beside all-at-once (bench/engine_arrivals.py)
+# sampling  bench/sampling.py: the split Gumbel kernel against one program per row
 # profile-w3 where a batch-1 step goes with the GEMV
 # w4fast    W1 and W4 at 512 requests/s (the arrival window 0.5 s instead of 4 s)
 # Logs and JSON land in OUT_DIR: 8 files at most, as many as the device tool brings back.
 set -u
 out=${1:?usage: bash bench/gpu_session.sh OUT_DIR [PHASES]}
-phases=${2:-check,rollouts,serve,w3gemv,gemv,tests}
+phases=${2:-gpu-tests,sampling,r-loop,arrivals,serve3,w4fast}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
@@ -67,6 +68,7 @@ for phase in ${phases//,/ }; do
                    $py bench/serve.py --compile-decode --workloads W4 --skip-peer --json '' \
                    --engine-arg async_scheduling=false" ;;
         arrivals) run arrivals 200 "$py" bench/engine_arrivals.py --rate 64 ;;
+        sampling) run sampling 120 "$py" bench/sampling.py --programs 1024,2048,4096 --json "$out/sampling.json" ;;
         *) echo "unknown phase $phase" >&2; exit 2 ;;
     esac
 done
