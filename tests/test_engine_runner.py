@@ -188,6 +188,35 @@ def test_cascade_over_groups_of_samples_equals_recompute(models, graphs, min_sha
     assert engine.stats().pages_in_use == 0
 
 
+def test_requests_behind_two_prompts_arriving_interleaved_form_one_chunk_each(models, monkeypatch):
+    """Requests alternate between two system prompts (A, B, A, B, ...): the scheduler puts the
+    decodes that start in the same page side by side, so cascade attention gets one chunk per
+    prompt, and the tokens still equal a recompute."""
+    from astrai_serve.engine import model_runner
+
+    monkeypatch.setattr(model_runner, "CASCADE_MIN_SEQS", 2)
+    monkeypatch.setattr(model_runner, "CASCADE_MIN_SAVED_TOKENS", 1)
+    monkeypatch.setattr(model_runner, "CASCADE_MIN_SHARED_TOKENS", 1)
+    model = models["gqa"]
+    engine = LLMEngine.from_model(model, None, num_pages=160, page_size=4, max_num_seqs=8)
+    plans = []
+    indices = engine.runner._indices
+    engine.runner._indices = lambda plan, *a: (lambda idx: plans.append(idx["cascade"]) or idx)(indices(plan, *a))
+    systems = prompts_of((20, 24), seed=11)
+    run_all(engine, systems, SamplingParams(max_tokens=1, temperature=0.0))    # both prompts cached
+    questions = prompts_of((3, 5, 2, 6, 4, 7), seed=12)
+    prompts = [systems[i % 2] + q for i, q in enumerate(questions)]             # A, B, A, B, A, B
+    plans.clear()
+    outs = run_all(engine, prompts, SamplingParams(max_tokens=6, temperature=0.0))
+    assert [o.token_ids for o in outs] == [recompute_greedy(model, p, 6) for p in prompts]
+    s = len(prompts)
+    full = [p for p in plans if p is not None and len(p) > s]
+    assert full, "no decode step of all six ran with a cascade plan"
+    c = (len(full[0]) - s) // 3
+    counts, shared = sorted(full[0][s + c:s + 2 * c].tolist()), sorted(full[0][s + 2 * c:].tolist())
+    assert counts == [0] * (c - 2) + [3, 3] and shared == [0] * (c - 2) + [20, 24]   # one chunk per prompt
+
+
 def test_host_page_tables_follow_sequences(models):
     """Rows patched incrementally must equal the sequences' tables through prefix-cache hits,
     page swaps at publish, n > 1 sharing, chunked prefill and preemption."""

