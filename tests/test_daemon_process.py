@@ -211,6 +211,27 @@ def test_engine_that_raises_fails_its_streams_and_the_daemon_stays_up(tiny_model
         daemon.kill()
 
 
+def test_async_scheduling_in_the_engine_process(tiny_model_dir, tmp_path, stubs, greedy_ids):
+    """The GPU defaults (overlapped steps, async scheduling) forced on here: the streams carry the
+    engine's greedy tokens, concurrent streams and a cancelled one leave no page in use."""
+    pb2, pb2_grpc = stubs
+    daemon = start_serve(tiny_model_dir, tmp_path / "serve.log", "--no-http", "--overlap-steps",
+                         "--async-scheduling")
+    try:
+        with grpc.insecure_channel(daemon.ready["grpc"]) as channel:
+            stub = pb2_grpc.GenerationServiceStub(channel)
+            long = stub.Generate(pb2.GenerateRequest(text="Out, out, brief candle", params=pb2.SamplingParams(
+                max_tokens=480, ignore_eos=True)), timeout=60)
+            next(long)  # running: the greedy streams below share its steps
+            assert [generate_greedy(stubs, channel) for _ in range(3)] == [greedy_ids] * 3
+            long.cancel()
+            assert wait_for(lambda: stub.GetStats(pb2.GetStatsRequest()).kv_pages_in_use == 0, timeout=10)
+            assert generate_greedy(stubs, channel) == greedy_ids
+        assert daemon.terminate() == 0, daemon.stderr()
+    finally:
+        daemon.kill()
+
+
 def test_daemon_shuts_down_when_its_facade_dies(tiny_model_dir, tmp_path):
     daemon = start_serve(tiny_model_dir, tmp_path / "serve.log")
     try:
