@@ -155,6 +155,17 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def key_values(parser: Any, flag: str, items: list[str]) -> dict[str, Any]:
+    """`--flag KEY=VALUE` items as a dict of parsed values; a malformed one is a usage error."""
+    out = {}
+    for item in items:
+        name, eq, value = item.partition("=")
+        if not eq or not name:
+            parser.error(f"{flag} {item!r}: want KEY=VALUE")
+        out[name] = parse_value(value)
+    return out
+
+
 def median(values: list[float]) -> float:
     s = sorted(values)
     n = len(s)

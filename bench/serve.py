@@ -357,9 +357,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} {value}: must be >= 1")
     if args.rate <= 0:
         p.error(f"--rate {args.rate}: must be > 0")
-    for item in args.engine_arg:
-        if "=" not in item or not item.partition("=")[0]:
-            p.error(f"--engine-arg {item!r}: want KEY=VALUE")
+    args.engine_overrides = common.key_values(p, "--engine-arg", args.engine_arg)
     return args
 
 
@@ -376,9 +374,7 @@ def build_spec(args: argparse.Namespace, model_dir: Path, hf_dir: Path | None, v
     for name in ("gpu_memory_utilization", "page_size", "attention_impl", "compile_decode", "decode_gemv"):
         if getattr(args, name) is not None:
             engine[name] = getattr(args, name)
-    for item in args.engine_arg:
-        name, eq, value = item.partition("=")
-        engine[name] = common.parse_value(value)
+    engine.update(args.engine_overrides)
     return {"model_dir": str(model_dir), "hf_dir": str(hf_dir) if hf_dir else None, "sizes": asdict(sizes),
             "vocab": vocab, "device": device, "engine": engine, "temperature": args.temperature,
             "repeats": args.repeats, "budget_s": args.budget_s or (20.0 if args.tiny else 45.0),

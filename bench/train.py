@@ -286,12 +286,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < (0 if name == "warmup_steps" else 1):
             p.error(f"--{name.replace('_', '-')} {value}: must be >= {0 if name == 'warmup_steps' else 1}")
-    args.engine_overrides = {}
-    for item in args.engine_arg:
-        name, eq, value = item.partition("=")
-        if not eq or not name:
-            p.error(f"--engine-arg {item!r}: want KEY=VALUE")
-        args.engine_overrides[name] = common.parse_value(value)
+    args.engine_overrides = common.key_values(p, "--engine-arg", args.engine_arg)
     if args.systems:
         bad = sorted(set(args.systems.split(",")) - {"astrai", "astrai-compile", "hf", "hf-compile"})
         if bad:

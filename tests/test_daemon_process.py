@@ -76,6 +76,29 @@ def greedy_ids(tiny_model_dir):
     return ids
 
 
+def long_stream(stubs, channel):
+    """A 480-token Generate stream, already running (its first response read)."""
+    pb2, pb2_grpc = stubs
+    call = pb2_grpc.GenerationServiceStub(channel).Generate(pb2.GenerateRequest(
+        text="Out, out, brief candle", params=pb2.SamplingParams(max_tokens=480, ignore_eos=True)), timeout=60)
+    next(call)
+    return call
+
+
+def assert_engine_down(stubs, channel, why: str) -> None:
+    """Health NOT_SERVING, the daemon still answering, new work refused with UNAVAILABLE naming why."""
+    pb2, pb2_grpc = stubs
+    health = health_pb2_grpc.HealthStub(channel)
+    assert wait_for(lambda: health.Check(health_pb2.HealthCheckRequest()).status
+                    == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=10)
+    stub = pb2_grpc.GenerationServiceStub(channel)
+    assert not stub.GetStats(pb2.GetStatsRequest()).engine_alive
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Generate(pb2.GenerateRequest(text="hi", params=pb2.SamplingParams(max_tokens=2)), timeout=10))
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert info.value.details() == f"the engine is not running: {why}"
+
+
 def generate_greedy(stubs, channel) -> list[int]:
     pb2, pb2_grpc = stubs
     request = pb2.GenerateRequest(token_ids=pb2.TokenIds(ids=PROMPT), params=pb2.SamplingParams(**GREEDY))
@@ -129,25 +152,15 @@ def test_engine_process_killed_mid_stream(tiny_model_dir, tmp_path, stubs, greed
     try:
         with grpc.insecure_channel(daemon.ready["grpc"]) as channel:
             assert generate_greedy(stubs, channel) == greedy_ids, "the engine process must generate what the engine does"
-            stub = pb2_grpc.GenerationServiceStub(channel)
-            call = stub.Generate(pb2.GenerateRequest(text="Out, out, brief candle", params=pb2.SamplingParams(
-                max_tokens=480, ignore_eos=True)), timeout=60)
-            next(call)  # running
+            call = long_stream(stubs, channel)
             engine = engine_pid(daemon)
             os.kill(engine, signal.SIGKILL)
             with pytest.raises(grpc.RpcError) as info:
                 list(call)
             assert info.value.code() == grpc.StatusCode.INTERNAL
             assert "the engine process was killed by SIGKILL" in info.value.details()
-            health = health_pb2_grpc.HealthStub(channel)
-            assert wait_for(lambda: health.Check(health_pb2.HealthCheckRequest()).status
-                            == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=10)
+            assert_engine_down(stubs, channel, "the engine process was killed by SIGKILL")
             assert daemon.proc.poll() is None and not running(engine), "the daemon stays up; the engine is reaped"
-            assert not stub.GetStats(pb2.GetStatsRequest()).engine_alive
-            with pytest.raises(grpc.RpcError) as info:
-                list(stub.Generate(pb2.GenerateRequest(text="hi", params=pb2.SamplingParams(max_tokens=2)), timeout=10))
-            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert info.value.details() == "the engine is not running: the engine process was killed by SIGKILL"
         assert daemon.terminate() == 0, daemon.stderr()
         assert "the engine process was killed by SIGKILL; failing its 1 open requests" in daemon.stderr()
     finally:
@@ -187,9 +200,7 @@ def test_engine_that_raises_fails_its_streams_and_the_daemon_stays_up(tiny_model
         with grpc.insecure_channel(daemon.ready["grpc"]) as channel:
             assert generate_greedy(stubs, channel) == greedy_ids, "healthy until the poisoned prompt"
             stub = pb2_grpc.GenerationServiceStub(channel)
-            bystander = stub.Generate(pb2.GenerateRequest(text="Out, out, brief candle", params=pb2.SamplingParams(
-                max_tokens=480, ignore_eos=True)), timeout=60)
-            next(bystander)  # running
+            bystander = long_stream(stubs, channel)
             poisoned = stub.Generate(pb2.GenerateRequest(token_ids=pb2.TokenIds(ids=[13, 13, 13, 7]),
                                                          params=pb2.SamplingParams(max_tokens=4)), timeout=60)
             for call in (poisoned, bystander):
@@ -197,14 +208,8 @@ def test_engine_that_raises_fails_its_streams_and_the_daemon_stays_up(tiny_model
                     list(call)
                 assert info.value.code() == grpc.StatusCode.INTERNAL
                 assert "RuntimeError: planted fault: a poisoned prompt" in info.value.details()
-            health = health_pb2_grpc.HealthStub(channel)
-            assert wait_for(lambda: health.Check(health_pb2.HealthCheckRequest()).status
-                            == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=10)
+            assert_engine_down(stubs, channel, "RuntimeError: planted fault: a poisoned prompt")
             assert daemon.proc.poll() is None, "the daemon stays up"
-            with pytest.raises(grpc.RpcError) as info:
-                list(stub.Generate(pb2.GenerateRequest(text="hi", params=pb2.SamplingParams(max_tokens=2)), timeout=10))
-            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert "planted fault: a poisoned prompt" in info.value.details()
         assert daemon.terminate() == 0, daemon.stderr()
         assert "engine loop died" in daemon.stderr()
     finally:
@@ -220,9 +225,7 @@ def test_async_scheduling_in_the_engine_process(tiny_model_dir, tmp_path, stubs,
     try:
         with grpc.insecure_channel(daemon.ready["grpc"]) as channel:
             stub = pb2_grpc.GenerationServiceStub(channel)
-            long = stub.Generate(pb2.GenerateRequest(text="Out, out, brief candle", params=pb2.SamplingParams(
-                max_tokens=480, ignore_eos=True)), timeout=60)
-            next(long)  # running: the greedy streams below share its steps
+            long = long_stream(stubs, channel)          # the greedy streams below share its steps
             assert [generate_greedy(stubs, channel) for _ in range(3)] == [greedy_ids] * 3
             long.cancel()
             assert wait_for(lambda: stub.GetStats(pb2.GetStatsRequest()).kv_pages_in_use == 0, timeout=10)

@@ -5,26 +5,15 @@ and aborted mid-run, preemption, seeds and penalties, with graphs (emulated) and
 from __future__ import annotations
 
 import pytest
-import torch
 
 from astrai_serve.engine import LLMEngine, SamplingParams
-from astrai_train.model import Transformer
 
-from engine_support import GQA, MLA, prompts_of  # noqa: E402
-from test_engine_runner import recompute_greedy, with_emulated_graphs  # noqa: E402
+from engine_support import prompts_of  # noqa: E402
+from test_engine_runner import models, recompute_greedy, with_emulated_graphs  # noqa: E402, F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # toy matmuls: see conftest.one_thread
 
 PROMPTS = prompts_of((3, 17, 40, 9, 33, 21, 5), seed=4)
-
-
-@pytest.fixture(scope="module")
-def models():
-    out = {}
-    for name, config in (("gqa", GQA), ("mla", MLA)):
-        torch.manual_seed(0)
-        out[name] = Transformer(config).eval()
-    return out
 
 
 def engine_of(model, async_scheduling, graphs=False, **kw):
