@@ -199,6 +199,35 @@ def test_other_tokenizer_or_objective_fails_clearly(tmp_path, tok, tokenizer_dir
         SeqDataset(tmp_path / "missing.h5", 8)
 
 
+def test_ctrl_c_that_library_code_swallows_is_still_honoured(tmp_path, tokenizer_dir, monkeypatch, capsys):
+    """A Ctrl-C whose KeyboardInterrupt is raised, and dropped, inside code that is not ours (a
+    __del__, a callback): prepare runs to the end, yet the command still reports the interrupt,
+    exits 130 and leaves no file."""
+    import os
+    import signal
+
+    from astrai_train.data import prepare as prepare_module
+
+    real = prepare_module.prepare
+
+    def swallowing(cfg):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)     # delivered to the main thread right here
+        except KeyboardInterrupt:
+            pass                                    # ... and dropped, as a __del__ would
+        return real(cfg)
+
+    monkeypatch.setattr(prepare_module, "prepare", swallowing)
+    path = _jsonl(tmp_path / "s.jsonl", SFT)
+    out = tmp_path / "out.h5"
+    assert cli(["prepare", "sft", "--tokenizer", str(tokenizer_dir), "--input", str(path), "--out", str(out),
+                "--workers", "0", "--no-progress"]) == 130
+    assert "interrupted; nothing was written" in capsys.readouterr().err
+    assert not out.exists()
+    _no_leftovers(tmp_path)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # put back
+
+
 def test_ctrl_c_mid_run_removes_the_temporary_file(tmp_path, tokenizer_dir, corpus_dir):
     import signal
     import time

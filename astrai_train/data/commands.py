@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 _HELP = {
@@ -36,6 +38,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .prepare import PrepareConfig, prepare
 
+    # Ctrl-C raises KeyboardInterrupt wherever the main thread is; raised inside a __del__ or a
+    # callback, Python prints and drops it, and the run would finish as if never interrupted.
+    # The handler also remembers it, so a Ctrl-C is honoured however it was handled below.
+    interrupted: list[int] = []
+
+    def on_sigint(signum: int, frame: object) -> None:
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    main = threading.current_thread() is threading.main_thread()   # only it may set handlers
+    previous = signal.signal(signal.SIGINT, on_sigint) if main else None
+    out, stats = Path(args.out), None
     try:
         cfg = PrepareConfig(objective=args.objective, tokenizer=args.tokenizer, inputs=tuple(args.input),
                             out=args.out, workers=args.workers, skip_invalid=args.skip_invalid,
@@ -45,10 +59,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"astrai prepare: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        interrupted.append(signal.SIGINT)
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+    if interrupted:
         # The writer removes its temporary file, but a Ctrl-C can land between the file's creation
-        # and the `with` that owns it; this process's temporary name is known, so make sure.
-        out = Path(args.out)
+        # and the `with` that owns it: make sure. A run that finished despite it (the exception
+        # was dropped) has committed its file, which goes too: the user asked for nothing.
         out.with_name(f".{out.name}.tmp-{os.getpid()}").unlink(missing_ok=True)
+        if stats is not None:
+            out.unlink(missing_ok=True)
         print("astrai prepare: interrupted; nothing was written", file=sys.stderr)
         return 130
     skipped = f", skipped {stats.n_skipped:,} invalid records" if stats.n_skipped else ""
