@@ -33,9 +33,11 @@ def run(engine: Any, requests: list[tuple[list[int], int]], rate: float | None) 
     runner = engine.runner
     execute = runner.execute
     kinds: list[bool] = []                       # per launched step: True = pure decode
+    launched: list[int] = []                     # per launched step: tokens computed
 
     def recording(plan: Any, *args: Any) -> Any:
         kinds.append(all(c.num_tokens == 1 for c in plan.chunks))
+        launched.append(sum(c.num_tokens for c in plan.chunks))
         return execute(plan, *args)
 
     runner.execute = recording
@@ -44,6 +46,7 @@ def run(engine: Any, requests: list[tuple[list[int], int]], rate: float | None) 
     added: dict[str, float] = {}
     first: dict[str, float] = {}
     step_ms: list[float] = []
+    slow: list[tuple[float, int]] = []           # (ms, tokens launched during that step() call)
     tokens, nxt = 0, 0
     try:
         while nxt < len(requests) or engine.has_unfinished_requests():
@@ -57,10 +60,11 @@ def run(engine: Any, requests: list[tuple[list[int], int]], rate: float | None) 
             if not engine.has_unfinished_requests():
                 time.sleep(max(0.0, due[nxt] - time.perf_counter()))
                 continue
-            t = time.perf_counter()
+            t, before = time.perf_counter(), len(launched)
             outputs = engine.step()
             done = time.perf_counter()
             step_ms.append(1e3 * (done - t))
+            slow.append((step_ms[-1], sum(launched[before:])))
             for out in outputs:
                 first.setdefault(out.request_id, done)
                 if out.finished:
@@ -75,7 +79,25 @@ def run(engine: Any, requests: list[tuple[list[int], int]], rate: float | None) 
             "ttft_quarters": [common.median(t) for t in ttft],
             "ttft_p99": common.percentile([x for t in ttft for x in t], 99),
             "step_ms": (common.median(step_ms), common.percentile(step_ms, 99)),
-            "decode_steps": sum(kinds), "mixed_steps": len(kinds) - sum(kinds)}
+            "decode_steps": sum(kinds), "mixed_steps": len(kinds) - sum(kinds),
+            "slowest": sorted(slow, reverse=True)[:6]}
+
+
+def log_triton_compiles() -> None:
+    """Wrap Triton's JIT compile to print what compiles when: a compile is 0.3-2 s of a step."""
+    from triton.runtime.jit import JITFunction
+
+    compile_one, t0 = JITFunction._do_compile, time.perf_counter()
+
+    def logged(self: Any, key: Any, signature: Any, device: Any, constexprs: Any, *args: Any, **kw: Any) -> Any:
+        start = time.perf_counter()
+        out = compile_one(self, key, signature, device, constexprs, *args, **kw)
+        spec = ",".join(f"{k[0] if isinstance(k, tuple) else k}={v}" for k, v in constexprs.items())[:300]
+        print(f"[compile {start - t0:7.2f}s] {self.fn.__name__} {time.perf_counter() - start:.2f}s "
+              f"key={str(key)[:400]} {spec}", flush=True)
+        return out
+
+    JITFunction._do_compile = logged
 
 
 def report(label: str, r: dict[str, Any]) -> None:
@@ -83,7 +105,8 @@ def report(label: str, r: dict[str, Any]) -> None:
     print(f"{label}: {r['tokens']} tokens in {r['secs']:.2f} s = {r['tps']:,.0f} tok/s; "
           f"TTFT p50 by arrival quarter {quarters} ms (p99 {r['ttft_p99']:.0f}); "
           f"{r['steps']} steps, step p50/p99 {r['step_ms'][0]:.1f}/{r['step_ms'][1]:.1f} ms; "
-          f"launched {r['decode_steps']} pure-decode and {r['mixed_steps']} prefill/mixed steps", flush=True)
+          f"launched {r['decode_steps']} pure-decode and {r['mixed_steps']} prefill/mixed steps; slowest "
+          + ", ".join(f"{ms:.0f} ms ({n} tokens launched)" for ms, n in r["slowest"]), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile-decode", action=argparse.BooleanOptionalAction, default=True,
                    help="torch.compile the graphed forward (default on, as bench/serve.py)")
     p.add_argument("--tiny", action="store_true", help="a toy model and 8 requests on the CPU (smoke run)")
+    p.add_argument("--log-compiles", action="store_true",
+                   help="print every Triton JIT compile (kernel, seconds, specialization) as it happens; "
+                        "with a fresh TRITON_CACHE_DIR this shows which kernels compile mid-serving")
     args = p.parse_args(argv)
+    if args.log_compiles:
+        log_triton_compiles()
     if args.rate <= 0:
         p.error(f"--rate {args.rate}: must be > 0")
     import torch
@@ -117,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         sizes = serve.FULL
         engine = LLMEngine.from_model(model, None, max_num_seqs=256, max_num_batched_tokens=16384,
                                       max_model_len=2048, compile_decode=args.compile_decode)
+    if args.log_compiles:
+        print("[engine started: compiles below this line happened while serving]", flush=True)
     requests = serve.w1_requests(sizes, config.vocab_size)
     run(engine, [(pr[:16], 4) for pr, _ in requests[:8]], None)          # warm-up: kernels, allocator
     report("all at t = 0 (W1)", run(engine, requests, None))

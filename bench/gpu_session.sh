@@ -13,6 +13,8 @@
 # profile-r where a GRPO rollout step goes, with the engine as GRPO runs it (unfused, full context)
 # cascade   bench/paged_attention.py's cascade section: rollout and W2 shapes, cascade vs plain
 # store     bench/paged_attention.py's store section: one layer's K/V write, index_copy_ x2 vs store_kv
+# splits    bench/paged_attention.py's splits section: batch 1 and 4 decode at other KV split counts
+# compiles  W4's arrivals with a cold Triton cache, printing every JIT compile (none may follow startup)
 # r-loop    rollouts: the engine against the generate loop (no HF generate)
 # serve3    bench/serve.py W1, W3, W4, medians of 3
 # gpu-tests every GPU test of the engine and the kernels
@@ -56,6 +58,9 @@ for phase in ${phases//,/ }; do
                    --workloads R,host-R ;;
         cascade) run cascade 150 "$py" bench/paged_attention.py --no-tests --sections cascade ;;
         store) run store 120 "$py" bench/paged_attention.py --no-tests --sections store ;;
+        splits) run splits 120 "$py" bench/paged_attention.py --no-tests --sections splits ;;
+        compiles) run compiles 200 env TRITON_CACHE_DIR="$(mktemp -d)" "$py" bench/engine_arrivals.py --rate 64 \
+                   --log-compiles ;;
         r-loop) run r-loop 200 "$py" bench/train.py --grpo-rollouts --skip-peer --json "$out/r-loop.json" ;;
         serve3) run serve3 400 "$py" bench/serve.py --compile-decode --workloads W1,W3,W4 --skip-peer \
                    --repeats 3 --json "$out/serve3.json" ;;

@@ -309,6 +309,28 @@ def decode_config_rows(bw: float) -> list[dict]:
     return rows
 
 
+def decode_split_rows(bw: float) -> list[dict]:
+    """Small decode batches (W3's batch 1) at other KV split counts than decode_splits' (marked *):
+    more splits fill the GPU, but each then reads a few dozen keys and the merge is one launch more."""
+    from astrai_serve.kernels.triton_attention import decode_splits
+
+    rows = []
+    shape = SHAPES["qwen3-0.6b"]
+    for batch in (1, 4):
+        for ctx in (512, 768, 1024):
+            args = paged_inputs([ctx] * batch, [1] * batch, shape)
+            default = decode_splits(batch * shape[1], torch.device("cuda"))
+            for splits in sorted({1, 2, 4, 8, 16, default}):
+                row = {"kind": "splits", "shape": "qwen3-0.6b", "batch": batch, "ctx": ctx,
+                       "config": f"{splits} splits" + (" *" if splits == default else "")}
+                row["graph_us"] = 1e3 * median_ms(lambda: paged_attention(*args, num_splits=splits), graph=True)
+                row["gbs"] = kv_bytes([ctx] * batch, shape) / row["graph_us"] / 1e3
+                row["pct_bw"] = 100 * row["gbs"] / bw
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
 def print_table(device: str, bw: float, rows: list[dict]) -> None:
     print(f"\n# paged attention, {device}, torch {torch.__version__}, triton {triton.__version__}, "
           f"bf16, page {PAGE}; copy bandwidth {bw:.0f} GB/s (read+write)")
@@ -328,8 +350,8 @@ def main() -> int:
     parser.add_argument("--no-tests", action="store_true", help="skip pytest -m gpu tests/test_kernels_gpu.py")
     parser.add_argument("--json", type=Path, default=None, help="write all rows here")
     parser.add_argument("--sections", default="decode,config,prefill,cascade,store",
-                        help="comma list of table sections: decode, config, prefill, cascade, store "
-                             "(default all)")
+                        help="comma list of table sections: decode, config, prefill, cascade, store, "
+                             "splits (default all but splits)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/paged_attention.py needs a CUDA GPU")
@@ -341,7 +363,7 @@ def main() -> int:
     device = torch.cuda.get_device_name()
     bw = copy_bandwidth_gbs()
     sections = {"decode": decode_rows, "config": decode_config_rows, "prefill": lambda _bw: prefill_rows(),
-                "cascade": cascade_rows, "store": store_rows}
+                "cascade": cascade_rows, "store": store_rows, "splits": decode_split_rows}
     wanted = args.sections.split(",")
     if unknown := [w for w in wanted if w not in sections]:
         parser.error(f"--sections: unknown {unknown}; choose from {sorted(sections)}")

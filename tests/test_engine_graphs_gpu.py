@@ -207,3 +207,40 @@ def test_decode_gemv_graphs_equal_recompute(compile_decode):
     outs, _ = run_all(engine, prompts, [SamplingParams(max_tokens=n, temperature=0.0) for n in lengths])
     assert [o[0].token_ids for o in outs] == [recompute_greedy(model, p, n) for p, n in zip(prompts, lengths)]
     assert any(used)
+
+
+def test_no_jit_compile_after_startup(monkeypatch):
+    """Every Triton kernel a step needs is compiled while the engine starts. A cold server once
+    compiled prefill-attention variants mid-serving (1-2 s each on an H200: W4's TTFT of
+    seconds): one per alignment of the per-step metadata views and per batch-size class."""
+    import random
+
+    from triton import knobs
+
+    from astrai_serve.kernels import triton_attention, triton_gemv, triton_kv_store, triton_sampling
+
+    for fn in (triton_attention._paged_attn_kernel, triton_attention._shared_prefix_kernel,
+               triton_attention._merge_splits_kernel, triton_kv_store._store_kv_kernel,
+               triton_sampling._gumbel_split_kernel, triton_sampling._pick_split_kernel, triton_gemv._gemv_kernel):
+        fn.device_caches.clear()                          # forget what earlier tests compiled
+    model = model_of("gqa", torch.bfloat16)
+    engine = LLMEngine.from_model(model, None, num_pages=256, page_size=8, max_num_seqs=16,
+                                  max_num_batched_tokens=40, cuda_graph_max_batch=16)
+    compiled: list[str] = []
+    monkeypatch.setattr(knobs.runtime, "jit_post_compile_hook", lambda **kw: compiled.append(kw["repr"]))
+    # Requests of assorted lengths join while others decode: chunked prefills of many sizes
+    # beside 1..16 decodes, greedy and sampled rows, so the metadata views land at every offset.
+    rng = random.Random(0)
+    steps = 0
+    for i in range(30):
+        prompt = [rng.randrange(model.config.vocab_size) for _ in range(rng.randint(1, 70))]
+        engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=rng.randint(1, 14), ignore_eos=True,
+                                                           temperature=rng.choice([0.0, 1.0])))
+        for _ in range(rng.randint(0, 3)):
+            engine.step()
+            steps += 1
+    while engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
+    assert steps > 40 and engine.stats().pages_in_use == 0
+    assert compiled == [], f"{len(compiled)} JIT compiles after startup, the first: {compiled[0][:300]}"

@@ -123,7 +123,8 @@ class DecodeGraphs:
 
     def _warm_eager(self) -> None:
         """Run forward_eager once on a small mixed step (a 3-token prefill and a decode, on the
-        padding page) so torch.compile specialises for such steps at startup, not mid-serving."""
+        padding page) so that the prefill kernels JIT-compile (1-2 s each for Triton on an
+        H200) and torch.compile specialises for such steps at startup, not mid-serving."""
         dev, page = self.device, self.cache.page_size
         n = min(3, page)
         positions = torch.tensor(list(range(n)) + [0], dtype=torch.int64, device=dev)
@@ -160,8 +161,7 @@ class DecodeGraphs:
                 self._fill_padding(b)
                 self.graphs[b, cascade] = (self._capture_one(b, cascade, pool, stream) if cuda
                                            else _EagerReplay(self, b, cascade))
-        if self.compiled:
-            self._warm_eager()
+        self._warm_eager()      # the prefill kernels compile now, not in the first mixed step
         if cuda:
             torch.cuda.synchronize(self.device)
         self.sizes = sorted({b for b, _ in self.graphs})

@@ -128,6 +128,8 @@ class LLMEngine:
                                   cascade=config.cascade_attention,
                                   decode_linear=DecodeMatmul() if config.resolved_decode_gemv() else None)
         self.sampler = Sampler(device, config.seed)
+        if graphs:
+            self.sampler.warm_up(mc.vocab_size)
         self._overlap = config.resolved_overlap_steps()
         self._async = config.resolved_async_scheduling()
         self.num_async_steps = 0             # steps launched on ids still on the device (tests, stats)

@@ -46,6 +46,14 @@ class Sampler:
         self._rng = np.random.Generator(np.random.PCG64(seed))   # keys of rows without a seed
         self._counts: PenaltyCounts | None = None                 # made at the first keyed penalty
 
+    @torch.inference_mode()
+    def warm_up(self, vocab: int) -> None:
+        """Draw once from uniform logits, so the sampling kernels JIT-compile at startup rather
+        than in the first sampled step a server takes (about a second on an H200)."""
+        logits = torch.zeros(1, vocab, dtype=torch.float32, device=self.device)
+        ones = torch.ones(1, dtype=torch.float32, device=self.device)
+        gumbel_argmax(logits, ones, torch.zeros(1, 2, dtype=torch.int64, device=self.device))
+
     def release(self, key: int) -> None:
         """Forget the penalty counts kept for `key` (its sequence finished)."""
         if self._counts is not None:

@@ -87,7 +87,15 @@ def _attend_range(
     return acc, l_i, m_i
 
 
-@triton.jit
+# Batch-dependent integers and the int32 metadata pointers (views into one packed per-step copy,
+# so their 16-byte alignment changes with the batch) are not specialised on: each distinct
+# specialisation is a JIT compile of 1-2 s on an H200, and without this a cold server compiled
+# prefill variants mid-serving (W4's TTFT of seconds). One compile per kernel shape now, made at
+# startup (cuda_graphs.DecodeGraphs._warm_eager). These are scalar loads: alignment buys nothing.
+_METADATA = ["PageTable", "CuQ", "CtxLens", "TileSeq", "TileBlk", "Cascade"]
+
+
+@triton.jit(do_not_specialize=["n_seqs", "stride_pt"], do_not_specialize_on_alignment=_METADATA)
 def _paged_attn_kernel(
     Q, K, V, Out, PartOut, PartLse, PageTable, CuQ, CtxLens, TileSeq, TileBlk, Cascade,
     scale_log2, n_seqs,
@@ -185,7 +193,8 @@ def _paged_attn_kernel(
         tl.store(o_ptr, o.to(Out.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_seqs", "n_chunks", "stride_pt"],
+            do_not_specialize_on_alignment=["PageTable", "Cascade"])
 def _shared_prefix_kernel(
     Q, K, V, PartOut, PartLse, PageTable, Cascade, scale_log2, n_seqs, n_chunks,
     stride_qn, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
@@ -301,13 +310,16 @@ _SM_COUNT: dict[int, int] = {}
 
 
 def decode_splits(n_programs: int, device: torch.device) -> int:
-    """How many KV chunks each decode program's context is cut into: enough to fill the GPU twice."""
+    """How many KV chunks each decode program's context is cut into: enough to fill the GPU twice,
+    at most 16. At batch 1 (8 kv heads), 32 splits left ~20 keys a chunk: 8.0 µs a layer at
+    512-1,024 tokens against 7.5 at 16 (H200, bench/paged_attention.py --sections splits); 16 x 8
+    programs still fill the 132 SMs once for long contexts."""
     if device.type != "cuda":
         return 1 if n_programs >= 8 else 4      # the interpreter: still exercise the merge path
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _SM_COUNT:
         _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return max(1, min(32, math.ceil(2 * _SM_COUNT[index] / n_programs)))
+    return max(1, min(16, math.ceil(2 * _SM_COUNT[index] / n_programs)))
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,9 @@ MAX_BLOCK_C = 1024       # columns per program: a whole qwen3-0.6b row (8 heads 
 TILE_ELEMENTS = 4096     # tokens x columns per program, per tensor (8 KiB of bf16 written)
 
 
-@triton.jit
+# N (tokens this step) and S (a view into the step's packed metadata, aligned or not with the
+# batch) are not specialised on: one compile serves every step (see triton_attention._METADATA).
+@triton.jit(do_not_specialize=["N"], do_not_specialize_on_alignment=["S"])
 def _store_kv_kernel(KC, VC, K, V, S, N,
                      stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
                      KD: tl.constexpr, VD: tl.constexpr, KW: tl.constexpr, VW: tl.constexpr,

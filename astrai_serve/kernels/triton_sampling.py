@@ -44,7 +44,9 @@ def _gumbel_score(x, offs, k0, k1, greedy, inv_t, noise_on):
     return tl.where(greedy, x, x * inv_t + gumbel * noise_on)
 
 
-@triton.jit
+# The per-row temperatures and keys may be views of a packed host copy: never specialised on
+# their alignment (a JIT compile mid-serving costs ~1 s; see triton_attention._METADATA).
+@triton.jit(do_not_specialize=["span"], do_not_specialize_on_alignment=["temps_ptr", "keys_ptr"])
 def _gumbel_split_kernel(x_ptr, stride_x, temps_ptr, keys_ptr, best_ptr, best_i_ptr, span,
                          V: tl.constexpr, BLOCK: tl.constexpr):
     # Program (row, j) scans logits [j * span, (j + 1) * span) of its row. Only V (the vocabulary)
@@ -80,7 +82,7 @@ def _gumbel_split_kernel(x_ptr, stride_x, temps_ptr, keys_ptr, best_ptr, best_i_
     tl.store(best_i_ptr + out, first)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["splits"])
 def _pick_split_kernel(best_ptr, best_i_ptr, out_ptr, splits, V: tl.constexpr, SPLITS_POW2: tl.constexpr):
     row = tl.program_id(0)
     j = tl.arange(0, SPLITS_POW2)
@@ -161,19 +163,23 @@ def selfcheck() -> None:
         x = (torch.randn(s, v, generator=g) * 3).to(device)
         top = x.max() + 1
         last = span * (splits - 1)                      # the first index of the last split
-        x[0, 1:4] = top                                 # a tie inside one split: first index wins
-        x[1, 3] = x[1, last] = x[1, v - 1] = top        # the same tie across splits
-        x[2, :] = float("-inf")                         # nothing finite: index 0, as torch.argmax
-        x[3, : v // 2] = float("-inf")                  # what a top-k/top-p filter leaves
+        special = s >= 4                                # (one-row batches: the plain draw only)
+        if special:
+            x[0, 1:4] = top                             # a tie inside one split: first index wins
+            x[1, 3] = x[1, last] = x[1, v - 1] = top    # the same tie across splits
+            x[2, :] = float("-inf")                     # nothing finite: index 0, as torch.argmax
+            x[3, : v // 2] = float("-inf")              # what a top-k/top-p filter leaves
         temps = torch.rand(s, generator=g) * 1.5 + 0.1
         temps[torch.rand(s, generator=g) < 0.3] = 0.0   # greedy and sampled rows mixed
-        temps[:3] = 0.0                                 # the tie rows are greedy
+        if special:
+            temps[:3] = 0.0                             # the tie rows are greedy
         temps = temps.to(device)
         keys = torch.from_numpy(split_keys(seeded_keys(np.arange(s) * 7919, np.arange(s) + 100))).to(device)
         want = gumbel_argmax_reference(x, temps, keys)
         got = _gumbel_argmax(x, temps, keys, plan)
         assert torch.equal(got, want), (s, v, plan, (got != want).nonzero().flatten().tolist())
-        assert got[:3].tolist() == [1, min(3, last), 0], got[:3].tolist()
+        if special:
+            assert got[:3].tolist() == [1, min(3, last), 0], got[:3].tolist()
     print("gumbel_argmax: kernel == reference")
 
 
