@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import itertools
 import logging
 import os
@@ -308,6 +309,11 @@ def child_main(fd: int) -> int:
         except OSError:
             pass
         return 2
+    # Everything alive now (torch, the model, the engine) lives as long as the process: moved out
+    # of the collector's sight, a full collection no longer walks it -- a pause of up to a few
+    # hundred ms in the middle of serving otherwise.
+    gc.collect()
+    gc.freeze()
     worker = _Worker(conn, EngineLoop(engine))
     conn.send(("ready", {"max_seq_len": engine.max_seq_len, "vocab_size": engine.model_config.vocab_size,
                          "stats": dataclasses.asdict(engine.stats())}))

@@ -14,6 +14,7 @@ prefill beside decodes).
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from pathlib import Path
@@ -41,6 +42,17 @@ def run(engine: Any, requests: list[tuple[list[int], int]], rate: float | None) 
         return execute(plan, *args)
 
     runner.execute = recording
+    pauses: list[float] = []                     # ms of each full (generation 2) collection
+    began = [0.0]
+
+    def timing_gc(phase: str, info: dict) -> None:
+        if info["generation"] == 2:
+            if phase == "start":
+                began[0] = time.perf_counter()
+            else:
+                pauses.append(1e3 * (time.perf_counter() - began[0]))
+
+    gc.callbacks.append(timing_gc)
     start = time.perf_counter()
     due = [start + i / rate for i in range(len(requests))] if rate else [start] * len(requests)
     added: dict[str, float] = {}
@@ -71,6 +83,7 @@ def run(engine: Any, requests: list[tuple[list[int], int]], rate: float | None) 
                     tokens += len(out.token_ids)
     finally:
         runner.execute = execute
+        gc.callbacks.remove(timing_gc)
     secs = time.perf_counter() - start
     by_arrival = sorted(added, key=added.get)
     q = max(1, len(by_arrival) // 4)
@@ -80,7 +93,7 @@ def run(engine: Any, requests: list[tuple[list[int], int]], rate: float | None) 
             "ttft_p99": common.percentile([x for t in ttft for x in t], 99),
             "step_ms": (common.median(step_ms), common.percentile(step_ms, 99)),
             "decode_steps": sum(kinds), "mixed_steps": len(kinds) - sum(kinds),
-            "slowest": sorted(slow, reverse=True)[:6]}
+            "slowest": sorted(slow, reverse=True)[:6], "gc_pauses": pauses}
 
 
 def log_triton_compiles() -> None:
@@ -105,7 +118,8 @@ def report(label: str, r: dict[str, Any]) -> None:
     print(f"{label}: {r['tokens']} tokens in {r['secs']:.2f} s = {r['tps']:,.0f} tok/s; "
           f"TTFT p50 by arrival quarter {quarters} ms (p99 {r['ttft_p99']:.0f}); "
           f"{r['steps']} steps, step p50/p99 {r['step_ms'][0]:.1f}/{r['step_ms'][1]:.1f} ms; "
-          f"launched {r['decode_steps']} pure-decode and {r['mixed_steps']} prefill/mixed steps; slowest "
+          f"launched {r['decode_steps']} pure-decode and {r['mixed_steps']} prefill/mixed steps; "
+          f"{len(r['gc_pauses'])} full GC pauses (longest {max(r['gc_pauses'], default=0):.0f} ms); slowest "
           + ", ".join(f"{ms:.0f} ms ({n} tokens launched)" for ms, n in r["slowest"]), flush=True)
 
 
@@ -117,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile-decode", action=argparse.BooleanOptionalAction, default=True,
                    help="torch.compile the graphed forward (default on, as bench/serve.py)")
     p.add_argument("--tiny", action="store_true", help="a toy model and 8 requests on the CPU (smoke run)")
+    p.add_argument("--gc-freeze", action=argparse.BooleanOptionalAction, default=True,
+                   help="freeze what is alive after startup out of the garbage collector's sight, as "
+                        "`astrai serve`'s engine process does (default on; --no-gc-freeze shows the pauses)")
     p.add_argument("--log-compiles", action="store_true",
                    help="print every Triton JIT compile (kernel, seconds, specialization) as it happens; "
                         "with a fresh TRITON_CACHE_DIR this shows which kernels compile mid-serving")
@@ -145,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         sizes = serve.FULL
         engine = LLMEngine.from_model(model, None, max_num_seqs=256, max_num_batched_tokens=16384,
                                       max_model_len=2048, compile_decode=args.compile_decode)
+    if args.gc_freeze:
+        gc.collect()
+        gc.freeze()     # as the daemon's engine process does once its engine is built
     if args.log_compiles:
         print("[engine started: compiles below this line happened while serving]", flush=True)
     requests = serve.w1_requests(sizes, config.vocab_size)
