@@ -14,6 +14,8 @@
 # cascade   bench/paged_attention.py's cascade section: rollout and W2 shapes, cascade vs plain
 # store     bench/paged_attention.py's store section: one layer's K/V write, index_copy_ x2 vs store_kv
 # splits    bench/paged_attention.py's splits section: batch 1 and 4 decode at other KV split counts
+# r-fp8     rollouts (engine only) with the KV cache in fp8, then in bf16
+# w1-fp8    W1 with the KV cache in fp8 (W1 and W3, no W4)
 # compiles  W4's arrivals with a cold Triton cache, printing every JIT compile (none may follow startup)
 # r-loop    rollouts: the engine against the generate loop (no HF generate)
 # serve3    bench/serve.py W1, W3, W4, medians of 3
@@ -58,6 +60,10 @@ for phase in ${phases//,/ }; do
                    --workloads R,host-R ;;
         cascade) run cascade 150 "$py" bench/paged_attention.py --no-tests --sections cascade ;;
         store) run store 120 "$py" bench/paged_attention.py --no-tests --sections store ;;
+        r-fp8) run r-fp8 300 bash -c "$py bench/train.py --grpo-rollouts --skip-peer --json '' \
+                   --engine-arg kv_cache_dtype=fp8 && $py bench/train.py --grpo-rollouts --skip-peer --json ''" ;;
+        w1-fp8) run w1-fp8 200 "$py" bench/serve.py --compile-decode --workloads W1,W3 --skip-peer --repeats 1 \
+                   --engine-arg kv_cache_dtype=fp8 --json "$out/w1-fp8.json" ;;
         splits) run splits 120 "$py" bench/paged_attention.py --no-tests --sections splits ;;
         compiles) run compiles 200 env TRITON_CACHE_DIR="$(mktemp -d)" "$py" bench/engine_arrivals.py --rate 64 \
                    --log-compiles ;;

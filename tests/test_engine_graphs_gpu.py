@@ -244,3 +244,20 @@ def test_no_jit_compile_after_startup(monkeypatch):
         steps += 1
     assert steps > 40 and engine.stats().pages_in_use == 0
     assert compiled == [], f"{len(compiled)} JIT compiles after startup, the first: {compiled[0][:300]}"
+
+
+@pytest.mark.parametrize("arch", ["gqa", "mla"])
+def test_fp8_cache_graphs_equal_eager(arch):
+    """kv_cache_dtype="fp8" through the Triton store and attention, in graphs and eagerly: the
+    same greedy tokens (both read the same rounded pages)."""
+    model = model_of(arch, torch.bfloat16)
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in LENGTHS]
+    outs = []
+    for graphs in (True, False):
+        engine = LLMEngine.from_model(model, None, num_pages=128, page_size=8, max_num_seqs=16,
+                                      enable_cuda_graphs=graphs, cuda_graph_max_batch=8, kv_cache_dtype="fp8")
+        assert engine.runner.cache.k.dtype == torch.float8_e4m3fn
+        got, _ = run_all(engine, PROMPTS, params)
+        outs.append([o[0].token_ids for o in got])
+        assert engine.stats().pages_in_use == 0
+    assert outs[0] == outs[1]

@@ -10,7 +10,7 @@ import torch
 
 from astrai_serve.kernels import get_attention_impl, reference
 from astrai_serve.kernels.cases import make_case
-from astrai_serve.kernels.selfcheck import GPU_CHECKS, cascade_plan, run_checks, tolerance
+from astrai_serve.kernels.selfcheck import GPU_CHECKS, cascade_plan, dense_tolerance, run_checks, tolerance
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -23,7 +23,7 @@ def test_triton_matches_reference(check, dtype: str) -> None:
     [r] = run_checks([check], get_attention_impl("triton"), dtype, "cuda", seed=1)
     assert r["finite"] and r["shape_ok"] and r["out_dtype_ok"], r
     assert r["rel_err_ref"] <= tolerance(r["dtype"]), r
-    assert r["rel_err_dense"] <= tolerance(r["dtype"]), r
+    assert r["rel_err_dense"] <= dense_tolerance(r), r
 
 
 def test_fresh_inputs_each_run_agree() -> None:

@@ -93,7 +93,7 @@ class DecodeGraphs:
         self.small_linear = linear          # for graphs of at most MAX_ROWS rows; F.linear above
         with torch.inference_mode():
             vocab = model.compute_logits(torch.zeros(1, model.config.dim, device=device,
-                                                     dtype=cache.k.dtype)).shape[-1]
+                                                     dtype=model.lm_weight.dtype)).shape[-1]
         # [plan | ids | positions | slots], each graph's own layout for its batch size
         self.meta = torch.zeros(graph_plan_len(max_batch) + 3 * max_batch, dtype=torch.int64, device=device)
         self.page_table = torch.full((max_batch, max_pages), pad_page, dtype=torch.int32, device=device)

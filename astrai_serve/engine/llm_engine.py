@@ -92,7 +92,7 @@ class LLMEngine:
         self.config = config
         self.model_config = mc = model.config
         self.tokenizer = tokenizer
-        device, dtype = config.torch_device(), config.torch_dtype()
+        device, dtype, kv_dtype = config.torch_device(), config.torch_dtype(), config.torch_kv_dtype()
         max_len = config.max_model_len or mc.max_len
         if max_len > mc.max_len:
             raise ValueError(f"max_model_len={max_len} exceeds the model's max_len={mc.max_len}")
@@ -109,14 +109,14 @@ class LLMEngine:
                 budget -= graph_batch * mc.vocab_size * 6 + (256 << 20 if graphs else 0)
             else:
                 budget = config.kv_cache_memory_bytes
-            num_pages = PagedKVCache.pages_for_budget(budget, layout, mc.n_layers, config.page_size, dtype)
+            num_pages = PagedKVCache.pages_for_budget(budget, layout, mc.n_layers, config.page_size, kv_dtype)
             if graphs:
                 num_pages -= 1          # the padding page comes out of the same budget
             if num_pages < 1:
                 raise ValueError(f"a KV budget of {budget} bytes holds no page of {config.page_size} tokens "
-                                 f"({layout.bytes_per_token(mc.n_layers, dtype)} bytes per token)")
+                                 f"({layout.bytes_per_token(mc.n_layers, kv_dtype)} bytes per token)")
         # With graphs the cache holds one page more than the pool hands out: padding rows write there.
-        cache = PagedKVCache(layout, mc.n_layers, num_pages + int(graphs), config.page_size, dtype, device)
+        cache = PagedKVCache(layout, mc.n_layers, num_pages + int(graphs), config.page_size, kv_dtype, device)
         kernel = get_attention_impl(config.resolved_attention_impl())
         self.kv = KVCacheManager(num_pages, config.page_size, config.enable_prefix_cache)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, max_len)

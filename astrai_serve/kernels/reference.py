@@ -82,9 +82,13 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor | None, k: torch.Tenso
     layer's caches, cast to the cache dtype. v_cache and v are None for MLA (the value is in the key)."""
     check_store_args(k_cache, v_cache, k, v, slots)
     n_kv = k_cache.shape[2]
-    k_cache.view(-1, n_kv, k_cache.shape[3]).index_copy_(0, slots, k.to(k_cache.dtype))
-    if v_cache is not None:
-        v_cache.view(-1, n_kv, v_cache.shape[3]).index_copy_(0, slots, v.to(v_cache.dtype))
+    for cache, new in ((k_cache, k), (v_cache, v)):
+        if cache is None:
+            continue
+        new = new.to(cache.dtype)
+        if cache.element_size() == 1:        # float8: index_copy_ has no such kernel; copy the bytes
+            cache, new = cache.view(torch.uint8), new.view(torch.uint8)
+        cache.view(-1, n_kv, cache.shape[3]).index_copy_(0, slots, new)
 
 
 def gather_context(cache: torch.Tensor, pages: torch.Tensor, length: int) -> torch.Tensor:

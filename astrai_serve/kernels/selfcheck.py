@@ -41,6 +41,7 @@ class Check:
     config: tuple | None = None     # TileConfig fields to force (None: the implementation picks)
     shared_prefix: int | None = None  # tokens each prefix group holds in the same pages: run with a cascade plan
     prefix_groups: tuple[int, ...] | None = None  # group of each sequence (None: one group for all)
+    fp8_cache: bool = False         # store the pages in float8 e4m3 (EngineConfig.kv_cache_dtype="fp8")
 
 
 CPU_CHECKS = [
@@ -61,6 +62,12 @@ CPU_CHECKS = [
           shared_prefix=39),
     Check("cascade_mla", (75, 90, 200), (1, 1, 1), 4, 1, 40, 32, 16, True, num_splits=2, shared_prefix=48),
     Check("cascade_off", (97, 20), (1, 1), 4, 2, 16, 16, 16, num_splits=1, shared_prefix=0),
+    # an fp8 cache, widened as it is loaded: decode with a merge, a mixed step, MLA, cascade
+    Check("fp8_decode_split2_g2", (1, 150, 40), (1, 1, 1), 4, 2, 16, 16, 16, num_splits=2, fp8_cache=True),
+    Check("fp8_mixed_g2", (70, 90, 1, 20), (70, 17, 1, 1), 4, 2, 16, 16, 16, fp8_cache=True),
+    Check("fp8_mla_decode", (75, 9, 200), (1, 1, 1), 4, 1, 40, 32, 16, True, num_splits=3, fp8_cache=True),
+    Check("fp8_cascade_g2", (97, 200, 65, 130), (1, 1, 1, 1), 4, 2, 16, 16, 16, num_splits=2,
+          shared_prefix=64, fp8_cache=True),
     # GRPO's shape: groups of samples behind their own prompts, one sequence alone, a long group
     # cut into chunks of 8 (64 rows per program over a group of 8 heads)
     Check("cascade_groups_g8", (40, 50, 45, 33, 60, 70, 80, 90, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44),
@@ -102,6 +109,11 @@ GPU_CHECKS = [
           (1,) * 256, 16, 8, 128, 128, shared_prefix=64, prefix_groups=tuple(i // 8 for i in range(256))),
     Check("cascade_mla_b9", tuple(1000 + 13 * i for i in range(9)), (1,) * 9, 16, 1, 576, 512,
           value_in_key=True, shared_prefix=992),
+    # an fp8 cache (EngineConfig.kv_cache_dtype="fp8"): GRPO-sized decode, a mixed step, MLA
+    Check("fp8_decode_q06b_b7", (1, 17, 300, 513, 1024, 2048, 4000), (1,) * 7, 16, 8, 128, 128, fp8_cache=True),
+    Check("fp8_mixed_q06b", (1500, 700, 40, 2), (512, 100, 1, 1), 16, 8, 128, 128, fp8_cache=True),
+    Check("fp8_mla_decode_b9", (1, 50, 128, 129, 640, 1000, 1400, 2047, 3000), (1,) * 9, 16, 1, 576, 512,
+          value_in_key=True, fp8_cache=True),
 ]
 
 def cascade_plan(case: Any, device: str) -> torch.Tensor:
@@ -129,6 +141,9 @@ def run_checks(checks: list[Check], impl: Callable[..., torch.Tensor], dtype: st
                          c.page_size, c.value_in_key, dt, device, seed=seed * 1000 + i,
                          shared_prefix=c.shared_prefix or 0,
                          prefix_groups=None if c.prefix_groups is None else list(c.prefix_groups))
+        if c.fp8_cache:     # the reference reads the same rounded pages; dense SDPA the exact K/V
+            case.k_cache = case.k_cache.to(torch.float8_e4m3fn)
+            case.v_cache = None if case.v_cache is None else case.v_cache.to(torch.float8_e4m3fn)
         kwargs = {} if c.num_splits is None else {"num_splits": c.num_splits}
         if c.shared_prefix is not None:
             kwargs["cascade"] = cascade_plan(case, device)
@@ -154,6 +169,14 @@ def run_checks(checks: list[Check], impl: Callable[..., torch.Tensor], dtype: st
 def tolerance(dtype: str) -> float:
     """Relative-error bound per storage dtype (bf16 operands land between 1e-3 and 1e-2)."""
     return {"float32": 1e-5, "float16": 3e-3, "bfloat16": 1e-2}[dtype]
+
+
+FP8_DENSE_TOLERANCE = 0.08   # against exact K/V: e4m3 keeps 3 mantissa bits (<= 6.25% per value)
+
+
+def dense_tolerance(result: dict) -> float:
+    """The bound against dense SDPA over the exact K/V: the dtype's, or fp8 rounding's."""
+    return FP8_DENSE_TOLERANCE if result["fp8_cache"] else tolerance(result["dtype"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,11 +60,12 @@ def _attend_range(
             rows_ok = tl.full([BLOCK_N, 1], 1, tl.int1)
         slot = offs_n % PAGE
         k_off = page * stride_kp + slot * stride_ks + kvh * stride_kh
-        k1 = tl.load(K + k_off[:, None] + d1[None, :], mask=rows_ok & (d1 < KD1)[None, :], other=0.0)
+        # (an fp8 cache widens to the query's dtype here: exact, and the matmuls stay 16-bit)
+        k1 = tl.load(K + k_off[:, None] + d1[None, :], mask=rows_ok & (d1 < KD1)[None, :], other=0.0).to(q1.dtype)
         qk = tl.dot(q1, tl.trans(k1))
         if KD2 > 0:
             k2 = tl.load(K + k_off[:, None] + KD1 + d2[None, :],
-                         mask=rows_ok & (d2 < KD2)[None, :], other=0.0)
+                         mask=rows_ok & (d2 < KD2)[None, :], other=0.0).to(q1.dtype)
             qk += tl.dot(q2, tl.trans(k2))
         if MASKED:
             visible = n_ok[None, :] & (offs_n[None, :] <= pos[:, None])
@@ -81,7 +82,7 @@ def _attend_range(
         else:
             v_off = page * stride_vp + slot * stride_vs + kvh * stride_vh
             v = tl.load(V + v_off[:, None] + dv[None, :], mask=rows_ok & (dv < DV)[None, :],
-                        other=0.0)
+                        other=0.0).to(q1.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     return acc, l_i, m_i
@@ -345,8 +346,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     check_paged_args(q, k_cache, v_cache, page_table, cu_seqlens_q, context_lens, v_dim)
     if num_splits is not None and not 1 <= num_splits <= 256:
         raise ValueError(f"num_splits={num_splits} must be in 1..256")
-    if k_cache.dtype != q.dtype or (v_cache is not None and v_cache.dtype != q.dtype):
-        raise ValueError(f"q, k_cache and v_cache must share a dtype; got {q.dtype}, "
+    if any(c is not None and c.dtype not in (q.dtype, torch.float8_e4m3fn) for c in (k_cache, v_cache)):
+        raise ValueError(f"k_cache and v_cache must have q's dtype or float8_e4m3fn; got q {q.dtype}, "
                          f"{k_cache.dtype}, {None if v_cache is None else v_cache.dtype}")
     q, k_cache = _last_dim_contiguous(q), _last_dim_contiguous(k_cache)
     page_table = _last_dim_contiguous(page_table)

@@ -144,6 +144,16 @@ def selfcheck() -> None:
     # MLA: one head of [latent, rope], no value cache
     k = torch.randn(9, 1, 40, generator=gen).to(device)
     check("mla", *caches(4, 16, 1, 40, None, torch.bfloat16), k, None, distinct_slots(9, 4, 16))
+    if device == "cuda":
+        # An fp8 cache (EngineConfig.kv_cache_dtype="fp8"): bf16 projections rounded into e4m3,
+        # values past its +-448 range included (both saturate). GPU only: the interpreter's
+        # e4m3 cast is its own (1.97 -> 1.0, 500 -> 256), where the GPU's rounds to nearest.
+        k, v = _fused_views(21, 8, 4, 16, 16, gen, device)
+        k, v = k.to(torch.bfloat16) * 4, v.to(torch.bfloat16)
+        k[3, 1, :4] = torch.tensor([500.0, -1000.0, 448.0, 1e-3], device=device)
+        check("gqa_fp8", *caches(5, 16, 4, 16, 16, torch.float8_e4m3fn), k, v, distinct_slots(21, 5, 16))
+        k = torch.randn(9, 1, 40, generator=gen).to(device, torch.bfloat16)
+        check("mla_fp8", *caches(4, 16, 1, 40, None, torch.float8_e4m3fn), k, None, distinct_slots(9, 4, 16))
     # no tokens at all
     k, v = _fused_views(0, 4, 2, 16, 16, gen, device)
     check("empty", *caches(2, 16, 2, 16, 16, torch.bfloat16), k, v, distinct_slots(0, 2, 16))
