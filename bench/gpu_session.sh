@@ -28,7 +28,7 @@
 # Logs and JSON land in OUT_DIR: 8 files at most, as many as the device tool brings back.
 set -u
 out=${1:?usage: bash bench/gpu_session.sh OUT_DIR [PHASES]}
-phases=${2:-gpu-tests,sampling,r-loop,arrivals,serve3,w4fast}
+phases=${2:-r-fp8,w1-fp8}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
@@ -70,7 +70,7 @@ for phase in ${phases//,/ }; do
         r-loop) run r-loop 200 "$py" bench/train.py --grpo-rollouts --skip-peer --json "$out/r-loop.json" ;;
         serve3) run serve3 400 "$py" bench/serve.py --compile-decode --workloads W1,W3,W4 --skip-peer \
                    --repeats 3 --json "$out/serve3.json" ;;
-        gpu-tests) run gpu-tests 240 "$py" -m pytest -o addopts="" -m gpu -p no:cacheprovider -q -x \
+        gpu-tests) run gpu-tests 420 "$py" -m pytest -o addopts="" -m gpu -p no:cacheprovider -q -x \
                    tests/test_engine_graphs_gpu.py tests/test_engine_gpu.py tests/test_kernels_gpu.py ;;
         profile-w3) run profile-w3 150 "$py" bench/profile_step.py --decode-gemv --workloads W3,host-W3 ;;
         w4fast) run w4fast 300 "$py" bench/serve.py --compile-decode --workloads W1,W4 --skip-peer \
