@@ -181,3 +181,23 @@ def test_engine_releases_penalty_rows_when_sequences_end():
     while engine.has_unfinished_requests():
         engine.step()
     assert engine.sampler._counts is not None and engine.sampler._counts.num_rows == 0
+
+
+def test_bf16_logits_sample_as_their_float32_copies():
+    """The engine hands the sampler logits in the model's dtype (no fp32 copy of [S, vocab] per
+    step): every kind of row draws the same token and log-probs as from the float32 copy."""
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(6, 300, generator=g) * 3).to(torch.bfloat16)
+    logits[0, 7] = logits[0, 9] = logits[0].max() + 1          # a tie: the first index wins
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, seed=3),
+              SamplingParams(temperature=1.0, top_k=20, top_p=0.9, min_p=0.02, seed=4),
+              SamplingParams(temperature=0.0, repetition_penalty=1.3, presence_penalty=0.5, logprobs=True,
+                             top_logprobs=3),
+              SamplingParams(temperature=0.7, frequency_penalty=0.4, seed=5),
+              SamplingParams(temperature=0.0, logprobs=True)]
+    histories = [([1, 2, 3, 7, 9], 3)] * 6
+    kwargs = dict(seeds=[p.seed for p in params], positions=[5] * 6, histories=histories)
+    got = Sampler(torch.device("cpu"))(logits, params, **kwargs)
+    want = Sampler(torch.device("cpu"))(logits.float(), params, **kwargs)
+    assert got.token_ids == want.token_ids and got.token_ids[0] == 7
+    assert got.logprobs == want.logprobs and got.logprobs[3] is not None

@@ -14,8 +14,9 @@ How:
 - A batch of n sequences runs in the graph of the smallest captured size b >= n. The b - n padding
   rows decode token 0 at position 0 into a page reserved for them (never handed out by the page
   pool), so they write nothing anyone reads; their logits are computed and ignored.
-- The logits of every graph land in one shared float32 buffer [max_batch, vocab]: the bf16 -> fp32
-  cast the eager path does anyway is the copy into it, so sharing costs nothing.
+- The logits of every graph land in one shared buffer [max_batch, vocab] in the model's dtype:
+  above the GEMV's batch sizes the LM head's matmul writes straight into it (no copy of a
+  [256, 151,936] tensor), and the sampler reads bf16 as it is (it computes in fp32 inside).
 - Graphs share one memory pool and are captured largest first, so the smaller ones reuse the
   blocks the largest one freed. Capture stops at a time budget; batch sizes not reached (the
   smallest) pad up to the smallest captured size.
@@ -99,7 +100,7 @@ class DecodeGraphs:
         self.page_table = torch.full((max_batch, max_pages), pad_page, dtype=torch.int32, device=device)
         self.context_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
         self.cu_seqlens = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
-        self.logits = torch.zeros(max_batch, vocab, dtype=torch.float32, device=device)
+        self.logits = torch.zeros(max_batch, vocab, dtype=model.lm_weight.dtype, device=device)
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph | _EagerReplay] = {}  # (size, cascade)
         self.sizes: list[int] = []          # captured sizes, ascending
         self.capture_seconds = 0.0
@@ -144,7 +145,11 @@ class DecodeGraphs:
                             cascade=self.meta[:p] if cascade else None)
         linear = self.small_linear if self.small_linear is not None and b <= MAX_ROWS else F.linear
         hidden = self._flat(ids, positions, self._attention(self.cache, meta, self.kernel), linear)
-        self.logits[:b].copy_(self.model.compute_logits(hidden, linear))
+        out = self.logits[:b]
+        if linear is F.linear:      # the LM head's matmul writes the shared buffer itself
+            self.model.compute_logits(hidden, lambda x, w: torch.mm(x, w.t(), out=out))
+        else:                       # the GEMV's [<= 4, vocab] result is copied
+            out.copy_(self.model.compute_logits(hidden, linear))
 
     @torch.inference_mode()
     def capture(self, budget_s: float) -> None:
@@ -199,7 +204,7 @@ class DecodeGraphs:
     def run(self, ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, tables: np.ndarray,
             rows: np.ndarray, pad_row: int, width: int, cascade: np.ndarray | None = None,
             fed: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [n, vocab] float32 for a decode batch of n = len(ids) sequences.
+        """Logits [n, vocab] (the model's dtype) for a decode batch of n = len(ids) sequences.
 
         `tables[rows[i], :width]` is the page table of row i; `tables[pad_row]` is the padding
         row (the reserved page everywhere); a cascade plan for the n sequences runs the cascade

@@ -104,8 +104,9 @@ class LLMEngine:
             if device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(device)
                 budget = int(free * config.gpu_memory_utilization)
-                # Graphs keep fp32 logits for their largest batch (plus the bf16 ones they are cast
-                # from) and a pool of activations: leave room for them beside the KV cache.
+                # Graphs keep logits for their largest batch (2 bytes a value; the sampler's fp32
+                # copies for log-probs or penalties take 4 more) and a pool of activations: leave
+                # room for them beside the KV cache.
                 budget -= graph_batch * mc.vocab_size * 6 + (256 << 20 if graphs else 0)
             else:
                 budget = config.kv_cache_memory_bytes
@@ -129,7 +130,7 @@ class LLMEngine:
                                   decode_linear=DecodeMatmul() if config.resolved_decode_gemv() else None)
         self.sampler = Sampler(device, config.seed)
         if graphs:
-            self.sampler.warm_up(mc.vocab_size)
+            self.sampler.warm_up(mc.vocab_size, dtype)
         self._overlap = config.resolved_overlap_steps()
         self._async = config.resolved_async_scheduling()
         self.num_async_steps = 0             # steps launched on ids still on the device (tests, stats)

@@ -178,7 +178,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan, fed: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [len(plan.sampling), vocab] (float32) for the chunks that sample this step.
+        """Logits [len(plan.sampling), vocab] (the model's dtype) for the chunks that sample this step.
 
         fed (a decode only): the input ids as an int64 device tensor, one per chunk, e.g. the
         previous step's sampled ids before they have reached the host."""
@@ -217,4 +217,4 @@ class ModelRunner:
             hidden = self.model.forward_flat(input_ids, positions, PagedAttention(self.cache, meta, self.kernel))
         if not (idx["all_sample"] and n == s):        # keep only the rows that sample
             hidden = hidden[rows_t]
-        return self.model.compute_logits(hidden).float()
+        return self.model.compute_logits(hidden)    # the sampler widens what it must (sampler.py)

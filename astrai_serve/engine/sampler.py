@@ -47,12 +47,14 @@ class Sampler:
         self._counts: PenaltyCounts | None = None                 # made at the first keyed penalty
 
     @torch.inference_mode()
-    def warm_up(self, vocab: int) -> None:
-        """Draw once from uniform logits, so the sampling kernels JIT-compile at startup rather
-        than in the first sampled step a server takes (about a second on an H200)."""
-        logits = torch.zeros(1, vocab, dtype=torch.float32, device=self.device)
+    def warm_up(self, vocab: int, dtype: torch.dtype) -> None:
+        """Draw once from uniform logits of the model's dtype and of float32 (what penalties and
+        top-k/top-p filters hand on), so the sampling kernels JIT-compile at startup rather than
+        in the first sampled step a server takes (about a second on an H200)."""
         ones = torch.ones(1, dtype=torch.float32, device=self.device)
-        gumbel_argmax(logits, ones, torch.zeros(1, 2, dtype=torch.int64, device=self.device))
+        keys = torch.zeros(1, 2, dtype=torch.int64, device=self.device)
+        for dt in dict.fromkeys((dtype, torch.float32)):
+            gumbel_argmax(torch.zeros(1, vocab, dtype=dt, device=self.device), ones, keys)
 
     def release(self, key: int) -> None:
         """Forget the penalty counts kept for `key` (its sequence finished)."""
@@ -62,7 +64,8 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], seeds: list[int | None] | None = None,
                  positions: list[int] | None = None, histories: list[tuple[list[int], int]] | None = None,
                  history_keys: list[int] | None = None) -> SampleResult:
-        """logits [S, V] float32; per row: its params, its sample's seed (or None), the position
+        """logits [S, V] (float32, or bf16/fp16 as the model makes them: the draw and argmax
+        read them as they are, log-probs and penalties widen to float32 first); per row: its params, its sample's seed (or None), the position
         it samples (the sequence's length; with a seed it picks the noise) and (token_ids,
         num_prompt_tokens) for the penalties (needed only when a row has some). With
         history_keys (one stable key per row, e.g. the sequence id) the penalty counts are
@@ -76,11 +79,11 @@ class Sampler:
                      history_keys: list[int] | None = None) -> "PendingSample":
         """Enqueue the sampling of every row; the result comes with `.result()`."""
         want_lp = any(p.logprobs for p in params)
-        raw_logprobs = logits.log_softmax(-1) if want_lp else None
+        raw_logprobs = logits.float().log_softmax(-1) if want_lp else None
         if any(p.uses_penalties for p in params):
             if histories is None:
                 raise ValueError("rows with penalties need their token histories")
-            logits = self._penalize(logits, params, histories, history_keys)
+            logits = self._penalize(logits.float(), params, histories, history_keys)
         if all(p.greedy for p in params):
             tokens = logits.argmax(-1)
         else:
