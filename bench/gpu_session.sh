@@ -14,7 +14,7 @@
 # cascade   bench/paged_attention.py's cascade section: rollout and W2 shapes, cascade vs plain
 # store     bench/paged_attention.py's store section: one layer's K/V write, index_copy_ x2 vs store_kv
 # splits    bench/paged_attention.py's splits section: batch 1 and 4 decode at other KV split counts
-# r-fp8     rollouts (engine only) with the KV cache in fp8, then in bf16
+# r-fp8     rollouts with the KV cache in fp8 (the engine against the generate loop, as r-loop)
 # w1-fp8    W1 with the KV cache in fp8 (W1 and W3, no W4)
 # compiles  W4's arrivals with a cold Triton cache, printing every JIT compile (none may follow startup)
 # r-loop    rollouts: the engine against the generate loop (no HF generate)
@@ -28,7 +28,7 @@
 # Logs and JSON land in OUT_DIR: 8 files at most, as many as the device tool brings back.
 set -u
 out=${1:?usage: bash bench/gpu_session.sh OUT_DIR [PHASES]}
-phases=${2:-r-fp8,w1-fp8}
+phases=${2:-r-fp8,r-loop}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
@@ -60,14 +60,14 @@ for phase in ${phases//,/ }; do
                    --workloads R,host-R ;;
         cascade) run cascade 150 "$py" bench/paged_attention.py --no-tests --sections cascade ;;
         store) run store 120 "$py" bench/paged_attention.py --no-tests --sections store ;;
-        r-fp8) run r-fp8 300 bash -c "$py bench/train.py --grpo-rollouts --skip-peer --json '' \
-                   --engine-arg kv_cache_dtype=fp8 && $py bench/train.py --grpo-rollouts --skip-peer --json ''" ;;
+        r-fp8) run r-fp8 260 "$py" bench/train.py --grpo-rollouts --skip-peer --engine-arg kv_cache_dtype=fp8 \
+                   --json "$out/r-fp8.json" ;;
         w1-fp8) run w1-fp8 200 "$py" bench/serve.py --compile-decode --workloads W1,W3 --skip-peer --repeats 1 \
                    --engine-arg kv_cache_dtype=fp8 --json "$out/w1-fp8.json" ;;
         splits) run splits 120 "$py" bench/paged_attention.py --no-tests --sections splits ;;
         compiles) run compiles 200 env TRITON_CACHE_DIR="$(mktemp -d)" "$py" bench/engine_arrivals.py --rate 64 \
                    --log-compiles ;;
-        r-loop) run r-loop 200 "$py" bench/train.py --grpo-rollouts --skip-peer --json "$out/r-loop.json" ;;
+        r-loop) run r-loop 260 "$py" bench/train.py --grpo-rollouts --skip-peer --json "$out/r-loop.json" ;;
         serve3) run serve3 400 "$py" bench/serve.py --compile-decode --workloads W1,W3,W4 --skip-peer \
                    --repeats 3 --json "$out/serve3.json" ;;
         gpu-tests) run gpu-tests 420 "$py" -m pytest -o addopts="" -m gpu -p no:cacheprovider -q -x \

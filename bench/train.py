@@ -271,6 +271,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rollout-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="rollout model dtype on the GPU (GRPO under bf16-mixed keeps float32 weights)")
     p.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature (default 1.0)")
+    p.add_argument("--rollout-repeats", type=int, default=None,
+                   help="timed rollout batches per system, median reported (default 3; 1 with --tiny): "
+                        "the generate loop's rate varied by 25%% between single runs")
     p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="an EngineConfig setting for the rollout engine, e.g. cascade_attention=false (repeatable)")
     p.add_argument("--json", default=None, help="where to write JSON (default bench-train.json / bench-rollouts.json; '' for none)")
@@ -282,7 +285,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--phase-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for name in ("micro_batch", "seq_len", "steps", "warmup_steps", "rollout_prompts", "group_size", "rollout_tokens"):
+    for name in ("micro_batch", "seq_len", "steps", "warmup_steps", "rollout_prompts", "group_size", "rollout_tokens",
+                 "rollout_repeats"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "warmup_steps" else 1):
             p.error(f"--{name.replace('_', '-')} {value}: must be >= {0 if name == 'warmup_steps' else 1}")
@@ -311,7 +315,7 @@ def build_spec(args: argparse.Namespace, device: str, workdir: Path) -> dict[str
             "ddp_devices": args.ddp_devices, "ddp_strategy": args.ddp_strategy, "ddp_compile": False,
             "rollout_prompts": prompts, "group_size": group, "rollout_tokens": pick(args.rollout_tokens, 256, 6),
             "rollout_prompt_range": (64, 256) if not tiny else (4, 12), "rollout_dtype": args.rollout_dtype,
-            "temperature": args.temperature,
+            "temperature": args.temperature, "rollout_repeats": pick(args.rollout_repeats, 3, 1),
             "engine_args": {"max_num_seqs": max(prompts * group, 8),
                             "max_num_batched_tokens": 16384 if not tiny else 256, **args.engine_overrides}}
 

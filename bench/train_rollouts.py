@@ -49,13 +49,17 @@ def phase_rollout(spec: dict[str, Any], out: common.Sink, backend: str) -> None:
                                  spec["temperature"], backend=backend, engine_args=spec["engine_args"])
         run = sampler.sample
     run(prompts, 1)  # warm-up on the same batch shape: engine start (sized for it), kernels, allocator
-    secs, completions = common.timed(lambda: run(prompts, 0), device)
-    tokens = sum(len(c) for c in completions)
+    runs = []        # (tok/s, tokens, seconds) per timed batch, each with its own seed
+    for seed in range(spec["rollout_repeats"]):
+        secs, completions = common.timed(lambda: run(prompts, 100 + seed), device)
+        tokens = sum(len(c) for c in completions)
+        runs.append((tokens / secs, tokens, secs))
+    rate = common.median([r[0] for r in runs])
     peers = [key("rollout", SYSTEMS[b], METRIC) for b in ("generate", "hf")] if backend == "engine" else []
-    out.add(Row("rollout", SYSTEMS[backend], METRIC, tokens / secs, peers=peers,
+    out.add(Row("rollout", SYSTEMS[backend], METRIC, rate, peers=peers,
                 note=f"{len(prompts)} prompts x {g} samples, up to {spec['rollout_tokens']} new tokens, "
                      f"T={spec['temperature']}, {spec['rollout_dtype'] if device == 'cuda' else 'float32'}; "
-                     f"{tokens} tokens in {secs:.1f} s"))
+                     f"median of {len(runs)}: " + ", ".join(f"{n} tokens in {s:.1f} s" for _, n, s in runs)))
 
 
 def _hf_rollout(spec: dict[str, Any], prompts: list[list[int]]) -> Any:
