@@ -147,9 +147,11 @@ class DecodeGraphs:
         hidden = self._flat(ids, positions, self._attention(self.cache, meta, self.kernel), linear)
         out = self.logits[:b]
         if linear is F.linear:      # the LM head's matmul writes the shared buffer itself
-            self.model.compute_logits(hidden, lambda x, w: torch.mm(x, w.t(), out=out))
+            logits = self.model.compute_logits(hidden, lambda x, w: torch.mm(x, w.t(), out=out))
         else:                       # the GEMV's [<= 4, vocab] result is copied
-            out.copy_(self.model.compute_logits(hidden, linear))
+            logits = self.model.compute_logits(hidden, linear)
+        if logits.data_ptr() != out.data_ptr():   # (also a head that does more than one matmul)
+            out.copy_(logits)
 
     @torch.inference_mode()
     def capture(self, budget_s: float) -> None:
