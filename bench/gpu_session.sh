@@ -25,6 +25,7 @@
 # sampling  bench/sampling.py: the split Gumbel kernel against one program per row
 # profile-w3 where a batch-1 step goes with the GEMV
 # w4fast    W1 and W4 at 512 requests/s (the arrival window 0.5 s instead of 4 s)
+# w4inf     W1 and W4 with every request sent at once (no arrival window: the serving path's own cost)
 # Logs and JSON land in OUT_DIR: 8 files at most, as many as the device tool brings back.
 set -u
 out=${1:?usage: bash bench/gpu_session.sh OUT_DIR [PHASES]}
@@ -75,6 +76,8 @@ for phase in ${phases//,/ }; do
         profile-w3) run profile-w3 150 "$py" bench/profile_step.py --decode-gemv --workloads W3,host-W3 ;;
         w4fast) run w4fast 300 "$py" bench/serve.py --compile-decode --workloads W1,W4 --skip-peer \
                    --repeats 3 --rate 512 --json "$out/w4fast.json" ;;
+        w4inf) run w4inf 300 "$py" bench/serve.py --compile-decode --workloads W1,W4 --skip-peer \
+                   --repeats 3 --rate inf --json "$out/w4inf.json" ;;
         w4ab) run w4ab 300 bash -c "$py bench/serve.py --compile-decode --workloads W4 --skip-peer --json '' && \
                    $py bench/serve.py --compile-decode --workloads W4 --skip-peer --json '' \
                    --engine-arg async_scheduling=false" ;;

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import shutil
 import sys
@@ -289,7 +290,8 @@ def run_online(spec: dict[str, Any], rate: float, client_procs: int, daemon: Any
     finally:
         daemon.stop()
     log("W4 done")
-    note = (f"{r['ok']}/{r['sent']} ok, {rate:g} req/s evenly spaced, openai AsyncOpenAI streaming, "
+    arrivals = "all sent at once" if math.isinf(rate) else f"{rate:g} req/s evenly spaced"
+    note = (f"{r['ok']}/{r['sent']} ok, {arrivals}, openai AsyncOpenAI streaming, "
             f"{client_procs} client proc(s), client CPU busy <= {100 * r['cpu_busy']:.0f}%")
     if r["errors"]:
         note += f"; {len(r['errors'])} errors, first: {r['errors'][0]}"
@@ -327,7 +329,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="seconds for each HF peer: fewer requests when all would not fit (default 90)")
     p.add_argument("--hf-requests", type=int, default=None, help="give the HF peers only the first N requests (default all)")
     p.add_argument("--hf-batch-size", type=int, default=128, help="batch size of HF batched generate (default 128)")
-    p.add_argument("--rate", type=float, default=64.0, help="W4 request rate, requests/s (default 64)")
+    p.add_argument("--rate", type=float, default=64.0,
+                   help="W4 request rate, requests/s (default 64; inf sends every request at once, as W1 starts them)")
     p.add_argument("--client-procs", type=int, default=None, help="W4 client processes (default 4; 1 with --tiny)")
     p.add_argument("--max-num-seqs", type=int, default=None, help="engine: most sequences at once (default 256)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="engine: tokens per step (default 16384)")
