@@ -138,3 +138,19 @@ def test_engine_arrivals_tiny(capsys):
     assert len({line.split(" tokens in ")[0].split(": ")[1] for line in lines}) == 1
     with pytest.raises(SystemExit):
         arrivals.main(["--tiny", "--rate", "0"])
+
+
+def test_kv_cache_agreement_tiny(tmp_path):
+    """fp8 cache against the model-dtype cache, and bf16 against float32: three comparisons of
+    three figures each, percentages in range."""
+    agreement = _load("kv_cache_agreement")
+    out = tmp_path / "agreement.json"
+    assert agreement.main(["--tiny", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 9 and len({r["system"] for r in rows}) == 3
+    percents = [r["value"] for r in rows if r["metric"].endswith("%")]
+    assert len(percents) == 6 and all(0 <= v <= 100 for v in percents)
+    firsts = [r["value"] for r in rows if r["metric"].startswith("mean first divergence")]
+    assert all(0 <= v <= 8 for v in firsts)                 # --tiny: 8 greedy tokens
+    with pytest.raises(SystemExit):
+        agreement.main(["--tiny", "--prompts", "0"])
