@@ -132,7 +132,10 @@ def _gumbel_argmax(x: torch.Tensor, temps: torch.Tensor, keys: torch.Tensor,
         best_i = torch.empty(s, splits, dtype=torch.int32, device=x.device)
         _gumbel_split_kernel[(s, splits)](x, x.stride(0), temps.float().contiguous(), keys.contiguous(), best, best_i,
                                           span, v, BLOCK=block)
-        _pick_split_kernel[(s,)](best, best_i, out, splits, v, triton.next_power_of_2(splits))
+        # The pick's width follows the vocabulary (the most splits split_plan makes for it), not
+        # this batch's split count: one compile serves every batch size, none happens mid-serving.
+        width = triton.next_power_of_2(max(splits, triton.cdiv(v, block) // MIN_SPAN_BLOCKS))
+        _pick_split_kernel[(s,)](best, best_i, out, splits, v, width)
     return out
 
 
