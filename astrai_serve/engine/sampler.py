@@ -65,8 +65,9 @@ class Sampler:
                  positions: list[int] | None = None, histories: list[tuple[list[int], int]] | None = None,
                  history_keys: list[int] | None = None) -> SampleResult:
         """logits [S, V] (float32, or bf16/fp16 as the model makes them: the draw and argmax
-        read them as they are, log-probs and penalties widen to float32 first); per row: its params, its sample's seed (or None), the position
-        it samples (the sequence's length; with a seed it picks the noise) and (token_ids,
+        read them as they are, log-probs and penalties widen to float32 first); per row: its
+        params, its sample's seed (or None), the position it samples (the sequence's length;
+        with a seed it picks the noise) and (token_ids,
         num_prompt_tokens) for the penalties (needed only when a row has some). With
         history_keys (one stable key per row, e.g. the sequence id) the penalty counts are
         kept on the device and advanced by each step's new tokens (release a key when its
@@ -83,7 +84,7 @@ class Sampler:
         if any(p.uses_penalties for p in params):
             if histories is None:
                 raise ValueError("rows with penalties need their token histories")
-            logits = self._penalize(logits.float(), params, histories, history_keys)
+            logits = self._penalize(logits, params, histories, history_keys)
         if all(p.greedy for p in params):
             tokens = logits.argmax(-1)
         else:
@@ -116,11 +117,11 @@ class Sampler:
         rep, freq, pres = to_device([[params[i].repetition_penalty, params[i].frequency_penalty,
                                       params[i].presence_penalty] for i in rows], torch.float32, dev).T[:, :, None]
         idx = to_device(rows, torch.int64, dev)
-        sub = logits[idx]
+        sub = logits[idx].float()
         seen = (outputs > 0) | in_prompt
         sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
         sub = sub - freq * outputs - pres * (outputs > 0)
-        logits = logits.clone()
+        logits = logits.to(torch.float32, copy=True)    # one copy, widened (bf16) or not
         logits[idx] = sub
         return logits
 
