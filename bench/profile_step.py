@@ -24,7 +24,7 @@ import serve  # noqa: E402
 from engine_step import Probe  # noqa: E402
 
 
-def top_kernels(prof: Any, steps: int, n: int = 20) -> str:
+def top_kernels(prof: Any, steps: int, n: int = 32) -> str:
     """The n kernels with the most device time, per step (name, count, µs)."""
     total: dict[str, float] = defaultdict(float)
     count: dict[str, int] = defaultdict(int)
