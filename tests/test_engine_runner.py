@@ -3,6 +3,7 @@ replays), host page tables kept between steps, overlapped steps, batched detoken
 engine settings that turn these on. The real CUDA graphs are in test_engine_graphs_gpu.py."""
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -15,7 +16,7 @@ from astrai_serve.engine.outputs import advance_text, check_stop, finish_reasons
 from astrai_serve.engine.paged_attention import PagedKVCache
 from astrai_serve.engine.sequence import Sequence
 from astrai_serve.kernels import get_attention_impl
-from astrai_train.model import ModelConfig, Transformer, kv_layout
+from astrai_train.model import ModelConfig, Transformer, fuse_projections, kv_layout
 from astrai_train.tokenizer import IncrementalDetokenizer, Tokenizer
 from astrai_train.tokenizer.detokenizer import push_many
 
@@ -57,14 +58,14 @@ def run_all(engine, prompts, params=GREEDY, abort_after=None):
     return [done.get(f"r{i}") for i in range(len(prompts))]
 
 
-def with_emulated_graphs(engine, max_batch, decode_linear=None):
+def with_emulated_graphs(engine, max_batch, decode_ops=None):
     """Swap in a runner with 'graphs' (eager replays on the CPU) and the padding page they need."""
     mc, kv = engine.model_config, engine.kv
     cache = PagedKVCache(kv_layout(mc), mc.n_layers, kv.num_pages + 1, kv.page_size, torch.float32,
                          torch.device("cpu"))
     engine.runner = ModelRunner(engine.runner.model, cache, get_attention_impl("torch"), torch.device("cpu"),
                                 engine.config.max_num_seqs, mc.max_len, pad_page=kv.num_pages,
-                                graph_max_batch=max_batch, decode_linear=decode_linear)
+                                graph_max_batch=max_batch, decode_ops=decode_ops)
     used = []
     uses_graph = engine.runner.uses_graph
     engine.runner.uses_graph = lambda plan: used.append(len(plan.chunks)) or uses_graph(plan)
@@ -119,30 +120,42 @@ def test_cascade_decode_over_a_shared_prefix_equals_recompute(models, arch, grap
     assert engine.stats().pages_in_use == 0
 
 
-def test_small_graphs_take_the_decode_matmul_and_keep_the_tokens(models):
+def test_small_graphs_take_the_decode_ops_and_keep_the_tokens(models):
     """decode_gemv's plumbing: graphs of <= 4 sequences compute every projection and the LM head
-    with the small-batch matmul (on the CPU its op is F.linear), larger graphs and eager steps
-    do not, and the tokens equal a recompute."""
-    from astrai_serve.kernels.decode_matmul import DecodeMatmul
+    with the small-batch matmul, SwiGLU's down projection with its activation, and QK-norm +
+    rotary in one op (on the CPU these ops are torch math); larger graphs and eager steps do
+    not, and the tokens equal a recompute."""
+    from astrai_serve.kernels.decode_matmul import DecodeOps
 
-    model = models["gqa"]
+    model = copy.deepcopy(models["gqa"])
+    fuse_projections(model)                 # as LLMEngine(model_dir) does: q/k/v and gate/up as one
     engine = LLMEngine.from_model(model, None, num_pages=80, page_size=4, max_num_seqs=8)
-    rows = []
+    rows, silu_rows, qk_rows = [], [], []
 
-    class Recording(DecodeMatmul):
-        def __call__(self, x, w):
+    class Recording(DecodeOps):
+        def linear(self, x, w):
             rows.append((x.shape[0], tuple(w.shape)))
-            return super().__call__(x, w)
+            return super().linear(x, w)
 
-    with_emulated_graphs(engine, max_batch=6, decode_linear=Recording())
+        def silu_mul_linear(self, gate_up, w):
+            silu_rows.append((gate_up.shape[0], tuple(w.shape)))
+            return super().silu_mul_linear(gate_up, w)
+
+        def qk_norm_rope(self, q, k, q_norm, k_norm, cos, sin):
+            qk_rows.append(q.shape[0])
+            return super().qk_norm_rope(q, k, q_norm, k_norm, cos, sin)
+
+    with_emulated_graphs(engine, max_batch=6, decode_ops=Recording())
     lengths = [16 - 2 * i for i in range(len(PROMPTS))]
     outs = run_all(engine, PROMPTS, [SamplingParams(max_tokens=n, temperature=0.0) for n in lengths])
     assert [o.token_ids for o in outs] == [recompute_greedy(model, p, n) for p, n in zip(PROMPTS, lengths)]
     mc = model.config
     assert rows and {n for n, _ in rows} <= {1, 2, 4}                 # captured sizes <= 4 only
-    shapes = {w for _, w in rows}
-    assert (mc.vocab_size, mc.dim) in shapes and (mc.dim, mc.dim_ffn) in shapes   # LM head, down_proj
-    assert len(rows) % (4 * mc.n_layers + 1) == 0 or len(rows) % (7 * mc.n_layers + 1) == 0
+    assert (mc.vocab_size, mc.dim) in {w for _, w in rows}            # the LM head
+    # per layer: qkv, o and gate_up through linear; down_proj with its activation
+    assert set(silu_rows) <= {(n, (mc.dim, mc.dim_ffn)) for n in (1, 2, 4)}
+    graphs = len(silu_rows) // mc.n_layers
+    assert graphs and len(rows) == graphs * (3 * mc.n_layers + 1) and len(qk_rows) == graphs * mc.n_layers
 
 
 def first_shared(idx: dict) -> int | None:

@@ -141,3 +141,103 @@ def test_kv_store_has_no_host_sync_and_replays_in_a_cuda_graph(value_in_key: boo
     torch.cuda.synchronize()
     assert torch.equal(k_cache, want_k)
     assert v_cache is None or torch.equal(v_cache, want_v)
+
+
+def test_qk_norm_rope_kernel_matches_torch() -> None:
+    from astrai_serve.kernels.triton_qk_norm_rope import selfcheck
+
+    selfcheck()  # bf16: within 1 ulp of fp32 per element, <= 0.02 x max from eager bf16, N up to 256
+
+
+def test_qk_norm_rope_op_compiled_matches_eager_and_compiles_once() -> None:
+    """The op inside a fullgraph torch.compile (one opaque node, Inductor code around it) gives
+    eager's result bit for bit; batch sizes 1..256 and misaligned q/k/cos/sin views reuse one
+    compiled Triton kernel (N is the grid, the pointers are not specialised on alignment)."""
+    from astrai_serve.kernels.triton_qk_norm_rope import _qk_norm_rope_kernel, qk_norm_rope
+
+    n_heads, n_kv, dim = 16, 8, 128
+    width = (n_heads + 2 * n_kv) * dim
+    w_q = torch.rand(dim, device="cuda", dtype=torch.bfloat16) + 0.5
+    w_k = torch.rand(dim, device="cuda", dtype=torch.bfloat16) + 0.5
+    table = torch.randn(300, dim + 1, device="cuda", dtype=torch.bfloat16)
+
+    def step(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = qkv.shape[0]
+        q, k, _ = (qkv * 1.5).split([n_heads * dim, n_kv * dim, n_kv * dim], dim=-1)
+        q, k = qk_norm_rope(q.view(n, n_heads, dim), k.view(n, n_kv, dim), w_q, w_k, cos, sin, 1e-6)
+        return q * 2, k + 1                                         # one rounding each, as eager
+
+    compiled = torch.compile(step, fullgraph=True)
+    for n in (1, 3, 64, 256):
+        qkv = torch.randn(n, width, device="cuda", dtype=torch.bfloat16)
+        pos = torch.randint(0, 300, (n,), device="cuda")
+        cos, sin = table[pos, :dim], table[pos, 1:]                 # gathered rows, as the model's
+        got, want = compiled(qkv, cos, sin), step(qkv, cos, sin)
+        assert all(torch.equal(g, w) for g, w in zip(got, want)), n
+
+    caches = getattr(_qk_norm_rope_kernel, "device_caches", None)
+    if caches is None:                                              # another Triton's internals
+        pytest.skip("cannot count this Triton's compiled kernels")
+    compiled_kernels = caches[torch.cuda.current_device()][0]
+    before = len(compiled_kernels)
+    for n, offset in ((1, 1), (2, 3), (7, 0), (129, 5)):
+        # same strides as above, every input pointer 2 * offset bytes off a 16-byte boundary
+        def flat(rows: int, cols: int) -> torch.Tensor:
+            base = torch.randn(rows * cols + 8, device="cuda", dtype=torch.bfloat16)
+            return base[offset:offset + rows * cols].view(rows, cols)
+
+        qkv, cos, sin = flat(n, width), flat(n, dim), flat(n, dim)
+        q = qkv[:, :n_heads * dim].view(n, n_heads, dim)
+        k = qkv[:, n_heads * dim:(n_heads + n_kv) * dim].view(n, n_kv, dim)
+        got = qk_norm_rope(q, k, w_q, w_k, cos, sin, 1e-5)
+        want = qk_norm_rope(q.clone(), k.clone(), w_q, w_k, cos.clone(), sin.clone(), 1e-5)
+        assert all(torch.equal(g, w) for g, w in zip(got, want)), (n, offset)
+    assert len(compiled_kernels) == before, "a batch size or an alignment compiled a new kernel"
+
+
+def test_gemv_pdl_chain_in_a_cuda_graph_equals_plain_launches() -> None:
+    """Layer-shaped GEMVs (silu prologue included), each reading the one before's output, launched
+    with programmatic dependent launch inside a captured CUDA graph: replays give the bits of the
+    same chain launched plainly, also after the input changes in place."""
+    import torch.nn.functional as F
+
+    from astrai_serve.kernels.decode_matmul import DecodeOps
+    from astrai_serve.kernels.triton_gemv import pdl_supported
+
+    if not pdl_supported("cuda"):
+        pytest.skip("PDL needs a GPU of compute capability 9.0+")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    dim, ffn, layers = 256, 384, 4
+    weights = [(torch.randn(2 * dim, dim, device="cuda", generator=g, dtype=torch.bfloat16) / dim ** 0.5,
+                torch.randn(2 * ffn, dim, device="cuda", generator=g, dtype=torch.bfloat16) / dim ** 0.5,
+                torch.randn(dim, ffn, device="cuda", generator=g, dtype=torch.bfloat16) / ffn ** 0.5)
+               for _ in range(layers)]
+
+    def chain(ops: DecodeOps, x: torch.Tensor) -> torch.Tensor:
+        for w_a, w_up, w_down in weights:
+            x = ops.linear(ops.linear(x, w_a)[:, :dim] * 1.0, w_a[:dim, :])   # a torch kernel between GEMVs too
+            x = ops.silu_mul_linear(ops.linear(x, w_up), w_down)
+        return x
+
+    x = torch.randn(3, dim, device="cuda", generator=g, dtype=torch.bfloat16)
+    want = chain(DecodeOps(), x)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):                                # compile outside the capture
+        chain(DecodeOps(pdl=True), x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(DecodeOps(pdl=True), x)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, want)
+    x.copy_(torch.randn(3, dim, device="cuda", generator=g, dtype=torch.bfloat16))
+    want = chain(DecodeOps(), x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)
+    gate, up = (out @ weights[0][1].T).chunk(2, dim=-1)             # and the prologue is SwiGLU's math
+    assert torch.allclose(DecodeOps(pdl=True).silu_mul_linear(out @ weights[0][1].T, weights[0][2]).float(),
+                          F.linear(F.silu(gate) * up, weights[0][2]).float(), rtol=2e-2, atol=2e-2)

@@ -110,3 +110,88 @@ def test_store_goes_with_the_kernel() -> None:
     assert get_store_impl_for(get_attention_impl("torch")) is reference.store_kv
     assert get_store_impl_for(get_attention_impl("triton")) is store_kv
     assert get_store_impl_for(lambda *a, **kw: None) is reference.store_kv    # e.g. a test's wrapper
+
+
+def test_interpreted_qk_norm_rope_kernel_matches_torch() -> None:
+    # float32, q/k strided views of one fused qkv (and channel-strided ones), N=1/5/3,
+    # H/Hkv 16/8 and 4/4, D 128 and 64; the kernel itself, not the op's CPU path.
+    proc = interpreted("astrai_serve.kernels.triton_qk_norm_rope")
+    assert proc.returncode == 0 and "kernel == torch" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qk_norm_rope_op_equals_the_models_qkv(dtype: torch.dtype) -> None:
+    """The op's CPU path on the raw (unnormed) q/k views of a fused projection == GQAAttention._qkv."""
+    import torch.nn.functional as F
+
+    from astrai_serve.kernels.triton_qk_norm_rope import qk_norm_rope
+    from astrai_train.model import ModelConfig, Transformer, fuse_projections
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=32, dim_ffn=96,
+                      max_len=64, init_std=0.3, use_qk_norm=True)
+    model = Transformer(cfg).to(dtype)
+    fuse_projections(model)
+    attn = model.layers[0].self_attn
+    with torch.no_grad():
+        attn.q_norm.weight.copy_(1 + 0.3 * torch.randn(32))       # not all ones
+        attn.k_norm.weight.copy_(1 + 0.3 * torch.randn(32))
+        x = torch.randn(7, 64, dtype=dtype)
+        pos = torch.tensor([0, 3, 9, 10, 11, 40, 63])
+        cos, sin = model.rope_cos[pos], model.rope_sin[pos]
+        want_q, want_k, _ = attn._qkv(x, cos, sin)
+        q_raw, k_raw, _ = F.linear(x, attn.qkv_weight).split([4 * 32, 2 * 32, 2 * 32], dim=-1)
+        q, k = qk_norm_rope(q_raw.view(7, 4, 32), k_raw.view(7, 2, 32), attn.q_norm.weight,
+                            attn.k_norm.weight, cos, sin, attn.q_norm.eps)
+    assert q.is_contiguous() and k.is_contiguous() and q.dtype == k.dtype == dtype
+    assert torch.equal(q, want_q) and torch.equal(k, want_k)
+
+
+def test_qk_norm_rope_op_traces_as_one_node() -> None:
+    """fullgraph torch.compile (aot_eager: no C++ compiler needed) over the fake shapes == eager."""
+    from astrai_serve.kernels.triton_qk_norm_rope import qk_norm_rope
+
+    qkv = torch.randn(3, (4 + 2 * 2) * 16)
+    q, k = qkv[:, :64].view(3, 4, 16), qkv[:, 64:96].view(3, 2, 16)
+    w_q, w_k, cos, sin = torch.rand(16) + 0.5, torch.rand(16) + 0.5, torch.rand(3, 16), torch.rand(3, 16)
+    fn = torch.compile(lambda *a: qk_norm_rope(*a, 1e-6), fullgraph=True, backend="aot_eager")
+    got, want = fn(q, k, w_q, w_k, cos, sin), qk_norm_rope(q, k, w_q, w_k, cos, sin, 1e-6)
+    assert all(torch.equal(g, w) and g.is_contiguous() for g, w in zip(got, want))
+    assert [tuple(t.shape) for t in got] == [(3, 4, 16), (3, 2, 16)]
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"q": torch.randn(3, 64)}, r"q must be \[N,H,D\] and k \[N,Hkv,D\]; got q \(3, 64\)"),
+    ({"k": torch.randn(2, 2, 16)}, r"must share N and D; got q \(3, 4, 16\) and k \(2, 2, 16\)"),
+    ({"k": torch.randn(3, 2, 8)}, r"must share N and D; got q \(3, 4, 16\) and k \(3, 2, 8\)"),
+    ({"q": torch.randn(3, 4, 15), "k": torch.randn(3, 2, 15)}, r"D must be even.*\(3, 4, 15\)"),
+    ({"k": torch.randn(3, 2, 16, dtype=torch.bfloat16)}, "share a floating dtype; got torch.float32 and torch.bfloat16"),
+    ({"q_weight": torch.ones(8)}, r"q_weight must be a floating \[D\] with D=16; got \(8,\)"),
+    ({"k_weight": torch.ones(1, 16)}, r"k_weight must be a floating \[D\] with D=16; got \(1, 16\)"),
+    ({"cos": torch.ones(1, 16)}, r"cos must be a floating \[N, D\] with N=3, D=16; got \(1, 16\)"),
+    ({"sin": torch.ones(3, 16, dtype=torch.int64)}, r"sin must be a floating \[N, D\].*torch.int64"),
+])
+def test_qk_norm_rope_rejects_bad_arguments(bad: dict, match: str) -> None:
+    from astrai_serve.kernels.triton_qk_norm_rope import qk_norm_rope
+
+    args = {"q": torch.randn(3, 4, 16), "k": torch.randn(3, 2, 16), "q_weight": torch.ones(16),
+            "k_weight": torch.ones(16), "cos": torch.ones(3, 16), "sin": torch.zeros(3, 16)}
+    with pytest.raises(ValueError, match=match):
+        qk_norm_rope(**{**args, **bad}, eps=1e-6)
+
+
+def test_decode_ops_silu_mul_linear_equals_torch() -> None:
+    """DecodeOps.silu_mul_linear through astrai::gemv_silu_mul's CPU path (and past MAX_ROWS, F.linear)
+    == F.linear(F.silu(gate) * up, w); a gate_up that is not [.., 2K] for w [N, K] says so."""
+    import torch.nn.functional as F
+
+    from astrai_serve.kernels.decode_matmul import DecodeOps
+
+    w = torch.randn(7, 24)
+    for rows in (1, 3, 4, 6):
+        gate_up = torch.randn(rows, 48)
+        gate, up = gate_up.chunk(2, dim=-1)
+        for pdl in (False, True):                                   # no launch on a CPU: pdl changes nothing
+            assert torch.equal(DecodeOps(pdl=pdl).silu_mul_linear(gate_up, w), F.linear(F.silu(gate) * up, w))
+    with pytest.raises(ValueError, match=r"silu_mul_linear takes gate_up \[\.\.\., 2K\] and w \[N, K\]; got \(2, 40\) and \(7, 24\)"):
+        DecodeOps().silu_mul_linear(torch.randn(2, 40), w)

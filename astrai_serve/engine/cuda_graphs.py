@@ -26,12 +26,14 @@ How:
 Mixed prefill/decode and prefill steps stay eager (their shapes vary with every step), through
 the same forward as the graphs: compiled with compile_decode (`forward_eager`).
 
-With `linear` given (EngineConfig.decode_gemv: kernels/decode_matmul.py), graphs of at most
-4 sequences compute their projections and LM head with it instead of cuBLAS.
+With `ops` given (EngineConfig.decode_gemv: kernels/decode_matmul.py's DecodeOps), graphs of at
+most 4 sequences run their projections, LM head, SwiGLU activation and QK-norm + rotary through
+it: Triton GEMVs instead of cuBLAS, with launches merged where a batch-1 step is launch-bound.
 
-With `compile=True` the captured forward is first run through torch.compile (the attention call
-left opaque): its RMSNorms, rotary embeddings and SwiGLU become a few fused kernels instead of
-~60 small ones per layer, which is most of a graph replay's time at small contexts.
+With `compile=True` the captured forward is first run through torch.compile, as one graph (the
+attention is one opaque custom op, attend_op.py): its RMSNorms, rotary embeddings and SwiGLU
+become a few fused kernels instead of ~60 small ones per layer, which is most of a graph
+replay's time at small contexts.
 
 Measured (bench/engine_step.py, H200, qwen3-0.6b bf16, W1: 256 requests, 100-1024 in/out):
 eager 6,651 output tok/s; graphs 13,051 (serial steps) / 14,444 (overlapped steps); graphs of the
@@ -48,13 +50,13 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from astrai_serve.kernels import PagedAttentionFn
 from astrai_serve.kernels.cascade import graph_plan_len, pad_plan
 from astrai_serve.kernels.decode_matmul import MAX_ROWS
-from astrai_train.model.backend import Linear
+from astrai_train.model.inference_ops import TORCH_OPS, InferenceOps
 
+from .attend_op import CompiledAttention
 from .paged_attention import PagedAttention, PagedKVCache, StepMetadata
 from .transfer import HostStaging
 
@@ -79,19 +81,19 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, cache: PagedKVCache, kernel: PagedAttentionFn,
                  max_batch: int, max_pages: int, pad_page: int, compile: bool = False,
-                 cascade_min_batch: int | None = None, linear: Linear | None = None) -> None:
+                 cascade_min_batch: int | None = None, ops: InferenceOps | None = None) -> None:
         device = cache.k.device
         self.model, self.cache, self.kernel = model, cache, kernel
         self.compiled = compile
         self._flat = torch.compile(model.forward_flat, dynamic=True) if compile else model.forward_flat
-        self._attention = _OpaqueAttention if compile else PagedAttention
+        self._attention = CompiledAttention if compile else PagedAttention
         self.device = device
         self.max_batch = max_batch
         self.width = max_pages
         self.pad_page = pad_page
         self.pad_slot = pad_page * cache.page_size
         self.cascade_min_batch = cascade_min_batch
-        self.small_linear = linear          # for graphs of at most MAX_ROWS rows; F.linear above
+        self.small_ops = ops                # for graphs of at most MAX_ROWS rows; torch's above
         with torch.inference_mode():
             vocab = model.compute_logits(torch.zeros(1, model.config.dim, device=device,
                                                      dtype=model.lm_weight.dtype)).shape[-1]
@@ -120,7 +122,7 @@ class DecodeGraphs:
         forward the graphs captured: compiled with compile_decode. A mixed step (a new request's
         prefill beside the running decodes) is most steps under steady arrivals (W4), and the
         uncompiled forward spends ~1,600 small kernels on it."""
-        return self._flat(ids, positions, self._attention(self.cache, meta, self.kernel), F.linear)
+        return self._flat(ids, positions, self._attention(self.cache, meta, self.kernel), TORCH_OPS)
 
     def _warm_eager(self) -> None:
         """Run forward_eager once on a small mixed step (a 3-token prefill and a decode, on the
@@ -143,13 +145,13 @@ class DecodeGraphs:
         meta = StepMetadata(slot_mapping=slots, page_table=self.page_table[:b],
                             cu_seqlens_q=self.cu_seqlens[:b + 1], context_lens=context_lens,
                             cascade=self.meta[:p] if cascade else None)
-        linear = self.small_linear if self.small_linear is not None and b <= MAX_ROWS else F.linear
-        hidden = self._flat(ids, positions, self._attention(self.cache, meta, self.kernel), linear)
+        ops = self.small_ops if self.small_ops is not None and b <= MAX_ROWS else TORCH_OPS
+        hidden = self._flat(ids, positions, self._attention(self.cache, meta, self.kernel), ops)
         out = self.logits[:b]
-        if linear is F.linear:      # the LM head's matmul writes the shared buffer itself
+        if ops is TORCH_OPS:        # the LM head's matmul writes the shared buffer itself
             logits = self.model.compute_logits(hidden, lambda x, w: torch.mm(x, w.t(), out=out))
         else:                       # the GEMV's [<= 4, vocab] result is copied
-            logits = self.model.compute_logits(hidden, linear)
+            logits = self.model.compute_logits(hidden, ops.linear)
         if logits.data_ptr() != out.data_ptr():   # (also a head that does more than one matmul)
             out.copy_(logits)
 
@@ -251,10 +253,3 @@ class _EagerReplay:
     @torch.inference_mode()
     def replay(self) -> None:
         self.graphs._forward(self.b, self.cascade)
-
-
-class _OpaqueAttention(PagedAttention):
-    """PagedAttention that torch.compile calls as it is (its Triton kernel and cache writes are
-    not for the compiler to trace): the graph breaks there, the rest of each layer is fused."""
-
-    attend = torch.compiler.disable(PagedAttention.attend)

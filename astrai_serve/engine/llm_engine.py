@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from astrai_serve.kernels import get_attention_impl
-from astrai_serve.kernels.decode_matmul import DecodeMatmul
+from astrai_serve.kernels.decode_matmul import DecodeOps
 from astrai_train.model import Transformer, fuse_projections, kv_layout
 
 from .config import EngineConfig
@@ -127,7 +127,7 @@ class LLMEngine:
                                   graph_budget_s=config.cuda_graph_capture_budget_s,
                                   compile_graphs=config.compile_decode and graphs,
                                   cascade=config.cascade_attention,
-                                  decode_linear=DecodeMatmul() if config.resolved_decode_gemv() else None)
+                                  decode_ops=DecodeOps(config.resolved_decode_pdl()) if config.resolved_decode_gemv() else None)
         self.sampler = Sampler(device, config.seed)
         if graphs:
             self.sampler.warm_up(mc.vocab_size, dtype)

@@ -30,7 +30,7 @@ import torch
 
 from astrai_serve.kernels import PagedAttentionFn
 from astrai_serve.kernels.cascade import max_chunk_seqs, plan_cascade
-from astrai_train.model.backend import Linear
+from astrai_train.model.inference_ops import InferenceOps
 
 from .cuda_graphs import DecodeGraphs
 from .paged_attention import PagedAttention, PagedKVCache, StepMetadata
@@ -104,7 +104,7 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, cache: PagedKVCache, kernel: PagedAttentionFn,
                  device: torch.device, max_num_seqs: int, max_model_len: int, pad_page: int | None = None,
                  graph_max_batch: int = 0, graph_budget_s: float = 60.0, compile_graphs: bool = False,
-                 cascade: bool = True, decode_linear: Linear | None = None) -> None:
+                 cascade: bool = True, decode_ops: InferenceOps | None = None) -> None:
         """pad_page: a cache page outside the page pool, for padding rows (needed with graphs);
         graph_max_batch > 0 captures decode graphs up to that batch size (compiled first with
         compile_graphs); cascade: use cascade attention for decode steps that share a prefix."""
@@ -125,7 +125,7 @@ class ModelRunner:
             if pad_page is None:
                 raise ValueError("CUDA graphs need a reserved padding page")
             self.graphs = DecodeGraphs(model, cache, kernel, graph_max_batch, width, pad_page, compile_graphs,
-                                       cascade_min_batch=self.cascade_min_seqs, linear=decode_linear)
+                                       cascade_min_batch=self.cascade_min_seqs, ops=decode_ops)
             self.graphs.capture(graph_budget_s)
 
     def _indices(self, plan: StepPlan, fed: bool = False) -> dict[str, np.ndarray | int]:

@@ -14,6 +14,7 @@ from torch import nn
 
 from .backend import AttentionBackend, KVLayout, Linear
 from .config import ModelConfig
+from .inference_ops import TORCH_OPS, InferenceOps
 from .layers import RMSNorm, apply_rope
 
 
@@ -53,8 +54,8 @@ class GQAAttention(nn.Module):
         self.gate = _Gate(config.dim, self.n_heads * hd) if config.use_gated_attention else None
         self.qkv_weight: torch.Tensor | None = None   # set by fusion.fuse_projections (inference)
 
-    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, linear: Linear = F.linear):
-        lead = x.shape[:-1]
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ops: InferenceOps = TORCH_OPS):
+        lead, linear = x.shape[:-1], ops.linear
         if self.qkv_weight is not None and not torch.is_grad_enabled():
             # One matmul; gradients would reach only the fused tensor, so training never takes it.
             nq, nk = self.n_heads * self.head_dim, self.n_kv * self.head_dim
@@ -64,9 +65,8 @@ class GQAAttention(nn.Module):
         q = q.view(*lead, self.n_heads, self.head_dim)
         k = k.view(*lead, self.n_kv, self.head_dim)
         v = v.view(*lead, self.n_kv, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        q, k = ops.qk_norm_rope(q, k, self.q_norm, self.k_norm, cos, sin)
+        return q, k, v
 
     def _out(self, x: torch.Tensor, o: torch.Tensor, linear: Linear = F.linear) -> torch.Tensor:
         o = o.reshape(*x.shape[:-1], self.n_heads * self.head_dim)
@@ -82,9 +82,9 @@ class GQAAttention(nn.Module):
         return self._out(x, o.transpose(1, 2))
 
     def forward_flat(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     attn: AttentionBackend, layer: int, linear: Linear = F.linear) -> torch.Tensor:
-        q, k, v = self._qkv(x, cos, sin, linear)
-        return self._out(x, attn.attend(layer, q, k, v, self.scale), linear)
+                     attn: AttentionBackend, layer: int, ops: InferenceOps = TORCH_OPS) -> torch.Tensor:
+        q, k, v = self._qkv(x, cos, sin, ops)
+        return self._out(x, attn.attend(layer, q, k, v, self.scale), ops.linear)
 
 
 class MLAAttention(nn.Module):
@@ -136,7 +136,7 @@ class MLAAttention(nn.Module):
         return self._out(x, o.transpose(1, 2))
 
     def forward_flat(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     attn: AttentionBackend, layer: int, linear: Linear = F.linear) -> torch.Tensor:
+                     attn: AttentionBackend, layer: int, ops: InferenceOps = TORCH_OPS) -> torch.Tensor:
         # (MLA keeps its module calls: its projections are not the batch-1 bottleneck measured)
         q_nope, q_rope, c, k_rope = self._q_and_latent(x, cos, sin)
         w = self.kv_b_proj.weight.view(self.n_heads, self.dn + self.dv, self.r)

@@ -27,8 +27,9 @@ holds per token, which is the point of MLA.
 
 `kv_layout(config)` tells a backend what to allocate per layer and token.
 
-`forward_flat` also takes `linear(x, weight)`, the matmul of every projection (F.linear by
-default): a serving engine may pass a faster one for its small decode batches.
+`forward_flat` also takes `ops` (inference_ops.InferenceOps: the projections, SwiGLU's activation,
+QK-norm + rotary; torch by default): a serving engine may pass faster kernels for its small
+decode batches.
 """
 from __future__ import annotations
 

@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backend import Linear
 
 
 class RMSNorm(nn.Module):
@@ -49,9 +48,16 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
         self.gate_up_weight: torch.Tensor | None = None   # set by fusion.fuse_projections (inference)
 
-    def forward(self, x: torch.Tensor, linear: Linear = F.linear) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_weight is not None and not torch.is_grad_enabled():
-            gate, up = linear(x, self.gate_up_weight).chunk(2, dim=-1)   # one matmul for both
+            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)   # one matmul for both
         else:
-            gate, up = linear(x, self.gate_proj.weight), linear(x, self.up_proj.weight)
-        return linear(F.silu(gate) * up, self.down_proj.weight)
+            gate, up = F.linear(x, self.gate_proj.weight), F.linear(x, self.up_proj.weight)
+        return F.linear(F.silu(gate) * up, self.down_proj.weight)
+
+    def forward_flat(self, x: torch.Tensor, ops) -> torch.Tensor:
+        """Inference through `ops` (an inference_ops.InferenceOps): its kernels may merge launches."""
+        if self.gate_up_weight is not None and not torch.is_grad_enabled():
+            return ops.silu_mul_linear(ops.linear(x, self.gate_up_weight), self.down_proj.weight)
+        gate, up = ops.linear(x, self.gate_proj.weight), ops.linear(x, self.up_proj.weight)
+        return ops.linear(F.silu(gate) * up, self.down_proj.weight)

@@ -16,6 +16,7 @@ from torch import nn
 from .attention import GQAAttention, MLAAttention
 from .backend import AttentionBackend, Linear
 from .config import ModelConfig
+from .inference_ops import TORCH_OPS, InferenceOps
 from .layers import RMSNorm, SwiGLU, rope_tables
 
 
@@ -32,9 +33,9 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def forward_flat(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     attn: AttentionBackend, layer: int, linear: Linear = F.linear) -> torch.Tensor:
-        x = x + self.self_attn.forward_flat(self.input_layernorm(x), cos, sin, attn, layer, linear)
-        return x + self.mlp(self.post_attention_layernorm(x), linear)
+                     attn: AttentionBackend, layer: int, ops: InferenceOps = TORCH_OPS) -> torch.Tensor:
+        x = x + self.self_attn.forward_flat(self.input_layernorm(x), cos, sin, attn, layer, ops)
+        return x + self.mlp.forward_flat(self.post_attention_layernorm(x), ops)
 
 
 class Transformer(nn.Module):
@@ -111,16 +112,17 @@ class Transformer(nn.Module):
 
     # ---- inference forward -------------------------------------------------------------------
     def forward_flat(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                     attn: AttentionBackend, linear: Linear = F.linear) -> torch.Tensor:
+                     attn: AttentionBackend, ops: InferenceOps = TORCH_OPS) -> torch.Tensor:
         """A flattened batch of new tokens [N] at `positions` [N] -> hidden states [N, dim].
 
-        `attn` owns the KV storage and this step's metadata (see backend.py); `linear` computes
-        every projection; the caller picks which rows to turn into logits with `compute_logits`.
+        `attn` owns the KV storage and this step's metadata (see backend.py); `ops` the other
+        kernels (projections, SwiGLU's activation, QK-norm + rotary: inference_ops.py); the
+        caller picks which rows to turn into logits with `compute_logits`.
         """
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         x = self.embed_tokens(input_ids)
         for i, block in enumerate(self.layers):
-            x = block.forward_flat(x, cos, sin, attn, i, linear)
+            x = block.forward_flat(x, cos, sin, attn, i, ops)
         return self.norm(x)
 
     # ---- model directory ---------------------------------------------------------------------

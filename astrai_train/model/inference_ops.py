@@ -1,0 +1,40 @@
+"""The kernels `forward_flat` runs besides attention, as one object a serving engine can replace.
+
+`InferenceOps` is plain torch: every projection through F.linear, the SwiGLU activation and the
+QK-norm + rotary as the training forward computes them. A serving engine hands `forward_flat` a
+subclass with faster kernels for the shapes where launches dominate (batch-1 decode in a CUDA
+graph: astrai_serve/kernels/decode_matmul.py's DecodeOps), so the model keeps one description of
+its math and the engine picks the kernels.
+
+The three entry points are where a decode step's launches can be merged:
+- `linear(x, w)`: every projection (y = x @ w.T, no bias).
+- `silu_mul_linear(gate_up, w)`: the down projection of SwiGLU from the fused gate|up output; a
+  kernel can compute silu(gate) * up as it loads its input instead of in a launch of its own.
+- `qk_norm_rope(q, k, q_norm, k_norm, cos, sin)`: per-head RMSNorm of queries and keys, then
+  rotary; one launch for both instead of one each.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .layers import RMSNorm, apply_rope
+
+
+class InferenceOps:
+    def linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, w)
+
+    def silu_mul_linear(self, gate_up: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.linear(F.silu(gate) * up, w)
+
+    def qk_norm_rope(self, q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm | None, k_norm: RMSNorm | None,
+                     cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [N, H, D], k [N, Hkv, D] -> normalised (when the model has QK-norm) and rotated."""
+        if q_norm is not None:
+            q, k = q_norm(q), k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+TORCH_OPS = InferenceOps()
