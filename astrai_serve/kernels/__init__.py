@@ -54,15 +54,5 @@ def get_store_impl_for(kernel: PagedAttentionFn) -> StoreKVFn:
     return store_kv
 
 
-def impl_name(kernel: PagedAttentionFn) -> str | None:
-    """The name `get_attention_impl` knows `kernel` by, or None for any other function."""
-    if kernel is paged_attention:
-        return "torch"
-    triton_attention = sys.modules.get("astrai_serve.kernels.triton_attention")
-    if triton_attention is not None and kernel is triton_attention.paged_attention:
-        return "triton"
-    return None
-
-
-__all__ = ["paged_attention", "store_kv", "get_attention_impl", "get_store_impl_for", "impl_name", "IMPLS",
+__all__ = ["paged_attention", "store_kv", "get_attention_impl", "get_store_impl_for", "IMPLS",
            "PagedAttentionFn", "StoreKVFn"]

@@ -32,6 +32,17 @@ MAX_BLOCK_C = 1024       # columns per program: a whole qwen3-0.6b row (8 heads 
 TILE_ELEMENTS = 4096     # tokens x columns per program, per tensor (8 KiB of bf16 written)
 
 
+@triton.jit
+def _to_cache(x, ty: tl.constexpr):
+    """x in the cache dtype. Into fp8 by way of fp32, clamped to e4m3's +-448: the fp32 -> e4m3
+    conversion is the hardware's round-to-nearest-even, torch's cast; a direct bf16 -> e4m3 one
+    may take another route (the GPU check of session 5 found the store differing from torch)."""
+    if ty.primitive_bitwidth == 8:
+        x32 = x.to(tl.float32)
+        return tl.minimum(tl.maximum(x32, -448.0), 448.0).to(ty)
+    return x.to(ty)
+
+
 # N (tokens this step) and S (a view into the step's packed metadata, aligned or not with the
 # batch) are not specialised on: one compile serves every step (see triton_attention._METADATA).
 @triton.jit(do_not_specialize=["N"], do_not_specialize_on_alignment=["S"])
@@ -49,12 +60,12 @@ def _store_kv_kernel(KC, VC, K, V, S, N,
     k_ok = row_ok[:, None] & (cols < KW)[None, :]
     k_src = t[:, None] * stride_kt + ((cols // KD) * stride_kh + (cols % KD) * stride_kd)[None, :]
     k = tl.load(K + k_src, mask=k_ok, other=0.0)
-    tl.store(KC + slot[:, None] * KW + cols[None, :], k.to(KC.dtype.element_ty), mask=k_ok)
+    tl.store(KC + slot[:, None] * KW + cols[None, :], _to_cache(k, KC.dtype.element_ty), mask=k_ok)
     if HAS_V:
         v_ok = row_ok[:, None] & (cols < VW)[None, :]
         v_src = t[:, None] * stride_vt + ((cols // VD) * stride_vh + (cols % VD) * stride_vd)[None, :]
         v = tl.load(V + v_src, mask=v_ok, other=0.0)
-        tl.store(VC + slot[:, None] * VW + cols[None, :], v.to(VC.dtype.element_ty), mask=v_ok)
+        tl.store(VC + slot[:, None] * VW + cols[None, :], _to_cache(v, VC.dtype.element_ty), mask=v_ok)
 
 
 def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor | None, k: torch.Tensor,
