@@ -26,10 +26,15 @@
 # profile-w3 where a batch-1 step goes with the GEMV
 # w4fast    W1 and W4 at 512 requests/s (the arrival window 0.5 s instead of 4 s)
 # w4inf     W1 and W4 with every request sent at once (no arrival window: the serving path's own cost)
+# w3        W3 alone, medians of 3 (batch-1 decode: fused QK-norm, SwiGLU prologue, PDL GEMVs)
+# w3-nopdl  W3 with the GEMVs launched plainly (EngineConfig.decode_pdl=false)
+# chain     bench/gemv.py --chain: 28 layers of GEMVs in one graph, PDL and the SwiGLU prologue on/off
+# r-loop6   rollouts with 6 timed batches per system (is the generate loop still warming up?)
+# store     (also) the K/V store's GPU checks, fp8 included
 # Logs and JSON land in OUT_DIR: 8 files at most, as many as the device tool brings back.
 set -u
 out=${1:?usage: bash bench/gpu_session.sh OUT_DIR [PHASES]}
-phases=${2:-r-fp8,r-loop}
+phases=${2:-w3,w3-nopdl,profile-w3}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
@@ -60,7 +65,8 @@ for phase in ${phases//,/ }; do
         profile-r) run profile-r 240 "$py" bench/profile_step.py --unfused --max-model-len 40960 \
                    --workloads R,host-R ;;
         cascade) run cascade 150 "$py" bench/paged_attention.py --no-tests --sections cascade ;;
-        store) run store 120 "$py" bench/paged_attention.py --no-tests --sections store ;;
+        store) run store 120 bash -c "$py -m astrai_serve.kernels.triton_kv_store && \
+                   $py bench/paged_attention.py --no-tests --sections store" ;;
         r-fp8) run r-fp8 260 "$py" bench/train.py --grpo-rollouts --skip-peer --engine-arg kv_cache_dtype=fp8 \
                    --json "$out/r-fp8.json" ;;
         w1-fp8) run w1-fp8 200 "$py" bench/serve.py --compile-decode --workloads W1,W3 --skip-peer --repeats 1 \
@@ -83,6 +89,13 @@ for phase in ${phases//,/ }; do
                    --engine-arg async_scheduling=false" ;;
         arrivals) run arrivals 200 "$py" bench/engine_arrivals.py --rate 64 ;;
         sampling) run sampling 120 "$py" bench/sampling.py --programs 1024,2048,4096 --json "$out/sampling.json" ;;
+        w3) run w3 240 "$py" bench/serve.py --compile-decode --workloads W3 --skip-peer --repeats 3 \
+                   --json "$out/w3.json" ;;
+        w3-nopdl) run w3-nopdl 240 "$py" bench/serve.py --compile-decode --workloads W3 --skip-peer --repeats 3 \
+                   --engine-arg decode_pdl=false --json "$out/w3-nopdl.json" ;;
+        chain) run chain 120 "$py" bench/gemv.py --chain --json "$out/chain.json" ;;
+        r-loop6) run r-loop6 400 "$py" bench/train.py --grpo-rollouts --skip-peer --rollout-repeats 6 \
+                   --json "$out/r-loop6.json" ;;
         *) echo "unknown phase $phase" >&2; exit 2 ;;
     esac
 done
