@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from astrai_serve.auth import API_KEY_ENV, resolve_api_key
+from astrai_serve.child_process import freeze_startup_heap
 from astrai_serve.engine_args import add_engine_arguments, engine_overrides
 
 log = logging.getLogger("astrai.serve")
@@ -177,6 +178,7 @@ async def _serve(args: argparse.Namespace, engine_loop: Any, name: str, api_key:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, signals.put_nowait, sig)
+    freeze_startup_heap()      # the gRPC core relays every token: no full-collection pauses there either
     http = f" http={facade.url}" if facade is not None else ""
     print(f"astrai serve: ready grpc={grpc_target}{http} model={name}", flush=True)
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import itertools
 import logging
 import os
@@ -42,7 +41,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, NamedTuple
 
-from astrai_serve.child_process import child_env, python_argv
+from astrai_serve.child_process import child_env, freeze_startup_heap, python_argv
 from astrai_serve.engine_loop import (MARKERS, Aborted, EngineDeadError, EngineFailed, EngineHandle, EngineLoop, Entry,
                                       Rejected, Sink, deliver, num_samples, run_hooks)
 
@@ -309,11 +308,7 @@ def child_main(fd: int) -> int:
         except OSError:
             pass
         return 2
-    # Everything alive now (torch, the model, the engine) lives as long as the process: moved out
-    # of the collector's sight, a full collection no longer walks it -- a pause of up to a few
-    # hundred ms in the middle of serving otherwise.
-    gc.collect()
-    gc.freeze()
+    freeze_startup_heap()
     worker = _Worker(conn, EngineLoop(engine))
     conn.send(("ready", {"max_seq_len": engine.max_seq_len, "vocab_size": engine.model_config.vocab_size,
                          "stats": dataclasses.asdict(engine.stats())}))

@@ -38,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from astrai_serve.child_process import freeze_startup_heap
     from astrai_serve.facade_server import FacadeServer
     from astrai_serve.openai_api import FacadeConfig
 
@@ -55,5 +56,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"astrai gateway: error: {exc}", file=sys.stderr)
         return 2
     print(f"astrai gateway: ready http={server.url} grpc_target={args.grpc_target}", flush=True)
+    freeze_startup_heap()      # the facade relays every streamed chunk: no full-collection pauses
     server.run(stop_on_stdin_eof=args.stop_on_stdin_eof)
     return 0
