@@ -131,3 +131,37 @@ def test_grpo_resume_replays_the_same_rollouts(data, tokenizer_dir, tmp_path) ->
     assert max_abs_diff(weights(straight), weights(resumed)) == 0.0
     rewards = (straight.parent / "logs" / "version_0" / "metrics.csv").read_text()
     assert "train/reward" in rewards and "train/kl" in rewards
+
+
+def test_grpo_num_iterations_trains_each_rollout_several_steps(data, tokenizer_dir, tmp_path, monkeypatch) -> None:
+    """grpo.num_iterations=2: a rollout is sampled every other step and trained on twice, the
+    second time against the first step's log-probs (so the ratio leaves 1 and the clip can bite);
+    a run resumed between the two steps of a cycle ends with the same weights as one that was not."""
+    from astrai_train.objectives.rollout import RolloutSampler
+
+    draws = []
+    sample = RolloutSampler.sample
+    monkeypatch.setattr(RolloutSampler, "sample", lambda self, prompts, seed: draws.append(seed) or
+                        sample(self, prompts, seed))
+    grpo = ["grpo.group_size=4", "grpo.max_new_tokens=4", "grpo.rewards=[train_support:vowel_share]",
+            "optim.lr=1e-2", "optim.total_steps=4", "grpo.num_iterations=2", "grpo.clip_eps=0.01"]  # one LR schedule
+    straight = run("grpo", data, tokenizer_dir, tmp_path, "mu1", 4, *grpo, batch_size=2)
+    assert len(draws) == 2 and len(set(draws)) == 2          # steps 1 and 3 sample; 2 and 4 reuse
+    rows = (straight.parent / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    clip = [float(r.split(",")[header.index("train/clip_frac")]) for r in rows[1:]
+            if r.split(",")[header.index("train/clip_frac")]]
+    reward = [r.split(",")[header.index("train/reward")] for r in rows[1:] if r.split(",")[header.index("train/reward")]]
+    assert clip[0] == 0.0 and clip[1] > 0.0                   # the second step of a cycle is off-policy
+    assert reward[0] == reward[1] and reward[2] == reward[3]  # the same rollout, trained on twice
+
+    run("grpo", data, tokenizer_dir, tmp_path, "mu2", 3, *grpo, batch_size=2)      # stops mid-cycle
+    resumed = run("grpo", data, tokenizer_dir, tmp_path, "mu2", 4, *grpo, batch_size=2, resume="last")
+    assert max_abs_diff(weights(straight), weights(resumed)) == 0.0
+
+
+def test_grpo_num_iterations_must_be_a_positive_integer(data, tokenizer_dir, tmp_path) -> None:
+    from astrai_train.objectives.config import RecipeError
+
+    with pytest.raises(RecipeError, match=r"grpo.num_iterations=0: must be an integer >= 1"):
+        run("grpo", data, tokenizer_dir, tmp_path, "bad", 1, "grpo.num_iterations=0", batch_size=2)

@@ -97,6 +97,7 @@ class GRPOSection:
     kl_coef: float = 0.04                # weight of the k3 KL to the reference; 0 drops the reference model
     aggregation: str = "token"           # token: mean over all tokens of the batch | sequence: per-sequence mean first
     scale_rewards: bool = True           # divide advantages by the group's std (False: Dr. GRPO)
+    num_iterations: int = 1              # optimizer steps per rollout batch (GRPO's mu, TRL's num_iterations)
     rewards: list[str] = field(default_factory=lambda: ["exact_match"])  # reward functions by registry name or module:function
     reward_weights: list[float] | None = None  # one weight per reward function (default: all 1)
     rollout: str = "auto"                # engine: astrai_serve in-process | generate: the model's cached loop | auto
@@ -267,6 +268,8 @@ def validate(r: Recipe, source: str) -> None:
         raise bad("dpo.reference", d.reference, "choose model or precomputed")
     if g.group_size < 2:
         raise bad("grpo.group_size", g.group_size, "must be >= 2 (advantages compare completions of one prompt)")
+    if not isinstance(g.num_iterations, int) or isinstance(g.num_iterations, bool) or g.num_iterations < 1:
+        raise bad("grpo.num_iterations", g.num_iterations, "must be an integer >= 1")
     if g.max_new_tokens <= 0:
         raise bad("grpo.max_new_tokens", g.max_new_tokens, "must be > 0")
     if g.temperature <= 0:

@@ -1,15 +1,23 @@
 """GRPO: sample G completions per prompt, score them, push up the better-than-their-group ones.
 
-One optimizer update per rollout batch, so the "old" policy is the current one detached (its
-ratio is 1 with the gradient of the log-prob: the on-policy case of the clipped objective).
+`grpo.num_iterations` (mu in the GRPO paper, TRL's num_iterations) optimizer steps per rollout
+batch. The first step of a cycle samples, scores and keeps the rollout; the next mu - 1 steps train
+on the kept rollout again (the data loader's batches for those steps are passed over), with the
+"old" log-probs those of the first step, so the ratio moves off 1 and the clip bites. With mu = 1
+the old policy is the current one detached (ratio 1 with the gradient of the log-prob: the
+on-policy case of the clipped objective). Kept rollouts ride in the checkpoint, so a run resumed
+mid-cycle replays exactly what an uninterrupted one would.
+
 batch (astrai_train.data.collate_grpo): prompts (unpadded token-id lists, the chat template up to
 the assistant's turn) and answers (the strings reward functions check).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from astrai_train.objectives.base import ObjectiveModule
 from astrai_train.objectives.logprobs import shifted_logprobs
@@ -33,6 +41,26 @@ def pack_sequences(prompts: list[list[int]], completions: list[list[int]], pad_i
     return ids.to(device), mask.to(device)
 
 
+ROLLOUTS_KEY = "astrai_grpo_rollouts"
+
+
+@dataclass
+class Rollout:
+    """One micro-batch's sampled, scored and packed completions, kept for num_iterations steps."""
+
+    ids: torch.Tensor                  # [B*G, T] prompt + completion per row
+    mask: torch.Tensor                 # [B*G, T] 1 on completion tokens
+    advantages: torch.Tensor           # [B*G]
+    rewards: torch.Tensor              # [B*G] (for the logs)
+    ref_logprobs: torch.Tensor | None  # [B*G, T-1] from the frozen reference, computed once
+    old_logprobs: torch.Tensor | None = None  # [B*G, T-1] the policy's at the cycle's first step
+    uses: int = 0                      # optimizer steps trained on it so far
+
+    def to(self, device: torch.device) -> "Rollout":
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
+        return Rollout(**moved)
+
+
 class GRPOModule(ObjectiveModule):
     def __init__(self, *args: Any, tokenizer: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -44,6 +72,7 @@ class GRPOModule(ObjectiveModule):
         self.sampler = RolloutSampler(self.model, tokenizer, g.group_size, g.max_new_tokens, g.temperature,
                                       backend=g.rollout, engine_args=g.engine_args)
         self._draw = 0
+        self._rollouts: dict[int, Rollout] = {}   # kept rollouts by micro-batch within the optimizer step
 
     def on_fit_start(self) -> None:
         if self.reference is not None:
@@ -59,6 +88,41 @@ class GRPOModule(ObjectiveModule):
 
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Size]:
         g = self.recipe.grpo
+        rollout = self._rollout_for(batch)
+        logprobs = shifted_logprobs(self.model(rollout.ids), rollout.ids)
+        if rollout.old_logprobs is None:
+            # The cycle's first step: the policy now is the "old" one (no extra forward needed).
+            rollout.old_logprobs = logprobs.detach() if g.num_iterations > 1 else None
+        old = logprobs.detach() if rollout.old_logprobs is None else rollout.old_logprobs
+        out = clipped_policy_loss(logprobs, old, rollout.advantages, rollout.mask[:, 1:], clip_eps=g.clip_eps,
+                                  clip_eps_high=g.clip_eps_high, ref_logprobs=rollout.ref_logprobs,
+                                  kl_coef=g.kl_coef, aggregation=g.aggregation)
+        metrics = {
+            "reward": rollout.rewards.mean(),
+            "reward_std": rollout.rewards.view(-1, g.group_size).std(dim=1).mean(),
+            "kl": out.kl,
+            "clip_frac": out.clip_frac,
+            "completion_len": rollout.mask.sum(-1).mean(),
+        }
+        return out.loss, metrics, rollout.ids.shape
+
+    def _rollout_for(self, batch: dict[str, Any]) -> Rollout:
+        """This micro-batch's rollout: the kept one while its num_iterations steps last (training
+        only), else a new one from `batch`."""
+        g = self.recipe.grpo
+        key = self._draw % max(1, self.trainer.accumulate_grad_batches) if self.training else None
+        kept = self._rollouts.get(key) if key is not None else None
+        if kept is None or kept.uses >= g.num_iterations:
+            kept = self._sample(batch)
+        elif kept.ids.device != self.device:      # restored from a checkpoint onto the CPU
+            kept = kept.to(self.device)
+        if key is not None and g.num_iterations > 1:
+            self._rollouts[key] = kept
+        kept.uses += 1
+        return kept
+
+    def _sample(self, batch: dict[str, Any]) -> Rollout:
+        g = self.recipe.grpo
         prompts = [list(map(int, p)) for p in batch["prompts"]]
         answers = list(batch["answers"])
         seed = rollout_seed(self.recipe.seed, self.global_step, self.global_rank, self._draw)
@@ -70,20 +134,28 @@ class GRPOModule(ObjectiveModule):
             self.reward_fn(self.tokenizer.decode(c), answers[i // g.group_size], prompt_texts[i // g.group_size])
             for i, c in enumerate(completions)], dtype=torch.float32)
         advantages = group_advantages(rewards, g.group_size, scale=g.scale_rewards).to(self.device)
-
         ids, mask = pack_sequences(grouped_prompts, completions, self.tokenizer.pad_id, self.device)
-        logprobs = shifted_logprobs(self.model(ids), ids)
         ref_logprobs = None
         if self.reference is not None:
             ref_logprobs = shifted_logprobs(self.reference.logits(ids), ids)
-        out = clipped_policy_loss(logprobs, logprobs.detach(), advantages, mask[:, 1:], clip_eps=g.clip_eps,
-                                  clip_eps_high=g.clip_eps_high, ref_logprobs=ref_logprobs, kl_coef=g.kl_coef,
-                                  aggregation=g.aggregation)
-        metrics = {
-            "reward": rewards.mean(),
-            "reward_std": rewards.view(-1, g.group_size).std(dim=1).mean(),
-            "kl": out.kl,
-            "clip_frac": out.clip_frac,
-            "completion_len": mask.sum(-1).mean(),
-        }
-        return out.loss, metrics, ids.shape
+        return Rollout(ids, mask, advantages, rewards.to(self.device), ref_logprobs)
+
+    # ---- exact resume mid-cycle ----------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.recipe.grpo.num_iterations == 1:
+            return                                  # nothing outlives a step
+        # plain dicts of tensors: what a weights-only checkpoint load accepts
+        mine = {k: vars(r.to(torch.device("cpu"))) for k, r in self._rollouts.items()}
+        every = [mine]                              # each rank keeps its own rollouts
+        if dist.is_available() and dist.is_initialized():
+            every = [None] * dist.get_world_size()
+            dist.all_gather_object(every, mine)
+        checkpoint[ROLLOUTS_KEY] = every
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        every = checkpoint.get(ROLLOUTS_KEY)
+        if every and self.global_rank < len(every):
+            # moved to the device at their next use
+            self._rollouts = {k: Rollout(**fields) for k, fields in every[self.global_rank].items()}
