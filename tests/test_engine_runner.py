@@ -345,11 +345,16 @@ def test_graph_settings_are_validated():
     assert not cpu.resolved_decode_gemv()           # auto: only where graphs run
     with pytest.raises(ValueError, match="decode_gemv=True: the GEMV runs inside CUDA graphs"):
         EngineConfig(device="cpu", decode_gemv=True).resolved_decode_gemv()
+    assert not cpu.resolved_decode_pdl() and not EngineConfig(device="cpu", decode_pdl=False).resolved_decode_pdl()
+    with pytest.raises(ValueError, match=r"decode_pdl=True: it needs decode_gemv and a compiled Triton kernel "
+                                         r"on a GPU of compute capability 9.0\+ \(device=cpu\)"):
+        EngineConfig(device="cpu", decode_pdl=True).resolved_decode_pdl()
     for bad, message in ((dict(cuda_graph_max_batch=0), "cuda_graph_max_batch=0"),
                          (dict(cuda_graph_capture_budget_s=-1), "cuda_graph_capture_budget_s=-1"),
                          (dict(overlap_steps="yes"), "overlap_steps='yes'"),
                          (dict(enable_cuda_graphs=1), "enable_cuda_graphs=1"),
                          (dict(decode_gemv="on"), "decode_gemv='on'"),
+                         (dict(decode_pdl="on"), "decode_pdl='on'"),
                          (dict(cascade_attention=None), "cascade_attention=None")):
         with pytest.raises(ValueError, match=message):
             EngineConfig(**bad)
