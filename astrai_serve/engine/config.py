@@ -144,12 +144,13 @@ class EngineConfig:
         """Whether the decode GEMVs launch with programmatic dependent launch (each reads its first
         weight tile while the kernel before it finishes: bench/gemv.py --chain on an H200, a
         batch-1 step's 112 layer GEMVs 523 -> 372 µs). Needs the GEMV and a Hopper-or-later GPU."""
-        gemv = self.resolved_decode_gemv()
-        if self.decode_pdl is False or not gemv and self.decode_pdl is None:
+        if self.decode_pdl is False:
             return False
-        from astrai_serve.kernels.triton_gemv import pdl_supported
+        supported = False
+        if self.resolved_decode_gemv():          # (Triton is imported only where the GEMV runs)
+            from astrai_serve.kernels.triton_gemv import pdl_supported
 
-        supported = gemv and pdl_supported(self.torch_device())
+            supported = pdl_supported(self.torch_device())
         if self.decode_pdl and not supported:
             raise ValueError(f"invalid engine config decode_pdl=True: it needs decode_gemv and a compiled Triton "
                              f"kernel on a GPU of compute capability 9.0+ (device={self.torch_device()})")

@@ -6,7 +6,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
