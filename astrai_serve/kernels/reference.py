@@ -85,9 +85,15 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor | None, k: torch.Tenso
     for cache, new in ((k_cache, k), (v_cache, v)):
         if cache is None:
             continue
-        new = new.to(cache.dtype)
-        if cache.element_size() == 1:        # float8: index_copy_ has no such kernel; copy the bytes
-            cache, new = cache.view(torch.uint8), new.view(torch.uint8)
+        if cache.element_size() == 1:
+            # float8: saturate to the finite range first. torch's CPU cast saturates and its CUDA
+            # cast may not (an overflow there is NaN, which would poison every later attention
+            # over this slot); the Triton store saturates, so the oracle says so explicitly.
+            top = torch.finfo(cache.dtype).max
+            new = new.float().clamp(-top, top).to(cache.dtype)
+            cache, new = cache.view(torch.uint8), new.view(torch.uint8)  # index_copy_ has no fp8 kernel
+        else:
+            new = new.to(cache.dtype)
         cache.view(-1, n_kv, cache.shape[3]).index_copy_(0, slots, new)
 
 

@@ -105,6 +105,16 @@ def _toward_zero_bf16(x: torch.Tensor) -> torch.Tensor:
     return (x.float().contiguous().view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
+def _first_differences(got: list[torch.Tensor], want: list[torch.Tensor], count: int = 4) -> str:
+    """Up to `count` differing elements per cache as (index, kernel value, reference value)."""
+    parts = []
+    for name, g, w in zip(("keys", "values"), got, want):
+        g, w = g.float().flatten().cpu(), w.float().flatten().cpu()
+        bad = ((g != w) & ~(g.isnan() & w.isnan())).nonzero().flatten()[:count].tolist()
+        parts += [f"{name}[{i}] {g[i].item():g} vs {w[i].item():g}" for i in bad]
+    return ", ".join(parts) or "(only NaN payloads differ)"
+
+
 def selfcheck() -> None:
     """Kernel == reference, bit for bit, over whole caches (so stray writes fail too).
 
@@ -131,7 +141,7 @@ def selfcheck() -> None:
             ok = all(bool(((g == w) | (g == t)).all()) for g, w, t in zip(got, want, truncated))
         else:
             ok = all(torch.equal(g, w) for g, w in zip(got, want))
-        assert ok, f"{name}: the kernel's caches differ from the reference's"
+        assert ok, f"{name}: the kernel's caches differ from the reference's: {_first_differences(got, want)}"
 
     def caches(pages: int, page: int, n_kv: int, k_dim: int, v_dim: int | None, dtype: torch.dtype):
         def rand(dim: int) -> torch.Tensor:
