@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from astrai_train.data.h5store import H5Writer
+from astrai_train.data.repeat_sampler import RepeatSampler
 from astrai_train.data.sampler import ResumableDistributedSampler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +84,32 @@ def test_sampler_rejects_other_data():
         ResumableDistributedSampler(12, 1, 0, seed=0).load_state_dict(s.state_dict())
     with pytest.raises(ValueError, match="rank 2"):
         ResumableDistributedSampler(10, 2, 2)
+
+
+def test_repeat_sampler_repeats_each_ranks_steps_and_resumes_mid_cycle():
+    # 23 samples, 2 ranks -> 12 each; steps of 5 -> 2 whole steps per rank (the last 2 dropped), each twice.
+    plain = [ResumableDistributedSampler(23, 2, r, shuffle=True, seed=4) for r in range(2)]
+    repeat = [RepeatSampler(23, 2, r, shuffle=True, seed=4, step_size=5, repeats=2) for r in range(2)]
+    for p, s in zip(plain, repeat):
+        mine = list(p)
+        assert list(s) == mine[0:5] * 2 + mine[5:10] * 2 and len(s) == 20
+    s = repeat[1]
+    stream = list(s)
+    s.advance(7)                              # mid-way through the first step's second pass
+    resumed = RepeatSampler(23, 2, 1, shuffle=True, seed=4, step_size=5, repeats=2)
+    resumed.load_state_dict(s.state_dict())
+    assert list(resumed) == stream[7:]
+    # Another world size: the cycle the consumed prefix ends in starts again (no sample is lost).
+    other = RepeatSampler(23, 1, 0, shuffle=True, seed=4, step_size=5, repeats=2)
+    other.load_state_dict(s.state_dict())
+    assert other.consumed == 0
+    s.advance(3)                              # the first cycle done: 5 distinct samples on each rank
+    other.load_state_dict(s.state_dict())
+    assert other.consumed == 20               # two steps of 5 distinct samples, each twice
+    with pytest.raises(ValueError, match="repeats=2, this run has repeats=1"):
+        ResumableDistributedSampler(23, 2, 1, shuffle=True, seed=4).load_state_dict(s.state_dict())
+    with pytest.raises(ValueError, match="do not fill one optimizer step"):
+        RepeatSampler(23, 2, 0, step_size=13, repeats=2)
 
 
 # ---- the real thing: Lightning DDP on CPU, two processes -----------------------------------------

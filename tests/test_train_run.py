@@ -160,6 +160,50 @@ def test_grpo_num_iterations_trains_each_rollout_several_steps(data, tokenizer_d
     assert max_abs_diff(weights(straight), weights(resumed)) == 0.0
 
 
+def test_grpo_num_iterations_rolls_out_every_prompt_once_per_epoch(data, tokenizer_dir, tmp_path, monkeypatch) -> None:
+    """With num_iterations=2 and 2 micro-batches per step the loader yields each step's batches twice
+    in a row (as TRL's RepeatSampler does): one epoch rolls out every prompt exactly once and takes
+    2 x (batches / 2) optimizer steps."""
+    import lightning as L
+
+    from astrai_train.objectives.rollout import RolloutSampler
+
+    mu, accumulate, batch_size = 2, 2, 2
+    sampled = []
+    sample = RolloutSampler.sample
+    monkeypatch.setattr(RolloutSampler, "sample", lambda self, prompts, seed: sampled.extend(map(tuple, prompts)) or
+                        sample(self, prompts, seed))
+
+    class Batches(L.Callback):
+        def __init__(self) -> None:
+            self.prompts: list[list[tuple[int, ...]]] = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            self.prompts.append([tuple(p) for p in batch["prompts"]])
+
+    argv = recipe_overrides("grpo", data["grpo"], tokenizer_dir, tmp_path, "epoch", 100, batch_size=batch_size,
+                            extra=["grpo.group_size=2", "grpo.max_new_tokens=2", "grpo.kl_coef=0",
+                                   f"grpo.num_iterations={mu}", f"trainer.accumulate_grad_batches={accumulate}"])
+    trainer, module, prepared = runner.setup_run(parse(argv))
+    batches = Batches()
+    trainer.callbacks.append(batches)
+    trainer.fit_loop.max_epochs = 1
+    trainer.fit(module, datamodule=prepared.datamodule)
+
+    dataset = prepared.datamodule.train_dataset
+    prompts = sorted(tuple(dataset[i]["prompt_ids"].tolist()) for i in range(len(dataset)))
+    assert len(prompts) == 16 and len(set(prompts)) == 16
+    assert sorted(sampled) == prompts                          # every prompt rolled out, each once
+    per_epoch = len(dataset) // batch_size                     # 8 distinct batches
+    assert trainer.global_step == mu * per_epoch // accumulate == 8
+    # What the loader yielded: each optimizer step's micro-batches, twice in a row.
+    seen = batches.prompts
+    assert len(seen) == mu * per_epoch
+    steps = [seen[i:i + accumulate] for i in range(0, len(seen), accumulate)]
+    assert all(steps[k] == steps[k + 1] for k in range(0, len(steps), mu))
+    assert all(steps[k] != steps[k + mu] for k in range(0, len(steps) - mu, mu))
+
+
 def test_grpo_num_iterations_must_be_a_positive_integer(data, tokenizer_dir, tmp_path) -> None:
     from astrai_train.objectives.config import RecipeError
 

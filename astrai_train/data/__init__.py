@@ -14,6 +14,7 @@ _EXPORTS = {
     "SeqDataset": "datasets", "SFTDataset": "datasets", "DPODataset": "datasets", "GRPODataset": "datasets",
     "collate_dpo": "datasets", "collate_grpo": "datasets", "num_windows": "datasets",
     "ResumableDistributedSampler": "sampler", "CountingDataLoader": "sampler",
+    "RepeatSampler": "repeat_sampler", "RepeatConfig": "repeat_sampler",
     "TokenStore": "h5store", "H5Writer": "h5store", "OBJECTIVE_KEYS": "h5store", "token_dtype": "h5store",
     "PrepareConfig": "prepare", "PrepareStats": "prepare", "prepare": "prepare",
     "TaskConfig": "tasks", "derive_tasks": "tasks", "EVAL_PLAYS": "tasks",

@@ -2,7 +2,8 @@
 
 The training sampler's state rides in the Lightning checkpoint through the DataModule's
 state_dict/load_state_dict hooks, so `trainer.fit(..., ckpt_path=...)` continues at the exact
-batch an uninterrupted run would have seen next (on every rank).
+batch an uninterrupted run would have seen next (on every rank). With `repeat` (GRPO's
+num_iterations) the training sampler yields each optimizer step's batches several times in a row.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from .datasets import build_dataset, collate_for
 from .h5store import OBJECTIVE_KEYS
+from .repeat_sampler import RepeatConfig, RepeatSampler
 from .sampler import CountingDataLoader, ResumableDistributedSampler
 
 
@@ -58,9 +60,10 @@ class DataConfig:
 
 
 class AstraiDataModule(L.LightningDataModule):
-    def __init__(self, config: DataConfig | dict[str, Any]) -> None:
+    def __init__(self, config: DataConfig | dict[str, Any], repeat: RepeatConfig = RepeatConfig()) -> None:
         super().__init__()
         self.config = config if isinstance(config, DataConfig) else DataConfig.from_dict(config)
+        self.repeat = repeat
         self.train_dataset = None
         self.val_dataset = None
         self._train_sampler: ResumableDistributedSampler | None = None
@@ -90,9 +93,14 @@ class AstraiDataModule(L.LightningDataModule):
         self.setup("fit")
         if self._train_sampler is None:
             replicas, rank = self._world()
-            self._train_sampler = ResumableDistributedSampler(
-                len(self.train_dataset), replicas, rank, shuffle=True, seed=self.config.seed,
-                drop_last=self.config.drop_last)
+            c, r = self.config, self.repeat
+            common = dict(dataset_len=len(self.train_dataset), num_replicas=replicas, rank=rank, shuffle=True,
+                          seed=c.seed, drop_last=c.drop_last)
+            if r.times > 1:
+                self._train_sampler = RepeatSampler(**common, step_size=c.batch_size * r.batches_per_step,
+                                                    repeats=r.times)
+            else:
+                self._train_sampler = ResumableDistributedSampler(**common)
             if self._pending_state is not None:
                 self._train_sampler.load_state_dict(self._pending_state)
                 self._pending_state = None

@@ -22,9 +22,14 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 STATE_VERSION = 1
+# Settings a checkpoint must share with the run resuming it, with the value older checkpoints imply.
+_SETTINGS = {"dataset_len": None, "seed": None, "shuffle": None, "repeats": 1, "step_size": 1}
 
 
 class ResumableDistributedSampler(DistributedSampler):
+    repeats = 1    # RepeatSampler's: how often each step's samples come in a row (1: no repetition)
+    step_size = 1  # RepeatSampler's: samples per optimizer step and rank
+
     def __init__(self, dataset_len: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
                  seed: int = 0, drop_last: bool = False) -> None:
         # DistributedSampler.__init__ is not called: it wants a dataset and a process group.
@@ -60,10 +65,13 @@ class ResumableDistributedSampler(DistributedSampler):
             order = (order * reps)[: self.total_size]
         return order[: self.total_size]
 
+    def rank_order(self, epoch: int) -> list[int]:
+        """What this rank yields in an epoch, length num_samples."""
+        return self.epoch_order(epoch)[self.rank::self.num_replicas]
+
     def __iter__(self) -> Iterator[int]:
         # Decided when iteration starts, not lazily: a loader's workers may pull indices at any time.
-        mine = self.epoch_order(self.epoch)[self.rank::self.num_replicas]
-        return iter(mine[self.consumed:])
+        return iter(self.rank_order(self.epoch)[self.consumed:])
 
     def __len__(self) -> int:
         # The whole epoch, also when resuming: Lightning counts batches already done on its own.
@@ -81,13 +89,14 @@ class ResumableDistributedSampler(DistributedSampler):
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "epoch": self.epoch, "consumed_per_rank": self.consumed,
                 "samples_consumed": self.consumed * self.num_replicas, "num_replicas": self.num_replicas,
-                "dataset_len": self.dataset_len, "seed": self.seed, "shuffle": self.shuffle}
+                "dataset_len": self.dataset_len, "seed": self.seed, "shuffle": self.shuffle,
+                "repeats": self.repeats, "step_size": self.step_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("dataset_len", "seed", "shuffle"):
-            if state.get(key) != getattr(self, key):
-                raise ValueError(f"cannot resume the sampler: checkpoint has {key}={state.get(key)!r}, this run "
-                                 f"has {key}={getattr(self, key)!r} (different data or settings)")
+        for key, implied in _SETTINGS.items():
+            if state.get(key, implied) != getattr(self, key):
+                raise ValueError(f"cannot resume the sampler: checkpoint has {key}={state.get(key, implied)!r}, this "
+                                 f"run has {key}={getattr(self, key)!r} (different data or settings)")
         self.epoch = int(state["epoch"])
         if state["num_replicas"] == self.num_replicas:
             self.consumed = int(state["consumed_per_rank"])

@@ -97,7 +97,7 @@ class GRPOSection:
     kl_coef: float = 0.04                # weight of the k3 KL to the reference; 0 drops the reference model
     aggregation: str = "token"           # token: mean over all tokens of the batch | sequence: per-sequence mean first
     scale_rewards: bool = True           # divide advantages by the group's std (False: Dr. GRPO)
-    num_iterations: int = 1              # optimizer steps per rollout batch (GRPO's mu, TRL's num_iterations)
+    num_iterations: int = 1              # optimizer steps per rollout batch, whose prompts the loader repeats (GRPO's mu, TRL's num_iterations)
     rewards: list[str] = field(default_factory=lambda: ["exact_match"])  # reward functions by registry name or module:function
     reward_weights: list[float] | None = None  # one weight per reward function (default: all 1)
     rollout: str = "auto"                # engine: astrai_serve in-process | generate: the model's cached loop | auto

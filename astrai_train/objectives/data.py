@@ -8,7 +8,7 @@ from astrai_train.objectives.config import Recipe, RecipeError
 
 
 def build_datamodule(recipe: Recipe, tokenizer: Any) -> Any:
-    from astrai_train.data import AstraiDataModule, DataConfig
+    from astrai_train.data import AstraiDataModule, DataConfig, RepeatConfig
 
     values = dict(recipe.data)
     if not values.get("train_path"):
@@ -23,6 +23,10 @@ def build_datamodule(recipe: Recipe, tokenizer: Any) -> Any:
         config = DataConfig.from_dict(values)
     except TypeError as e:  # a wrongly typed value that the dataclass could not take
         raise RecipeError(f"data: {e}") from None
-    datamodule = AstraiDataModule(config)
+    repeat = RepeatConfig()
+    if recipe.objective == "grpo":
+        # Each step's prompts come num_iterations times in a row: the reuse steps of a rollout get its batch.
+        repeat = RepeatConfig(recipe.trainer.accumulate_grad_batches, recipe.grpo.num_iterations)
+    datamodule = AstraiDataModule(config, repeat)
     datamodule.setup("fit")  # opens the files: FileNotFoundError / ValueError naming the file
     return datamodule

@@ -2,10 +2,12 @@
 
 `grpo.num_iterations` (mu in the GRPO paper, TRL's num_iterations) optimizer steps per rollout
 batch. The first step of a cycle samples, scores and keeps the rollout; the next mu - 1 steps train
-on the kept rollout again (the data loader's batches for those steps are passed over), with the
-"old" log-probs those of the first step, so the ratio moves off 1 and the clip bites. With mu = 1
-the old policy is the current one detached (ratio 1 with the gradient of the log-prob: the
-on-policy case of the clipped objective). Kept rollouts ride in the checkpoint, so a run resumed
+on the kept rollout again, with the "old" log-probs those of the first step, so the ratio moves off
+1 and the clip bites. The data loader repeats each step's batches mu times (RepeatSampler, built
+from the recipe in objectives/data.py), so a reuse step receives the very prompts of its kept
+rollout (checked) and every prompt is rolled out once per epoch. With mu = 1 the old policy is the
+current one detached (ratio 1 with the gradient of the log-prob: the on-policy case of the clipped
+objective). Kept rollouts ride in the checkpoint, as the sampler's position does, so a run resumed
 mid-cycle replays exactly what an uninterrupted one would.
 
 batch (astrai_train.data.collate_grpo): prompts (unpadded token-id lists, the chat template up to
@@ -41,6 +43,10 @@ def pack_sequences(prompts: list[list[int]], completions: list[list[int]], pad_i
     return ids.to(device), mask.to(device)
 
 
+def prompt_ids(batch: dict[str, Any]) -> list[list[int]]:
+    return [list(map(int, p)) for p in batch["prompts"]]
+
+
 ROLLOUTS_KEY = "astrai_grpo_rollouts"
 
 
@@ -53,6 +59,7 @@ class Rollout:
     advantages: torch.Tensor           # [B*G]
     rewards: torch.Tensor              # [B*G] (for the logs)
     ref_logprobs: torch.Tensor | None  # [B*G, T-1] from the frozen reference, computed once
+    prompts: list[list[int]]           # the micro-batch's prompts (host lists), which its reuse steps receive again
     old_logprobs: torch.Tensor | None = None  # [B*G, T-1] the policy's at the cycle's first step
     uses: int = 0                      # optimizer steps trained on it so far
 
@@ -114,8 +121,15 @@ class GRPOModule(ObjectiveModule):
         kept = self._rollouts.get(key) if key is not None else None
         if kept is None or kept.uses >= g.num_iterations:
             kept = self._sample(batch)
-        elif kept.ids.device != self.device:      # restored from a checkpoint onto the CPU
-            kept = kept.to(self.device)
+        else:
+            # The sampler repeats the step's batches, so the kept prompts are this batch's. Host
+            # lists: comparing them costs no device sync.
+            if prompt_ids(batch) != kept.prompts:
+                raise RuntimeError(f"GRPO reuse step {kept.uses + 1}/{g.num_iterations} of micro-batch {key} got "
+                                   "other prompts than its kept rollout: the data loader must repeat each step's "
+                                   "batches num_iterations times (astrai_train.data.RepeatSampler)")
+            if kept.ids.device != self.device:    # restored from a checkpoint onto the CPU
+                kept = kept.to(self.device)
         if key is not None and g.num_iterations > 1:
             self._rollouts[key] = kept
         kept.uses += 1
@@ -123,7 +137,7 @@ class GRPOModule(ObjectiveModule):
 
     def _sample(self, batch: dict[str, Any]) -> Rollout:
         g = self.recipe.grpo
-        prompts = [list(map(int, p)) for p in batch["prompts"]]
+        prompts = prompt_ids(batch)
         answers = list(batch["answers"])
         seed = rollout_seed(self.recipe.seed, self.global_step, self.global_rank, self._draw)
         completions = self.sampler.sample(prompts, seed)
@@ -138,7 +152,7 @@ class GRPOModule(ObjectiveModule):
         ref_logprobs = None
         if self.reference is not None:
             ref_logprobs = shifted_logprobs(self.reference.logits(ids), ids)
-        return Rollout(ids, mask, advantages, rewards.to(self.device), ref_logprobs)
+        return Rollout(ids, mask, advantages, rewards.to(self.device), ref_logprobs, prompts)
 
     # ---- exact resume mid-cycle ----------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -156,6 +170,8 @@ class GRPOModule(ObjectiveModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         every = checkpoint.get(ROLLOUTS_KEY)
-        if every and self.global_rank < len(every):
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        # On another world size the sampler resumes at a cycle's start, where no kept rollout applies.
+        if every and len(every) == world:
             # moved to the device at their next use
             self._rollouts = {k: Rollout(**fields) for k, fields in every[self.global_rank].items()}
