@@ -26,6 +26,8 @@
 # profile-w3 where a batch-1 step goes with the GEMV
 # w4fast    W1 and W4 at 512 requests/s (the arrival window 0.5 s instead of 4 s)
 # w4inf     W1 and W4 with every request sent at once (no arrival window: the serving path's own cost)
+# w4fast8   w4fast with 8 client processes (4 ran 90%+ busy: is the client the limit?)
+# w4inf8    w4inf with 8 client processes
 # w3        W3 alone, medians of 3 (batch-1 decode: fused QK-norm, SwiGLU prologue, PDL GEMVs)
 # w3-nopdl  W3 with the GEMVs launched plainly (EngineConfig.decode_pdl=false)
 # chain     bench/gemv.py --chain: 28 layers of GEMVs in one graph, PDL and the SwiGLU prologue on/off
@@ -89,6 +91,10 @@ for phase in ${phases//,/ }; do
                    --engine-arg async_scheduling=false" ;;
         arrivals) run arrivals 200 "$py" bench/engine_arrivals.py --rate 64 ;;
         sampling) run sampling 120 "$py" bench/sampling.py --programs 1024,2048,4096 --json "$out/sampling.json" ;;
+        w4fast8) run w4fast8 300 "$py" bench/serve.py --compile-decode --workloads W1,W4 --skip-peer \
+                   --repeats 3 --rate 512 --client-procs 8 --json "$out/w4fast8.json" ;;
+        w4inf8) run w4inf8 300 "$py" bench/serve.py --compile-decode --workloads W1,W4 --skip-peer \
+                   --repeats 3 --rate inf --client-procs 8 --json "$out/w4inf8.json" ;;
         w3) run w3 240 "$py" bench/serve.py --compile-decode --workloads W3 --skip-peer --repeats 3 \
                    --json "$out/w3.json" ;;
         w3-nopdl) run w3-nopdl 240 "$py" bench/serve.py --compile-decode --workloads W3 --skip-peer --repeats 3 \

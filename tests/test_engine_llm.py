@@ -190,6 +190,8 @@ def test_add_request_rejects_bad_input(gqa):
         ("big", list(range(32)), "prompt has 32 tokens but at most 31 fit"),
         ("neg", [1, -1], "prompt token 1 is -1"),
         ("vocab", [300], r"prompt token 0 is 300: token ids must be integers in \[0, 300\)"),
+        ("bool", [1, 2, True], "prompt token 2 is True"),
+        ("float", [1.0, 2], "prompt token 0 is 1.0"),
         ("text", "hello", "needs a tokenizer"),
         ("", [1], "request_id must be a non-empty string"),
     ]

@@ -1,6 +1,8 @@
 """PagePool and RadixCache: unit tests and a hypothesis state machine over random interleavings."""
 from __future__ import annotations
 
+import random
+
 import pytest
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -203,3 +205,39 @@ class PoolAndTree(RuleBasedStateMachine):
 
 TestPoolAndTree = PoolAndTree.TestCase
 TestPoolAndTree.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+
+
+def test_radix_match_length_equals_the_longest_cached_page_prefix():
+    """Random prompts from a few shared stems, inserted and matched in random order: a match
+    covers exactly the longest whole-page prefix shared with any inserted prompt (edges split
+    anywhere, matches that end inside an edge, mismatches in its first or a later page)."""
+    rng = random.Random(0)
+    pool = PagePool(4000)
+    tree = RadixCache(pool, PS)
+    stems = [[rng.randrange(4) for _ in range(rng.randrange(0, 9) * PS)] for _ in range(4)]
+
+    def prompt() -> list[int]:
+        stem = rng.choice(stems)
+        return stem[:rng.randrange(len(stem) + 1)] + [rng.randrange(4) for _ in range(rng.randrange(1, 12))]
+
+    inserted: list[list[int]] = []
+    for _ in range(200):
+        p = prompt()
+        want = max((_common_pages(p, q) for q in inserted), default=0)
+        pages, _ = tree.match_prefix(p)
+        assert len(pages) == want, (p, want, len(pages))
+        n = len(p) // PS
+        if n:
+            got = pool.alloc(n)
+            tree.insert(p[:n * PS], got)
+            pool.decref(got)
+            inserted.append(p[:n * PS])
+        tree.check()
+    pool.check()
+
+
+def _common_pages(a: list[int], b: list[int]) -> int:
+    n = 0
+    while (n + 1) * PS <= min(len(a), len(b)) and a[n * PS:(n + 1) * PS] == b[n * PS:(n + 1) * PS]:
+        n += 1
+    return n

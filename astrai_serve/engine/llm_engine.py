@@ -154,10 +154,15 @@ class LLMEngine:
                 raise ValueError("chat messages need a tokenizer; this engine has none (give token ids)")
             return list(self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True))
         vocab = self.model_config.vocab_size
-        for i, t in enumerate(prompt):
+        ids = list(prompt)
+        # The check in C (a set of types, min, max): per token in Python it took 0.2 s for W2's
+        # 256 prompts of ~2,100 ids, a quarter of that run. The loop below only names the culprit.
+        if set(map(type, ids)) == {int} and min(ids) >= 0 and max(ids) < vocab:
+            return ids
+        for i, t in enumerate(ids):
             if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
                 raise ValueError(f"prompt token {i} is {t!r}: token ids must be integers in [0, {vocab})")
-        return list(prompt)
+        return ids
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
                     stream: bool = True) -> None:
