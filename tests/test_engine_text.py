@@ -109,3 +109,28 @@ def test_unstreamed_request_gives_one_output_holding_everything(llm):
     assert outs[0].new_token_ids == outs[0].token_ids == streamed[-1].token_ids
     assert outs[0].new_text == outs[0].text == streamed[-1].text
     assert [lp[0] for lp in outs[0].logprobs] == outs[0].token_ids
+
+
+def test_unstreamed_text_is_decoded_once_when_the_sample_finishes(llm, monkeypatch):
+    """stream=False without stop strings: no per-step detokenization, one batched decode at the
+    end, and the same text as the streamed request, also when a stop token ends it early (the
+    stop token is not text)."""
+    from astrai_serve.engine import outputs
+
+    engine = llm.engine
+    free = stream(engine, "probe", "KING. What say you?", LONG)[-1]
+    stop_id = free.token_ids[5]
+    calls = []
+    real = outputs.push_many
+    monkeypatch.setattr(outputs, "push_many", lambda detoks, ids: calls.append(len(detoks)) or real(detoks, ids))
+    for params in (LONG, SamplingParams(max_tokens=40, temperature=0.0, stop_token_ids=[stop_id])):
+        streamed = stream(engine, "s", "KING. What say you?", params)[-1]
+        calls.clear()
+        engine.add_request("u", "KING. What say you?", params, stream=False)
+        outs = []
+        while engine.has_unfinished_requests():
+            outs += engine.step()
+        assert calls == [1], calls      # one push, of the whole completion, at the finish
+        assert outs[0].token_ids == streamed.token_ids and outs[0].text == streamed.text
+        assert outs[0].finish_reason == streamed.finish_reason
+    assert streamed.finish_reason == "stop" and streamed.token_ids[-1] == stop_id
