@@ -26,6 +26,8 @@
 # profile-w3 where a batch-1 step goes with the GEMV
 # w4fast    W1 and W4 at 512 requests/s (the arrival window 0.5 s instead of 4 s)
 # w4inf     W1 and W4 with every request sent at once (no arrival window: the serving path's own cost)
+# w2        W2 alone, medians of 3 (radix cache on vs off)
+# profile-w2 where W2's cache-on steps go (kernels, host phases, host functions)
 # w4fast8   w4fast with 8 client processes (4 ran 90%+ busy: is the client the limit?)
 # w4inf8    w4inf with 8 client processes
 # w3        W3 alone, medians of 3 (batch-1 decode: fused QK-norm, SwiGLU prologue, PDL GEMVs)
@@ -36,7 +38,7 @@
 # Logs and JSON land in OUT_DIR: 8 files at most, as many as the device tool brings back.
 set -u
 out=${1:?usage: bash bench/gpu_session.sh OUT_DIR [PHASES]}
-phases=${2:-w3,w3-nopdl,profile-w3}
+phases=${2:-w2,cascade,profile-w2}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
@@ -95,6 +97,10 @@ for phase in ${phases//,/ }; do
                    --repeats 3 --rate 512 --client-procs 8 --json "$out/w4fast8.json" ;;
         w4inf8) run w4inf8 300 "$py" bench/serve.py --compile-decode --workloads W1,W4 --skip-peer \
                    --repeats 3 --rate inf --client-procs 8 --json "$out/w4inf8.json" ;;
+        w2) run w2 200 "$py" bench/serve.py --compile-decode --workloads W2 --skip-peer --repeats 3 \
+                   --json "$out/w2.json" ;;
+        profile-w2) run profile-w2 150 "$py" bench/profile_step.py --compile-decode --max-model-len 4096 \
+                   --workloads W2,host-W2 ;;
         w3) run w3 240 "$py" bench/serve.py --compile-decode --workloads W3 --skip-peer --repeats 3 \
                    --json "$out/w3.json" ;;
         w3-nopdl) run w3-nopdl 240 "$py" bench/serve.py --compile-decode --workloads W3 --skip-peer --repeats 3 \

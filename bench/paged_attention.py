@@ -223,13 +223,19 @@ def cascade_rows(bw: float) -> list[dict]:
         distinct = kv_bytes(own, shape) + kv_bytes([p // PAGE * PAGE for p, _ in groups], shape)
         for prefix_rows, block_n, warps, stages in [(64, 64, 4, 2), (64, 32, 4, 2), (64, 128, 4, 2),
                                                      (64, 64, 4, 1), (32, 64, 4, 2), (16, 64, 4, 2),
-                                                     (16, 32, 2, 2), (64, 64, 8, 2)]:
+                                                     (16, 32, 2, 2), (64, 64, 8, 2), (128, 64, 8, 2),
+                                                     (128, 32, 8, 2), (128, 64, 8, 3)]:
             plan, saved = plan_cascade(table.numpy().astype(np.int64), np.asarray(ctx_lens), PAGE,
                                        max(1, prefix_rows // group))
             padded = torch.tensor(pad_plan(plan, n, n), device="cuda")
             assert padded.numel() == graph_plan_len(n) and saved > 0
             cfg = TileConfig(prefix_rows, block_n, warps, stages)
-            err = (paged_attention(*args, cascade=padded, prefix_config=cfg).float() - plain_out).abs().max().item()
+            try:     # a tile that does not fit (registers, shared memory) is a row of its own, not the end
+                err = (paged_attention(*args, cascade=padded, prefix_config=cfg).float() - plain_out).abs().max().item()
+            except Exception as exc:
+                rows.append(dict(base, config=f"cascade prefix {prefix_rows}x{block_n} w{warps} s{stages}",
+                                 graph_us=float("nan"), error=str(exc)[:200]))
+                continue
             if err > 3e-2:
                 raise AssertionError(f"cascade {cfg} differs from plain decode by {err:.3g} on {name}")
             add(f"cascade prefix {prefix_rows}x{block_n} w{warps} s{stages}" + (" *" if (prefix_rows, block_n, warps, stages) == (64, 64, 4, 2) else ""),
