@@ -27,7 +27,7 @@ from typing import Any, AsyncIterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from astrai_serve.auth import GrpcApiKeyInterceptor
 from astrai_serve.engine_loop import MARKERS, EngineDeadError, EngineFailed, EngineHandle, Rejected, num_samples
@@ -268,6 +268,23 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _add_reflection(server: grpc.aio.Server, service_names: tuple[str, ...]) -> None:
+    """Server reflection under both of its names. grpcio-reflection serves only v1alpha; clients
+    such as grpcurl ask v1 first (and some only v1). The two protocols' messages are the same
+    fields under another package name, identical on the wire, so v1's path gets the same servicer
+    with v1alpha's (de)serialisers. v1 is not in the listed services: its descriptor is not in
+    this process's pool, so a client could not describe it."""
+    servicer = reflection.aio.ReflectionServicer(service_names)
+    handlers = {"ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo, request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)}
+    for name in (reflection.SERVICE_NAME, REFLECTION_V1):
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+
+
 class CoreServer:
     """The grpc.aio server with our service, health and reflection. Create inside a running loop."""
 
@@ -282,9 +299,8 @@ class CoreServer:
         pb_grpc.add_GenerationServiceServicer_to_server(servicer, self.server)
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.server)
+        _add_reflection(self.server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                      reflection.SERVICE_NAME))
         try:
             self.port = self.server.add_insecure_port(_address(host, port))
         except RuntimeError as exc:

@@ -137,6 +137,13 @@ def test_health_and_reflection(channel):
 
     fd = descriptor_pb2.FileDescriptorProto.FromString(replies[1].file_descriptor_response.file_descriptor_proto[0])
     assert fd.package == "astrai.v1" and [m.name for m in fd.service[0].method] == ["Generate", "Tokenize", "ModelInfo", "GetStats"]
+    # Reflection v1 (what grpcurl asks first): the same messages on the wire under v1's path.
+    v1 = channel.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                               request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                               response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+    v1_replies = list(v1(iter(requests)))
+    assert {s.name for s in v1_replies[0].list_services_response.service} == names
+    assert v1_replies[1].file_descriptor_response == replies[1].file_descriptor_response
 
 
 BAD = [  # (description, request kwargs, words the message must contain)
