@@ -67,3 +67,27 @@ def test_shim_leaves_another_lightning_command_alone(tmp_path) -> None:
     assert "someone else's" in other.read_text()
     other.write_text(f"#!/bin/sh\n{launcher_shim.MARKER}\n")  # our own earlier install is refreshed
     assert launcher_shim.install(tmp_path) == other and "launcher_shim" in other.read_text()
+
+
+def test_grpo_num_iterations_under_ddp(setup, tmp_path) -> None:
+    """GRPO with num_iterations=2 on 2 DDP ranks (`lightning run model`): each rank's loader repeats
+    its own steps, so every reuse step gets its kept rollout's prompts (a mismatch raises), and
+    the logged cycle shows it: the same reward twice, the clip fraction 0 on the first step."""
+    shim = launcher_shim.install(tmp_path)
+    argv = recipe_overrides("grpo", setup["data"]["grpo"], setup["tokenizer"], setup["root"], "grpo-ddp", 4,
+                            batch_size=2, extra=["grpo.group_size=2", "grpo.max_new_tokens=4", "grpo.num_iterations=2",
+                                                 "grpo.clip_eps=0.01", "optim.lr=1e-2"])
+    cmd = [str(shim), "run", "model", "--strategy=ddp", "--devices=2", "--accelerator=cpu",
+           f"--main-port={free_port()}", str(TRAIN_PY), *argv]
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = (setup["root"] / "grpo-ddp" / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+
+    def column(name: str) -> list[float]:
+        i = header.index(name)
+        return [float(r.split(",")[i]) for r in rows[1:] if r.split(",")[i]]
+
+    reward, clip = column("train/reward"), column("train/clip_frac")
+    assert len(reward) == 4 and reward[0] == reward[1] and reward[2] == reward[3]
+    assert clip[0] == 0.0 and clip[2] == 0.0
