@@ -10,7 +10,7 @@ Unknown model -> 404 `model_not_found`; wrong API key -> 401; body over the limi
 
 Extensions beyond OpenAI (as vLLM spells them): top_k, min_p, repetition_penalty, ignore_eos,
 stop_token_ids, skip_special_tokens. Arguments OpenAI has but this server cannot honour (tools,
-logit_bias, echo, ...) are refused with 400 instead of being silently ignored.
+echo, ...) are refused with 400 instead of being silently ignored.
 """
 from __future__ import annotations
 
@@ -49,16 +49,17 @@ class ParsedRequest:
 MAX_N = 128
 MAX_STOP = 16
 MAX_SEED = 2**63 - 1
+MAX_LOGIT_BIAS_TOKENS = 300  # entries per request, as OpenAI caps it
 # Accepted and ignored: they change nothing about the generated text.
 IGNORED = {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"}
 # Accepted only with their default (neutral) value.
 NEUTRAL = {"tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
-           "function_call": (None, "none", "auto"), "logit_bias": (None, {}), "parallel_tool_calls": (None, True, False),
+           "function_call": (None, "none", "auto"), "parallel_tool_calls": (None, True, False),
            "response_format": (None, {"type": "text"}), "modalities": (None, ["text"]), "audio": (None,),
            "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1), "prediction": (None,),
            "reasoning_effort": (None,), "web_search_options": (None,)}
 COMMON = {"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "n", "stop", "seed",
-          "presence_penalty", "frequency_penalty", "logprobs",
+          "presence_penalty", "frequency_penalty", "logprobs", "logit_bias",
           "top_k", "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids", "skip_special_tokens"}
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
 COMPLETION_FIELDS = COMMON | {"prompt"}
@@ -126,6 +127,29 @@ def _token_id_list(value: Any, param: str) -> list[int] | None:
             raise _bad(param, f"'{param}' token ids must be non-negative")
         return value
     return None
+
+
+def _get_logit_bias(body: dict) -> dict[int, float]:
+    """{"<token id>": bias} -> {id: bias}. Ids past the vocabulary are the core's to refuse (it knows
+    the vocabulary); the error still names logit_bias."""
+    value = body.get("logit_bias")
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _bad("logit_bias", f"'logit_bias' must be an object of token id -> bias, got {_type_name(value)}")
+    if len(value) > MAX_LOGIT_BIAS_TOKENS:
+        raise _bad("logit_bias", f"'logit_bias' may hold at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(value)}")
+    out = {}
+    for key, bias in value.items():
+        # JSON keys are strings; isdecimal + the int32 bound keep "-1", "1.5", " 7" and huge ids out
+        if not key.isdecimal() or int(key) > 2**31 - 1:
+            raise _bad("logit_bias", f"'logit_bias' keys must be token ids (integers in [0, 2**31) as strings), "
+                                     f"got {key!r}")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise _bad("logit_bias", f"'logit_bias' values must be numbers in [-100, 100], got {bias!r} "
+                                     f"for token {key}")
+        out[int(key)] = float(bias)
+    return out
 
 
 def _content(message: dict, i: int) -> str:
@@ -256,6 +280,7 @@ def parse_request(kind: str, body: Any, model_name: str, context_length: int) ->
         if stop_ids != [] and _token_id_list(stop_ids, "stop_token_ids") is None:
             raise _bad("stop_token_ids", "'stop_token_ids' must be an array of token ids")
         p.stop_token_ids.extend(stop_ids)
+    p.logit_bias.update(_get_logit_bias(body))
     p.ignore_eos = bool(_get_bool(body, "ignore_eos"))
     skip = _get_bool(body, "skip_special_tokens")
     if skip is not None:

@@ -87,6 +87,12 @@ class RequestChecker:
         if p.logprobs or p.top_logprobs:
             kwargs["logprobs"] = p.logprobs
             kwargs["top_logprobs"] = p.top_logprobs
+        if p.logit_bias:
+            bad = next((t for t in p.logit_bias if t >= self.vocab_size), None)
+            if bad is not None:   # negative ids and bad biases: SamplingParams names them below
+                raise InvalidRequest(f"logit_bias has token id {bad}, outside the vocabulary "
+                                     f"[0, {self.vocab_size})", "logit_bias")
+            kwargs["logit_bias"] = dict(p.logit_bias)
         room = self.max_len - prompt_len
         max_tokens = kwargs.setdefault("max_tokens", room)
         if max_tokens > room:

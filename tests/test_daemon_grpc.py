@@ -157,6 +157,10 @@ BAD = [  # (description, request kwargs, words the message must contain)
     ("n zero", dict(text="hi", params={"n": 0}), "n="),
     ("unknown role", dict(messages={"messages": [{"role": "wizard", "content": "x"}]}), "wizard"),
     ("prompt longer than the context", dict(text="word " * 3000), "context length"),
+    ("logit_bias id outside the vocabulary", dict(text="hi", params={"logit_bias": {10**6: 1.0}}),
+     "logit_bias has token id 1000000"),
+    ("logit_bias negative id", dict(text="hi", params={"logit_bias": {-3: 1.0}}), "logit_bias={-3: 1.0}"),
+    ("logit_bias too large", dict(text="hi", params={"logit_bias": {5: 101.0}}), "logit_bias={5: 101.0}"),
 ]
 
 
@@ -168,6 +172,26 @@ def test_bad_requests_are_invalid_argument(stubs, stub, case):
         list(stub.Generate(pb2.GenerateRequest(**kwargs), timeout=30))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert words in info.value.details(), info.value.details()
+    if "logit_bias" in words:
+        assert ("astrai-error-param", "logit_bias") in info.value.trailing_metadata()
+
+
+def test_generate_logit_bias(stubs, stub):
+    pb2 = stubs[0]
+    prompt = pb2.TokenIds(ids=[5, 6, 7, 8])
+
+    def ids(params):
+        return _collect(stub.Generate(pb2.GenerateRequest(token_ids=prompt, params=params), timeout=60))[1][0]
+
+    forced = pb2.SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, logit_bias={300: 100.0})
+    assert ids(forced) == [300] * 3
+    forced.temperature = 1.0                  # sampled rows too
+    assert ids(forced) == [300] * 3
+    greedy = pb2.SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    plain = ids(greedy)
+    greedy.logit_bias.update({t: -100.0 for t in plain})   # a ban on every token greedy picked
+    banned = ids(greedy)
+    assert len(banned) == 3 and not set(banned) & set(plain)
 
 
 def test_server_survives_bad_requests_and_duplicate_ids(stubs, stub):

@@ -113,6 +113,27 @@ def test_chat_logprobs(client):
     assert "".join(t.token for t in content) == reply.choices[0].message.content
 
 
+def test_logit_bias_forces_a_token_on_both_endpoints(client, tiny_model_dir):
+    from astrai_train.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(tiny_model_dir)
+    token = tok.encode(" night")[-1]
+    bias = {str(token): 100}
+    comp = client.completions.create(model=MODEL, prompt="Good", max_tokens=3, temperature=0, logit_bias=bias,
+                                     logprobs=1, extra_body={"ignore_eos": True})
+    assert comp.choices[0].logprobs.tokens == [tok.decode([token])] * 3
+    assert comp.choices[0].text == tok.decode([token] * 3) and comp.usage.completion_tokens == 3
+    chat = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=3, temperature=0.8, seed=1,
+                                          logit_bias=bias, extra_body={"ignore_eos": True})
+    assert chat.choices[0].message.content == tok.decode([token] * 3)
+    with pytest.raises(openai.BadRequestError) as info:   # the offending key and value are named
+        client.chat.completions.create(model=MODEL, messages=USER, max_tokens=3, logit_bias={"7": -101})
+    assert info.value.body["param"] == "logit_bias" and "-101" in info.value.message and "7" in info.value.message
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt="Good", max_tokens=3, logit_bias={"1.5": 1})
+    assert info.value.body["param"] == "logit_bias" and "'1.5'" in info.value.message
+
+
 def test_models_health_metrics(client, http, daemon):
     assert [m.id for m in client.models.list()] == [MODEL]
     assert http.get(f"/v1/models/{MODEL}").json()["max_model_len"] == 512
@@ -192,6 +213,13 @@ BAD = [  # (id, path, body (dict -> JSON, bytes -> raw), status, param)
     ("stream_options without stream", CHAT, {**OK_CHAT, "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ("unrecognized argument", CHAT, {**OK_CHAT, "frobnicate": 1}, 400, "frobnicate"),
     ("unsupported tools", CHAT, {**OK_CHAT, "tools": [{"type": "function"}]}, 400, "tools"),
+    ("logit_bias not an object", CHAT, {**OK_CHAT, "logit_bias": [[5, 1]]}, 400, "logit_bias"),
+    ("logit_bias key not an id", COMP, {"prompt": "hi", "logit_bias": {"abc": 1}}, 400, "logit_bias"),
+    ("logit_bias negative key", CHAT, {**OK_CHAT, "logit_bias": {"-5": 1}}, 400, "logit_bias"),
+    ("logit_bias id beyond vocabulary", CHAT, {**OK_CHAT, "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
+    ("logit_bias bias 101", COMP, {"prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ("logit_bias bias string", CHAT, {**OK_CHAT, "logit_bias": {"5": "high"}}, 400, "logit_bias"),
+    ("logit_bias too many", CHAT, {**OK_CHAT, "logit_bias": {str(i): 1 for i in range(301)}}, 400, "logit_bias"),
     ("token id outside vocabulary", COMP, {"prompt": [1, 2, 99999999]}, 400, "prompt"),
     ("prompt longer than the context", COMP, {"prompt": "word " * 3000}, 400, "prompt"),
     ("prompt + max_tokens beyond context", COMP, {"prompt": "word " * 100, "max_tokens": 500}, 400, "prompt"),

@@ -1,6 +1,7 @@
 """SamplingParams validation and the batched Sampler (filters, penalties, seeds, log-probs)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -26,6 +27,11 @@ from astrai_serve.engine.sampling_params import SamplingParams
     (dict(n=0), "n=0"),
     (dict(top_logprobs=3), "top_logprobs=3: needs logprobs=True"),
     (dict(logprobs=True, top_logprobs=21), "top_logprobs=21"),
+    (dict(logit_bias={-1: 5.0}), r"logit_bias=\{-1: 5.0\}: token ids must be integers >= 0"),
+    (dict(logit_bias={"7": 5.0}), r"logit_bias=\{'7': 5.0\}: token ids"),
+    (dict(logit_bias={7: 101}), r"logit_bias=\{7: 101\}: biases must be finite numbers in \[-100, 100\]"),
+    (dict(logit_bias={7: float("nan")}), r"logit_bias=\{7: nan\}"),
+    (dict(logit_bias=[(7, 1.0)]), "logit_bias=.*must be a dict"),
 ])
 def test_sampling_params_reject_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -201,3 +207,47 @@ def test_bf16_logits_sample_as_their_float32_copies():
     want = Sampler(torch.device("cpu"))(logits.float(), params, **kwargs)
     assert got.token_ids == want.token_ids and got.token_ids[0] == 7
     assert got.logprobs == want.logprobs and got.logprobs[3] is not None
+
+
+def test_logit_bias_forces_bans_and_leaves_other_rows_alone():
+    torch.manual_seed(4)
+    logits = torch.randn(4, 50)
+    top = logits.argmax(-1).tolist()
+    params = [SamplingParams(temperature=0, logit_bias={7: 100.0}),    # forced, greedy
+              SamplingParams(temperature=0, logit_bias={top[1]: -100}),  # its argmax banned
+              SamplingParams(temperature=0),                             # no bias: untouched
+              SamplingParams(temperature=1.0, top_p=0.9, logit_bias={7: 100.0})]  # forced, sampled
+    for seed in range(3):
+        out = sample(logits, params, seed=seed).token_ids
+        second = logits[1].clone()
+        second[top[1]] -= 100
+        assert out[:3] == [7, second.argmax().item(), top[2]] and out[3] == 7
+    # with penalties too (one float32 copy for both), and on the model's bf16 logits
+    both = [SamplingParams(temperature=0, repetition_penalty=1.5, logit_bias={top[0]: -100}),
+            SamplingParams(temperature=0)]
+    assert sample(logits[:2].bfloat16(), both, histories=[([1], 1), ([], 0)]).token_ids[0] != top[0]
+    assert sample(logits[:2].bfloat16(), both, histories=[([1], 1), ([], 0)]).token_ids[1] == top[1]
+    # log-probs stay the model's (before the bias), like the penalties'
+    lp = sample(logits[:1], [SamplingParams(temperature=0, logprobs=True, logit_bias={7: 100})]).logprobs[0]
+    assert lp[0] == 7 and lp[1] == pytest.approx(logits[0].log_softmax(-1)[7].item())
+
+
+def test_engine_logit_bias_per_request():
+    from astrai_serve.engine import LLM
+    from astrai_train.model import Transformer
+    from engine_support import GQA, prompts_of
+
+    torch.manual_seed(0)
+    llm = LLM.from_model(Transformer(GQA).eval(), None, num_pages=64, page_size=4)
+    prompt = prompts_of([9])[0]
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    plain = llm.generate([prompt], greedy)[0].token_ids
+    banned = plain[0]
+    res = llm.generate([prompt] * 3, [dataclasses.replace(greedy, logit_bias={123: 100}),
+                                      dataclasses.replace(greedy, logit_bias={banned: -100}), greedy])
+    assert res[0].token_ids == [123] * 6
+    assert banned not in res[1].token_ids and res[1].token_ids != plain
+    assert res[2].token_ids == plain                       # the row without a bias is unchanged
+    with pytest.raises(ValueError, match=r"logit_bias=\{300: 1.0\}: token id 300 is outside the vocabulary \[0, 300\)"):
+        llm.engine.add_request("bad", prompt, SamplingParams(logit_bias={300: 1.0}))
+    assert not llm.engine.has_unfinished_requests()

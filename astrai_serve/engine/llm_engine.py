@@ -177,6 +177,11 @@ class LLMEngine:
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in params.logit_bias or () if t >= vocab), None)
+        if bad is not None:   # out of range it would index past the logits inside a batched step
+            raise ValueError(f"invalid sampling parameter logit_bias={{{bad}: {params.logit_bias[bad]!r}}}: "
+                             f"token id {bad} is outside the vocabulary [0, {vocab})")
         ids = self._encode(prompt)
         self.scheduler.check_prompt(len(ids))
         samples = []

@@ -1,8 +1,9 @@
 """Sampler: logits of a batch -> next tokens (+ log-probs), vectorized on the device.
 
-Order per row: penalties (repetition on prompt+output tokens; presence and frequency on output
-tokens, as OpenAI defines them) -> greedy argmax when temperature is 0 -> otherwise temperature,
-top-k, top-p and min-p (one sort for all three) -> a draw. Greedy and sampled rows share the batch.
+Order per row: logit_bias (added to the listed tokens' logits; first, as vLLM applies it) ->
+penalties (repetition on prompt+output tokens; presence and frequency on output tokens, as OpenAI
+defines them) -> greedy argmax when temperature is 0 -> otherwise temperature, top-k, top-p and
+min-p (one sort for all three) -> a draw. Greedy and sampled rows share the batch.
 
 The draw is the Gumbel-max trick with hashed noise (kernels/gumbel.py): argmax(x / T + G) picks
 token i with probability softmax(x / T)_i, in ONE pass over the logits (one Triton kernel on the
@@ -11,7 +12,7 @@ so the same seed gives the same tokens whatever else is in the batch, with no pe
 generator and no per-row launch; rows without a seed take keys from the sampler's own stream.
 
 Log-probs are those of the model's distribution (log_softmax of the raw logits, before
-penalties and temperature), as vLLM reports them.
+logit_bias, penalties and temperature), as vLLM reports them by default (its raw_logprobs).
 
 No host sync but one: `sample_async` only enqueues device work, ending in ONE non-blocking copy
 of the sampled ids (and the log-probs, packed into the same transfer) into pinned memory;
@@ -81,10 +82,13 @@ class Sampler:
         """Enqueue the sampling of every row; the result comes with `.result()`."""
         want_lp = any(p.logprobs for p in params)
         raw_logprobs = logits.float().log_softmax(-1) if want_lp else None
+        biased = any(p.logit_bias for p in params)
+        if biased:
+            logits = self._bias(logits, params)
         if any(p.uses_penalties for p in params):
             if histories is None:
                 raise ValueError("rows with penalties need their token histories")
-            logits = self._penalize(logits, params, histories, history_keys)
+            logits = self._penalize(logits, params, histories, history_keys, copy=not biased)
         if all(p.greedy for p in params):
             tokens = logits.argmax(-1)
         else:
@@ -102,8 +106,21 @@ class Sampler:
                                      np.array([positions[i] for i in rows], dtype=np.uint64))
         return keys
 
+    @staticmethod
+    def _bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """A float32 copy of the logits with each row's logit_bias added: one scatter over the
+        (row, token) pairs of the rows that have a bias, built on the host, no sync."""
+        pairs = [(i, t, b) for i, p in enumerate(params) if p.logit_bias for t, b in p.logit_bias.items()]
+        rows, cols, vals = zip(*pairs)
+        dev = logits.device
+        idx = to_device([rows, cols], torch.int64, dev)
+        logits = logits.to(torch.float32, copy=True)    # never write into the runner's logits
+        logits.index_put_((idx[0], idx[1]), to_device(vals, torch.float32, dev), accumulate=True)
+        return logits
+
     def _penalize(self, logits: torch.Tensor, params: list[SamplingParams],
-                  histories: list[tuple[list[int], int]], keys: list[int] | None) -> torch.Tensor:
+                  histories: list[tuple[list[int], int]], keys: list[int] | None,
+                  copy: bool = True) -> torch.Tensor:
         rows = [i for i, p in enumerate(params) if p.uses_penalties]
         n, vocab, dev = len(rows), logits.shape[1], logits.device
 
@@ -121,7 +138,7 @@ class Sampler:
         seen = (outputs > 0) | in_prompt
         sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
         sub = sub - freq * outputs - pres * (outputs > 0)
-        logits = logits.to(torch.float32, copy=True)    # one copy, widened (bf16) or not
+        logits = logits.to(torch.float32, copy=copy)    # one copy, widened (bf16) or not (_bias made one)
         logits[idx] = sub
         return logits
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit; also bounds the per-step top-k over the vocabulary
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 effectively bans a token, +100 effectively forces it
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ class SamplingParams:
     top_logprobs: int = 0                 # with logprobs: also the this-many most likely alternatives
     skip_special_tokens: bool = True      # leave special tokens out of the returned text
     detokenize: bool = True               # False: token ids only, no text (saves the host time, e.g. GRPO rollouts)
+    # Out of the hash: a dict is unhashable. Ids past the vocabulary are refused by the engine, which knows it.
+    logit_bias: dict[int, float] | None = field(default=None, hash=False)  # token id -> bias in [-100, 100] added to its logit
 
     def __post_init__(self) -> None:
         # Accept a single string / list for the tuple fields, as OpenAI clients send either.
@@ -43,6 +46,8 @@ class SamplingParams:
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
+        if isinstance(self.logit_bias, dict):   # a copy (the caller's dict may change later); {} = off
+            object.__setattr__(self, "logit_bias", dict(self.logit_bias) or None)
         self._validate()
 
     def _validate(self) -> None:
@@ -92,6 +97,16 @@ class SamplingParams:
             raise bad("stop", "stop strings need the text: set detokenize=True or use stop_token_ids")
         if self.top_logprobs and not self.logprobs:
             raise bad("top_logprobs", "needs logprobs=True")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise bad("logit_bias", "must be a dict of token id -> bias, or None")
+            for t, b in self.logit_bias.items():   # name the one bad entry, not the whole (long) dict
+                if not is_int(t) or t < 0:
+                    raise ValueError(f"invalid sampling parameter logit_bias={{{t!r}: {b!r}}}: "
+                                     "token ids must be integers >= 0")
+                if not is_num(b) or abs(b) > MAX_LOGIT_BIAS:
+                    raise ValueError(f"invalid sampling parameter logit_bias={{{t!r}: {b!r}}}: "
+                                     f"biases must be finite numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
 
     @property
     def greedy(self) -> bool:
