@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, TypeVar
 
@@ -67,6 +67,64 @@ async def _until_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
         return work.result()
     work.cancel()
     raise ClientGone()
+
+
+def _call_error(parsed: ParsedRequest, i: int, err: grpc.aio.AioRpcError) -> ApiError:
+    """A core error on prompt i's call; in a batch, an error blamed on the prompt names which one."""
+    error = api_error(err)
+    if len(parsed.requests) > 1 and error.param == parsed.input_param:
+        error.param = f"{parsed.input_param}[{i}]"
+        error.message = f"{error.param}: {error.message}"
+    return error
+
+
+async def _first(parsed: ParsedRequest, i: int, call: Any) -> Any:
+    try:
+        return await call.read()
+    except grpc.aio.AioRpcError as err:
+        raise _call_error(parsed, i, err) from None
+
+
+async def _merge(parsed: ParsedRequest, calls: list[Any], firsts: list[Any]) -> AsyncIterator[Any]:
+    """The responses of a batch's calls as they arrive (each call's first one already read), with
+    indices renumbered to the choices': prompt i's sample j is i * n + j. Raises ApiError."""
+    def renumbered(i: int, response: Any) -> Any:
+        response.index += i * parsed.n
+        return response
+
+    if len(calls) == 1:
+        # One prompt (every chat request, nearly every completion): plain reads. The batch path's
+        # task and asyncio.wait per message would cost the facade CPU on every streamed token.
+        response = firsts[0]
+        while response is not grpc.aio.EOF:
+            yield response
+            try:
+                response = await calls[0].read()
+            except grpc.aio.AioRpcError as err:
+                raise _call_error(parsed, 0, err) from None
+        return
+    reads: dict[asyncio.Future, int] = {}
+    try:
+        for i, first in enumerate(firsts):
+            if first is not grpc.aio.EOF:
+                reads[asyncio.ensure_future(calls[i].read())] = i
+                yield renumbered(i, first)
+        while reads:
+            done, _ = await asyncio.wait(reads, return_when=asyncio.FIRST_COMPLETED)
+            for read in sorted(done, key=reads.__getitem__):  # in prompt order, for repeatable output
+                i = reads.pop(read)
+                try:
+                    response = read.result()
+                except grpc.aio.AioRpcError as err:
+                    raise _call_error(parsed, i, err) from None
+                if response is not grpc.aio.EOF:
+                    reads[asyncio.ensure_future(calls[i].read())] = i
+                    yield renumbered(i, response)
+    finally:
+        for read in reads:  # the consumer stopped (disconnect, error): nothing more is read
+            read.cancel()
+            if read.done() and not read.cancelled():
+                read.exception()  # retrieved, so asyncio does not log it as never retrieved
 
 
 def _sse(data: Any) -> str:
@@ -141,40 +199,45 @@ def create_app(config: FacadeConfig) -> FastAPI:
         info = await model_info()
         parsed = parse_request(kind, body, info.name, info.context_length)
         assembler = Assembler(parsed, info.name)
-        call = state["core"].generate(parsed.request)
+        calls = [state["core"].generate(r) for r in parsed.requests]  # a batch of prompts: one call each
+        streaming = False
         try:
-            first = await _until_disconnect(request, call.read())  # errors surface here, before any byte is sent
+            # Errors surface at each call's first read, before any byte is sent: a prompt of a batch
+            # that the core refuses is a 400 naming it, not an error in the middle of a stream.
+            firsts = await _until_disconnect(request, asyncio.gather(
+                *(_first(parsed, i, call) for i, call in enumerate(calls))))
             if parsed.stream:
-                return StreamingResponse(stream(parsed, assembler, call, first), media_type="text/event-stream",
+                streaming = True  # from here stream() owns the calls
+                return StreamingResponse(stream(parsed, assembler, calls, firsts), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            await _until_disconnect(request, collect(assembler, call, first))
+            await _until_disconnect(request, collect(parsed, assembler, calls, firsts))
             return JSONResponse(assembler.result())
-        except grpc.aio.AioRpcError as err:
-            call.cancel()
-            raise api_error(err) from None
         except ClientGone:
-            call.cancel()
             return Response(status_code=499)
+        finally:
+            if not streaming:  # a no-op for finished calls; otherwise it aborts the request in the core
+                for call in calls:
+                    call.cancel()
 
-    async def collect(assembler: Assembler, call: Any, first: Any) -> None:
-        response = first
-        while response is not grpc.aio.EOF:
-            assembler.add(response)
-            response = await call.read()
+    async def collect(parsed: ParsedRequest, assembler: Assembler, calls: list[Any], firsts: list[Any]) -> None:
+        async with aclosing(_merge(parsed, calls, firsts)) as responses:
+            async for response in responses:
+                assembler.add(response)
 
-    async def stream(parsed: ParsedRequest, assembler: Assembler, call: Any, first: Any) -> AsyncIterator[str]:
+    async def stream(parsed: ParsedRequest, assembler: Assembler, calls: list[Any], firsts: list[Any]
+                     ) -> AsyncIterator[str]:
         try:
-            response = first
-            while response is not grpc.aio.EOF:
-                for chunk in assembler.chunks(response):
-                    yield _sse(chunk)
-                response = await call.read()
+            async with aclosing(_merge(parsed, calls, firsts)) as responses:
+                async for response in responses:
+                    for chunk in assembler.chunks(response):
+                        yield _sse(chunk)
             if parsed.include_usage:
                 yield _sse(assembler.usage_chunk())
-        except grpc.aio.AioRpcError as err:  # after the 200 went out, errors travel in the stream
-            yield _sse(api_error(err).body())
+        except ApiError as err:  # after the 200 went out, errors travel in the stream
+            yield _sse(err.body())
         finally:
-            call.cancel()  # a no-op when finished; on disconnect it aborts the request in the core
+            for call in calls:  # a no-op when finished; on disconnect or error it aborts the request in the core
+                call.cancel()
         yield "data: [DONE]\n\n"
 
     @app.post("/v1/chat/completions")

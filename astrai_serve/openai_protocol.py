@@ -8,6 +8,10 @@ Unknown model -> 404 `model_not_found`; wrong API key -> 401; body over the limi
 
 `model` may be omitted (the one served model is meant); naming another model is a 404.
 
+Completions take `prompt` as OpenAI does: a string, an array of token ids, or a batch — an array of
+strings or an array of token-id arrays (one kind per batch). A batch of k prompts becomes k
+GenerateRequests (the core takes one prompt per call); prompt i's sample j is choice i * n + j.
+
 Extensions beyond OpenAI (as vLLM spells them): top_k, min_p, repetition_penalty, ignore_eos,
 stop_token_ids, skip_special_tokens. Arguments OpenAI has but this server cannot honour (tools,
 echo, ...) are refused with 400 instead of being silently ignored.
@@ -37,7 +41,8 @@ class ApiError(Exception):
 @dataclass(frozen=True)
 class ParsedRequest:
     kind: str                    # "chat" | "completion"
-    request: pb.GenerateRequest  # what goes to the core
+    id: str                      # the response's id
+    requests: tuple[pb.GenerateRequest, ...]  # what goes to the core: one per prompt, the same params
     stream: bool
     include_usage: bool          # stream_options.include_usage
     n: int
@@ -45,8 +50,16 @@ class ParsedRequest:
     top_logprobs: int
     input_param: str             # "messages" | "prompt": the field an over-long prompt is blamed on
 
+    @property
+    def num_choices(self) -> int:
+        return len(self.requests) * self.n
+
 
 MAX_N = 128
+# A batch runs its prompts side by side in the engine, each with its n samples: bound both the
+# prompts and the choices (sequences) one request may add.
+MAX_PROMPTS = 128
+MAX_CHOICES = 8 * MAX_N
 MAX_STOP = 16
 MAX_SEED = 2**63 - 1
 MAX_LOGIT_BIAS_TOKENS = 300  # entries per request, as OpenAI caps it
@@ -191,24 +204,36 @@ def _messages(body: dict) -> pb.ChatMessages:
     return out
 
 
-def _prompt(body: dict, request: pb.GenerateRequest) -> None:
+def _prompt_element(value: Any, param: str) -> str | list[int]:
+    if isinstance(value, str):
+        if not value:
+            raise _bad(param, f"'{param}' must not be empty")
+        return value
+    if isinstance(value, list) and not value:
+        raise _bad(param, f"'{param}' must not be empty")
+    ids = _token_id_list(value, param)
+    if ids is None:
+        raise _bad(param, f"'{param}' must be a string or an array of token ids, got {_type_name(value)}")
+    return ids
+
+
+def _prompts(body: dict) -> list[str | list[int]]:
+    """'prompt' -> one or more prompts, each a string or a list of token ids."""
     prompt = body.get("prompt")
     if prompt is None:
         raise _bad("prompt", "'prompt' is required")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str):
-        if not prompt:
-            raise _bad("prompt", "'prompt' must not be empty")
-        request.text = prompt
-        return
-    ids = _token_id_list(prompt, "prompt")
-    if ids is not None:
-        request.token_ids.ids.extend(ids)
-        return
-    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
-        raise _bad("prompt", f"batched prompts are not supported ({len(prompt)} given); send one prompt per request")
-    raise _bad("prompt", "'prompt' must be a string, an array of one string, or an array of token ids")
+    if isinstance(prompt, str) or _token_id_list(prompt, "prompt") is not None:
+        return [_prompt_element(prompt, "prompt")]
+    if not isinstance(prompt, list) or not all(isinstance(p, (str, list)) for p in prompt):
+        raise _bad("prompt", "'prompt' must be a string, an array of strings, an array of token ids or an array "
+                             f"of token-id arrays, got {_type_name(prompt)}")
+    if not prompt:
+        raise _bad("prompt", "'prompt' must not be empty")
+    if len(prompt) > MAX_PROMPTS:
+        raise _bad("prompt", f"'prompt' may hold at most {MAX_PROMPTS} prompts, got {len(prompt)}")
+    if len({type(p) for p in prompt}) > 1:  # as OpenAI: one kind of prompt per batch
+        raise _bad("prompt", "'prompt' must be an array of strings or an array of token-id arrays, not a mix")
+    return [_prompt_element(p, f"prompt[{i}]" if len(prompt) > 1 else "prompt") for i, p in enumerate(prompt)]
 
 
 def parse_request(kind: str, body: Any, model_name: str, context_length: int) -> ParsedRequest:
@@ -240,8 +265,10 @@ def parse_request(kind: str, body: Any, model_name: str, context_length: int) ->
             raise _bad("stream_options", "'stream_options' must be an object like {\"include_usage\": true}")
         include_usage = bool(_get_bool(options, "include_usage"))
 
-    request = pb.GenerateRequest(request_id=f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}")
+    request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+    request = pb.GenerateRequest(request_id=request_id)
     p = request.params
+    prompts: list[str | list[int]] = []
     if kind == "chat":
         request.messages.CopyFrom(_messages(body))
         max_tokens = _get_int(body, "max_completion_tokens", 1, context_length)
@@ -252,7 +279,7 @@ def parse_request(kind: str, body: Any, model_name: str, context_length: int) ->
         if top_logprobs and not logprobs:
             raise _bad("top_logprobs", "'top_logprobs' requires 'logprobs' to be true")
     else:
-        _prompt(body, request)
+        prompts = _prompts(body)
         max_tokens = _get_int(body, "max_tokens", 1, context_length)
         n_logprobs = _get_int(body, "logprobs", 0, 5)
         logprobs, top_logprobs = n_logprobs is not None, n_logprobs or 0
@@ -261,6 +288,9 @@ def parse_request(kind: str, body: Any, model_name: str, context_length: int) ->
     elif kind == "completion":
         p.max_tokens = min(16, context_length)  # OpenAI's completions default; chat runs to the context's end
     n = _get_int(body, "n", 1, MAX_N) or 1
+    if len(prompts) * n > MAX_CHOICES:
+        raise _bad("n", f"{len(prompts)} prompts with n = {n} make {len(prompts) * n} choices; "
+                        f"the limit is {MAX_CHOICES} per request")
     p.n = n
     for name, lo, hi, lo_open in (("temperature", 0.0, 2.0, False), ("top_p", 0.0, 1.0, True),
                                   ("presence_penalty", -2.0, 2.0, False), ("frequency_penalty", -2.0, 2.0, False),
@@ -286,6 +316,17 @@ def parse_request(kind: str, body: Any, model_name: str, context_length: int) ->
     if skip is not None:
         p.skip_special_tokens = skip
     p.logprobs, p.top_logprobs = logprobs, top_logprobs
-    return ParsedRequest(kind=kind, request=request, stream=stream, include_usage=include_usage, n=n,
-                         logprobs=logprobs, top_logprobs=top_logprobs,
+    requests = [request] if kind == "chat" else []
+    for i, prompt in enumerate(prompts):
+        one = pb.GenerateRequest()
+        one.CopyFrom(request)
+        if len(prompts) > 1:
+            one.request_id = f"{request_id}-{i}"  # the engine wants its request ids unique
+        if isinstance(prompt, str):
+            one.text = prompt
+        else:
+            one.token_ids.ids.extend(prompt)
+        requests.append(one)
+    return ParsedRequest(kind=kind, id=request_id, requests=tuple(requests), stream=stream,
+                         include_usage=include_usage, n=n, logprobs=logprobs, top_logprobs=top_logprobs,
                          input_param="messages" if kind == "chat" else "prompt")

@@ -4,6 +4,9 @@ Mirrors OpenAI's shapes: a chat stream opens each choice with a `{"role": "assis
 "content": ""}` delta and closes it with an empty delta carrying finish_reason; with
 stream_options.include_usage every chunk has `"usage": null` and one last chunk with no
 choices carries the usage.
+
+A batch of prompts is one Assembler: the facade renumbers each response's index to the choice's
+(prompt i's sample j is i * n + j), and the usage of all the prompts is summed.
 """
 from __future__ import annotations
 
@@ -19,19 +22,20 @@ def _bytes(token: str) -> list[int]:
 
 
 class Assembler:
-    """Accumulates one request's GenerateResponse stream; emits chunks or the whole response."""
+    """Accumulates one request's GenerateResponse streams; emits chunks or the whole response."""
 
     def __init__(self, parsed: ParsedRequest, model: str):
         self.parsed = parsed
         self.model = model
-        self.id = parsed.request.request_id
+        self.id = parsed.id
         self.created = int(time.time())
-        self.text: dict[int, list[str]] = {i: [] for i in range(parsed.n)}
-        self.finish: dict[int, str | None] = {i: None for i in range(parsed.n)}
-        self.chat_logprobs: dict[int, list[dict]] = {i: [] for i in range(parsed.n)}
+        choices = range(parsed.num_choices)
+        self.text: dict[int, list[str]] = {i: [] for i in choices}
+        self.finish: dict[int, str | None] = {i: None for i in choices}
+        self.chat_logprobs: dict[int, list[dict]] = {i: [] for i in choices}
         self.legacy_logprobs: dict[int, dict[str, list]] = {
-            i: {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []} for i in range(parsed.n)}
-        self.offset: dict[int, int] = {i: 0 for i in range(parsed.n)}
+            i: {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []} for i in choices}
+        self.offset: dict[int, int] = {i: 0 for i in choices}
         self.started: set[int] = set()
         self.usage: dict[str, Any] | None = None
 
@@ -42,11 +46,13 @@ class Assembler:
         self.text.setdefault(i, []).append(r.text)
         if r.finish_reason:
             self.finish[i] = r.finish_reason
-        if r.HasField("usage"):
-            u = r.usage
-            self.usage = {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-                          "total_tokens": u.prompt_tokens + u.completion_tokens,
-                          "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
+        if r.HasField("usage"):  # once per Generate call, on its last message: a batch sums its calls'
+            u, usage = r.usage, self.usage_or_empty()
+            usage["prompt_tokens"] += u.prompt_tokens
+            usage["completion_tokens"] += u.completion_tokens
+            usage["total_tokens"] += u.prompt_tokens + u.completion_tokens
+            usage["prompt_tokens_details"]["cached_tokens"] += u.cached_tokens
+            self.usage = usage
         if not self.parsed.logprobs:
             return None, None
         chat = [{"token": lp.token, "logprob": lp.logprob, "bytes": _bytes(lp.token),

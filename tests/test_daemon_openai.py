@@ -1,9 +1,10 @@
 """The REST facade through the official `openai` client and raw HTTP, against a real
 `astrai serve` process started with an API key: completions, chat, streaming, n=2, stop strings,
-usage, logprobs, models, health, metrics, the API key, and a table of bad requests."""
+usage, logprobs, batched prompts, models, health, metrics, the API key, and a table of bad requests."""
 from __future__ import annotations
 
 import json
+import time
 
 import grpc
 import httpx
@@ -90,6 +91,81 @@ def test_completions_default_max_tokens_and_token_prompt(client, http):
     assert reply.usage.completion_tokens == 16 and reply.choices[0].finish_reason == "length"  # OpenAI's default
     ids = http.post("/v1/completions", json={"prompt": [[11, 12, 13]], "max_tokens": 2}).json()
     assert ids["usage"]["prompt_tokens"] == 3
+
+
+BATCH = dict(model=MODEL, max_tokens=4, n=2, temperature=0, extra_body={"ignore_eos": True})
+
+
+def _texts_by_index(reply) -> list[str]:
+    assert sorted(c.index for c in reply.choices) == list(range(len(reply.choices)))
+    return [c.text for c in sorted(reply.choices, key=lambda c: c.index)]
+
+
+@pytest.mark.parametrize("prompts", [["To be", "or not"], [[11, 12, 13], [14, 15, 16, 17]]], ids=["text", "ids"])
+def test_completions_batch_matches_single_prompts(client, prompts):
+    singles = [client.completions.create(prompt=p, **BATCH) for p in prompts]
+    batch = client.completions.create(prompt=prompts, **BATCH)
+    # Prompt i's sample j is choice i * n + j, as OpenAI and vLLM number them.
+    assert _texts_by_index(batch) == _texts_by_index(singles[0]) + _texts_by_index(singles[1])
+    assert batch.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in singles)
+    assert batch.usage.completion_tokens == 16
+    assert batch.usage.total_tokens == batch.usage.prompt_tokens + 16
+
+
+def test_completions_batch_stream(client, http):
+    prompts = ["To be", "or not"]
+    whole = client.completions.create(prompt=prompts, **BATCH)
+    chunks = list(client.completions.create(prompt=prompts, **BATCH, stream=True,
+                                            stream_options={"include_usage": True}))
+    texts = [""] * 4
+    for chunk in chunks:
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert texts == _texts_by_index(whole)
+    usage = [c.usage for c in chunks if c.usage is not None]
+    assert len(usage) == 1 and chunks[-1].usage == usage[0] and chunks[-1].choices == []
+    assert usage[0].completion_tokens == 16 and usage[0].prompt_tokens == whole.usage.prompt_tokens
+    with http.stream("POST", COMP, json={"prompt": prompts, "max_tokens": 2, "stream": True}) as r:
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and events.count("data: [DONE]") == 1
+
+
+def _gauge(http, name: str) -> float:
+    line = next(line for line in http.get("/metrics").text.splitlines() if line.startswith(f"{name}{{"))
+    return float(line.split()[-1])
+
+
+def _assert_engine_idle(http, tokens_before: float, most: int) -> None:
+    """Nothing is left running or waiting in the engine, and fewer than `most` tokens were generated
+    since tokens_before (a leaked request would run to its max_tokens)."""
+    for _ in range(100):
+        if _gauge(http, "astrai_num_requests_running") == _gauge(http, "astrai_num_requests_waiting") == 0:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("requests of the batch still run in the engine")
+    assert _gauge(http, "astrai_generation_tokens_total") - tokens_before < most
+
+
+def test_rejected_batch_cancels_its_other_prompts(http):
+    tokens_before = _gauge(http, "astrai_generation_tokens_total")
+    r = http.post(COMP, json={"prompt": ["hi", "there", "word " * 3000, "you"], "max_tokens": 400,
+                              "ignore_eos": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt[2]", r.text
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+    assert r.json()["error"]["message"].startswith("prompt[2]: ")
+    _assert_engine_idle(http, tokens_before, 3 * 400)
+    good = http.post(COMP, json={"prompt": ["hi", "there"], "max_tokens": 2})
+    assert good.status_code == 200 and len(good.json()["choices"]) == 2
+
+
+def test_batch_stream_disconnect_cancels_every_prompt(http):
+    tokens_before = _gauge(http, "astrai_generation_tokens_total")
+    body = {"prompt": ["hi", "there", "you"], "max_tokens": 400, "n": 2, "stream": True, "ignore_eos": True}
+    with http.stream("POST", COMP, json=body) as r:
+        assert r.status_code == 200
+        next(line for line in r.iter_lines() if line.startswith("data: "))
+    _assert_engine_idle(http, tokens_before, 6 * 400)
 
 
 def test_stop_string_finishes_with_stop(client):
@@ -195,7 +271,13 @@ BAD = [  # (id, path, body (dict -> JSON, bytes -> raw), status, param)
     ("image content", CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400, "messages[0].content[0]"),
     ("missing prompt", COMP, {"model": MODEL}, 400, "prompt"),
     ("prompt wrong type", COMP, {"prompt": 12}, 400, "prompt"),
-    ("batched prompts", COMP, {"prompt": ["a", "b"]}, 400, "prompt"),
+    ("batch mixing strings and ids", COMP, {"prompt": ["a", [1, 2]]}, 400, "prompt"),
+    ("batch with an empty prompt", COMP, {"prompt": ["a", "b", ""]}, 400, "prompt[2]"),
+    ("batch with an empty id list", COMP, {"prompt": [[1, 2], []]}, 400, "prompt[1]"),
+    ("batch with a bad element", COMP, {"prompt": [[1, 2], [3, "x"]]}, 400, "prompt[1]"),
+    ("batch over the cap", COMP, {"prompt": ["a"] * 129}, 400, "prompt"),
+    ("batch times n over the cap", COMP, {"prompt": ["a"] * 9, "n": 128}, 400, "n"),
+    ("batch prompt longer than the context", COMP, {"prompt": ["hi", "word " * 3000]}, 400, "prompt[1]"),
     ("max_tokens string", CHAT, {**OK_CHAT, "max_tokens": "ten"}, 400, "max_tokens"),
     ("max_tokens negative", CHAT, {**OK_CHAT, "max_tokens": -5}, 400, "max_tokens"),
     ("max_tokens absurd", COMP, {"prompt": "hi", "max_tokens": 10**12}, 400, "max_tokens"),
