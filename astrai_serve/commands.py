@@ -1,21 +1,22 @@
 """`astrai serve`: the gRPC core, with the engine and the OpenAI REST facade in child processes.
 
     astrai serve --model DIR [--host 127.0.0.1] [--grpc-port 50051] [--http-port 8000] [--no-http]
-                 [--http-in-process] [--engine-in-process] [--api-key KEY | env ASTRAI_API_KEY]
+                 [--api-server-count N] [--http-in-process] [--engine-in-process]
+                 [--api-key KEY | env ASTRAI_API_KEY]
                  [--served-model-name NAME] [--shutdown-timeout S] [engine options]
 
 The daemon's process runs only I/O: the gRPC core on the main thread's event loop. The engine
 steps in a child process (engine_process.py), so the core's per-message Python never competes
 with it for a GIL (`--engine-in-process` steps it on a thread here instead: EngineLoop). The
 facade is `astrai gateway` in another child process (facade_process.py) that serves on the HTTP
-socket bound here and reaches the core over gRPC like any other client (`--http-in-process` runs
-it on a thread here instead). Once both listen, one line goes to stdout:
+socket bound here and reaches the core over gRPC like any other client (`--api-server-count N`
+runs N of them on the one socket; `--http-in-process` runs it on a thread here instead). Once both listen, one line goes to stdout:
 
     astrai serve: ready grpc=127.0.0.1:50051 http=http://127.0.0.1:8000 model=NAME
 
 SIGTERM or SIGINT: stop admitting (health turns NOT_SERVING, new calls get UNAVAILABLE/503),
 let in-flight requests finish for up to --shutdown-timeout seconds, abort the rest, stop the
-engine and the facade, exit 0. A second signal skips the wait. Should the facade process die,
+engine and the facade, exit 0. A second signal skips the wait. Should a facade process die,
 the daemon shuts down the same way and exits 1, so a supervisor restarts the whole service.
 Should the engine process die, the daemon stays up: open requests end with an error, health
 turns NOT_SERVING and new requests get UNAVAILABLE, as when the engine raises.
@@ -37,6 +38,7 @@ from astrai_serve.child_process import freeze_startup_heap
 from astrai_serve.engine_args import add_engine_arguments, engine_overrides
 
 log = logging.getLogger("astrai.serve")
+MAX_API_SERVERS = 64     # each is a whole Python process with a gRPC channel: more is a typo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grpc-port", type=int, default=50051, help="gRPC core port; 0 picks a free one (default 50051)")
     parser.add_argument("--http-port", type=int, default=8000, help="REST facade port; 0 picks a free one (default 8000)")
     parser.add_argument("--no-http", action="store_true", help="run the gRPC core alone, without the REST facade")
+    parser.add_argument("--api-server-count", type=int, default=1,
+                        help="REST facade processes serving the one HTTP port (as vLLM's flag): each relays its "
+                             "share of the streams on its own CPU core (default 1)")
     parser.add_argument("--http-in-process", action="store_true",
                         help="run the REST facade on a thread of this process instead of a child process "
                              "(it then shares the gRPC core's GIL: slower under load)")
@@ -85,6 +90,12 @@ def _check_args(args: argparse.Namespace) -> None:
         port = getattr(args, name)
         if not 0 <= port <= 65535:
             raise ValueError(f"--{name.replace('_', '-')} {port}: a port must be in [0, 65535]")
+    if not 1 <= args.api_server_count <= MAX_API_SERVERS:
+        raise ValueError(f"--api-server-count {args.api_server_count}: must be in [1, {MAX_API_SERVERS}]")
+    if args.api_server_count > 1 and (args.http_in_process or args.no_http):
+        flag = "--http-in-process" if args.http_in_process else "--no-http"
+        raise ValueError(f"--api-server-count {args.api_server_count}: more than one facade process "
+                         f"cannot go with {flag}")
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout {args.shutdown_timeout}: must be >= 0 seconds")
     if args.served_model_name is not None and not args.served_model_name.strip():
@@ -157,7 +168,7 @@ def _facade(args: argparse.Namespace, grpc_target: str, api_key: str | None) -> 
 
     # uvicorn's own info lines (startup banners) stay out of the daemon's log, as they always have.
     return FacadeProcess(grpc_target, args.host, args.http_port, api_key,
-                         log_level="error" if args.log_level == "error" else "warning")
+                         log_level="error" if args.log_level == "error" else "warning", count=args.api_server_count)
 
 
 async def _serve(args: argparse.Namespace, engine_loop: Any, name: str, api_key: str | None) -> int:

@@ -40,13 +40,10 @@ import asyncio
 import concurrent.futures
 import importlib
 import multiprocessing
-import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -197,59 +194,16 @@ def run_offline(model_dir: Path, engine: dict[str, Any], jobs: list[list[int]], 
     return {"tps": tokens / (end - start), "tokens": tokens, "msgs": None, "tpot": None, "cpu_busy": None}
 
 
-class Daemon:
-    """`astrai serve` on free ports; `ready` holds the fields of its ready line."""
-
-    def __init__(self, model_dir: Path, engine: dict[str, Any], flags: list[str], env: dict[str, str]):
-        import serve_online
-
-        cmd = [sys.executable, "-m", "astrai_train.cli", "serve", "--model", str(model_dir), "--grpc-port", "0",
-               "--http-port", "0", "--log-level", "warning", "--served-model-name", "bench",
-               *serve_online.engine_flags(engine), *flags]
-        full_env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join(
-            p for p in (str(common.ROOT), os.environ.get("PYTHONPATH")) if p)}
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=full_env, cwd=common.ROOT)
-        line = self.proc.stdout.readline()
-        if " ready " not in line:
-            self.stop()
-            raise RuntimeError(f"astrai serve did not start: {line!r} (its log is above)")
-        self.ready = dict(part.split("=", 1) for part in line.split() if "=" in part)
-        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
-
-    def cpu(self) -> dict[str, float]:
-        """CPU seconds so far: the main thread, the whole daemon, and its engine and facade child processes."""
-        def seconds(stat_path: str) -> float:
-            fields = Path(stat_path).read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-        def child(word: bytes) -> float:
-            total = 0.0
-            for c in children:
-                try:
-                    total += seconds(f"/proc/{c}/stat") if word in Path(f"/proc/{c}/cmdline").read_bytes() else 0.0
-                except OSError:  # it exited since the listing
-                    pass
-            return total
-
-        pid = self.proc.pid
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        return {"core": seconds(f"/proc/{pid}/task/{pid}/stat"), "daemon": seconds(f"/proc/{pid}/stat"),
-                "engine": child(b"astrai_serve.engine_process"), "facade": child(b"gateway")}
-
-    def stop(self) -> None:
-        import serve_online
-
-        serve_online.stop_process(self.proc)
-
-
 def run_system(system: str, args: argparse.Namespace, model_dir: Path, jobs: list[list[int]],
                env: dict[str, str]) -> list[dict[str, Any]]:
+    import serve_online
+
     engine = engine_settings(args)
     if system == "offline":
         return [run_offline(model_dir, engine, jobs, args.max_tokens) for _ in range(args.repeats)]
     flags = {"grpc": ["--no-http"], "grpc-slow": ["--no-http"], "rest": [], "rest-thread": ["--http-in-process"],
              "rest-engine-thread": ["--engine-in-process"]}[system]
-    daemon = Daemon(model_dir, engine, flags, env)
+    daemon = serve_online.Daemon(str(model_dir), engine, env, [*flags, "--served-model-name", "bench"]).wait_ready()
     try:
         kind, target = ("grpc", daemon.ready["grpc"]) if "grpc" in system else ("rest", daemon.ready["http"])
         slow_s = args.slow_ms / 1e3 if system == "grpc-slow" else 0.0

@@ -35,6 +35,8 @@
 # chain     bench/gemv.py --chain: 28 layers of GEMVs in one graph, PDL and the SwiGLU prologue on/off
 # r-loop6   rollouts with 6 timed batches per system (is the generate loop still warming up?)
 # store     (also) the K/V store's GPU checks, fp8 included
+# w4api     W1 and W4 at 512 req/s with one REST facade process, then with two (--api-server-count 2)
+# w4inf-api2 W1 and W4 with every request at once, two facade processes
 # Logs and JSON land in OUT_DIR: 8 files at most, as many as the device tool brings back.
 set -u
 out=${1:?usage: bash bench/gpu_session.sh OUT_DIR [PHASES]}
@@ -108,6 +110,12 @@ for phase in ${phases//,/ }; do
         chain) run chain 120 "$py" bench/gemv.py --chain --json "$out/chain.json" ;;
         r-loop6) run r-loop6 400 "$py" bench/train.py --grpo-rollouts --skip-peer --rollout-repeats 6 \
                    --json "$out/r-loop6.json" ;;
+        w4api) run w4api-1 280 "$py" bench/serve.py --compile-decode --workloads W1,W4 --skip-peer \
+                   --repeats 3 --rate 512 --json "$out/w4api-1.json"
+               run w4api-2 280 "$py" bench/serve.py --compile-decode --workloads W1,W4 --skip-peer \
+                   --repeats 3 --rate 512 --api-server-count 2 --json "$out/w4api-2.json" ;;
+        w4inf-api2) run w4inf-api2 280 "$py" bench/serve.py --compile-decode --workloads W1,W4 --skip-peer \
+                   --repeats 3 --rate inf --api-server-count 2 --json "$out/w4inf-api2.json" ;;
         *) echo "unknown phase $phase" >&2; exit 2 ;;
     esac
 done

@@ -273,7 +273,7 @@ def expected_rows(phase: str, s: Sizes, wl: list[str]) -> list[Row]:
 def start_daemon(spec: dict[str, Any], extra_env: dict[str, str]) -> Any:
     import serve_online
 
-    return serve_online.Daemon(spec["model_dir"], spec["engine"], extra_env)
+    return serve_online.Daemon(spec["model_dir"], spec["engine"], extra_env, spec.get("serve_flags", []))
 
 
 def fresh_ids(requests: list[tuple[list[int], int]], run: int, vocab: int) -> list[tuple[list[int], int]]:
@@ -294,9 +294,17 @@ def run_online(spec: dict[str, Any], rate: float, client_procs: int, daemon: Any
         daemon.wait_ready(spec["phase_timeout_s"])
         log(f"astrai serve ready at {daemon.url}")
         count = iter(range(spec["repeats"]))
-        runs = repeated(lambda: serve_online.load_test(
-            daemon.url, daemon.model, fresh_ids(requests, next(count), spec["vocab"]), rate, client_procs,
-            spec["temperature"], spec["phase_timeout_s"]), spec["repeats"], spec["budget_s"])
+
+        def one_run() -> dict[str, Any]:
+            # The daemon's own CPU over the run, by process: which one is saturated, if any.
+            before, start = daemon.cpu(), time.time()
+            run = serve_online.load_test(daemon.url, daemon.model, fresh_ids(requests, next(count), spec["vocab"]),
+                                         rate, client_procs, spec["temperature"], spec["phase_timeout_s"])
+            after, wall = daemon.cpu(), time.time() - start
+            run["daemon_busy"] = {k: (after[k] - before[k]) / wall for k in after}
+            return run
+
+        runs = repeated(one_run, spec["repeats"], spec["budget_s"])
         core_ttft = serve_online.server_median(daemon.url, "astrai_time_to_first_token_seconds")
     finally:
         daemon.stop()
@@ -308,6 +316,8 @@ def run_online(spec: dict[str, Any], rate: float, client_procs: int, daemon: Any
     note = (f"{r['ok']}/{r['sent']} ok, {arrivals}, openai AsyncOpenAI streaming, "
             f"{client_procs} client proc(s), client CPU busy <= {100 * r['cpu_busy']:.0f}%; run of median tok/s of "
             f"{len(runs)}")
+    if "daemon_busy" in r:
+        note += "; daemon CPU busy " + " ".join(f"{k} {100 * v:.0f}%" for k, v in r["daemon_busy"].items())
     if r["errors"]:
         note += f"; {len(r['errors'])} errors, first: {r['errors'][0]}"
     if "ttft_quarters" in r:
@@ -347,6 +357,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=64.0,
                    help="W4 request rate, requests/s (default 64; inf sends every request at once, as W1 starts them)")
     p.add_argument("--client-procs", type=int, default=None, help="W4 client processes (default 4; 1 with --tiny)")
+    p.add_argument("--api-server-count", type=int, default=None,
+                   help="W4: the daemon's REST facade processes (`astrai serve --api-server-count`; default its own, 1)")
     p.add_argument("--max-num-seqs", type=int, default=None, help="engine: most sequences at once (default 256)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="engine: tokens per step (default 16384)")
     p.add_argument("--gpu-memory-utilization", type=float, default=None, help="engine: share of free GPU memory for KV")
@@ -369,7 +381,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bad = sorted(set(args.workloads.split(",")) - {"W1", "W2", "W3", "W4"})
     if bad:
         p.error(f"--workloads: unknown workload {bad[0]!r} (choose from W1,W2,W3,W4)")
-    for name in ("num_requests", "repeats", "hf_batch_size", "hf_requests", "client_procs"):
+    for name in ("num_requests", "repeats", "hf_batch_size", "hf_requests", "client_procs", "api_server_count"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} {value}: must be >= 1")
@@ -398,7 +410,8 @@ def build_spec(args: argparse.Namespace, model_dir: Path, hf_dir: Path | None, v
             "repeats": args.repeats, "budget_s": args.budget_s or (20.0 if args.tiny else 45.0),
             "peer_budget_s": args.peer_budget_s or (20.0 if args.tiny else 90.0),
             "hf_requests": args.hf_requests, "hf_batch_size": args.hf_batch_size,
-            "workloads": args.workloads.split(","), "phase_timeout_s": args.phase_timeout_s}
+            "workloads": args.workloads.split(","), "phase_timeout_s": args.phase_timeout_s,
+            "serve_flags": [] if args.api_server_count is None else ["--api-server-count", str(args.api_server_count)]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import common
@@ -38,11 +39,12 @@ class Daemon:
     """`astrai serve` on free ports. The process starts at once; `wait_ready()` blocks until it
     printed its ready line and its REST facade answers /health with 200, then `url` is set."""
 
-    def __init__(self, model_dir: str, engine: dict[str, Any], extra_env: dict[str, str] | None = None) -> None:
+    def __init__(self, model_dir: str, engine: dict[str, Any], extra_env: dict[str, str] | None = None,
+                 flags: list[str] | tuple[str, ...] = ()) -> None:
         env = {**os.environ, **(extra_env or {})}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(common.ROOT), env.get("PYTHONPATH")) if p)
-        cmd = [sys.executable, "-m", "astrai_train.cli", "serve", "--model", model_dir, "--grpc-port", "0",
-               "--http-port", "0", "--log-level", "warning", *engine_flags(engine)]
+        cmd = [sys.executable, "-m", "astrai_train.cli", "serve", "--model", str(model_dir), "--grpc-port", "0",
+               "--http-port", "0", "--log-level", "warning", *engine_flags(engine), *flags]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=common.ROOT)
         self._ready: dict[str, str] = {}
         self._seen = threading.Event()
@@ -60,19 +62,45 @@ class Daemon:
 
     def wait_ready(self, timeout_s: float = 300.0) -> "Daemon":
         self._seen.wait(timeout_s)
-        if "http" not in self._ready:
+        if "grpc" not in self._ready:
             code = self.proc.poll()
             self.stop()
             why = f"exited with code {code}" if code is not None else f"not ready within {timeout_s:.0f} s"
             raise RuntimeError(f"astrai serve {why} (its log is above)")
-        self.url, self.model = self._ready["http"], self._ready.get("model", "model")
+        self.url, self.model = self._ready.get("http", ""), self._ready.get("model", "model")
         deadline = time.monotonic() + 60
-        while not self._healthy():
+        while self.url and not self._healthy():   # --no-http: the ready line is the whole check
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"{self.url}/health did not answer 200 within 60 s")
             time.sleep(0.2)
         return self
+
+    @property
+    def ready(self) -> dict[str, str]:
+        """The fields of the daemon's ready line (grpc, http, model)."""
+        return self._ready
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds so far of the daemon's processes: its main thread (the gRPC core's event
+        loop), the whole daemon process, the engine child, and the facade children (summed)."""
+        def seconds(pid: int | str, task: str = "") -> float:
+            fields = Path(f"/proc/{pid}{task}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+        def children(word: bytes) -> float:
+            total = 0.0
+            for c in kids:
+                try:
+                    total += seconds(c) if word in Path(f"/proc/{c}/cmdline").read_bytes() else 0.0
+                except OSError:  # it exited since the listing
+                    pass
+            return total
+
+        pid = self.proc.pid
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return {"core": seconds(pid, f"/task/{pid}"), "daemon": seconds(pid),
+                "engine": children(b"astrai_serve.engine_process"), "facade": children(b"gateway")}
 
     def _healthy(self) -> bool:
         try:

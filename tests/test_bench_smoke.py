@@ -40,7 +40,7 @@ def _positive(rows: dict[str, dict], key: str) -> float:
 def test_serve_bench_tiny(tmp_path, capsys):
     serve = _load("serve")
     out = tmp_path / "serve.json"
-    assert serve.main(["--tiny", "--repeats", "1", "--json", str(out)]) == 0
+    assert serve.main(["--tiny", "--repeats", "1", "--api-server-count", "2", "--json", str(out)]) == 0
     table = capsys.readouterr().out
     assert "workload" in table and "ratio vs peer" in table
     rows = _rows(out)
@@ -60,6 +60,10 @@ def test_serve_bench_tiny(tmp_path, capsys):
     w4 = _positive(rows, "W4|astrai REST|output tok/s")
     assert rows["W4|astrai REST|output tok/s"]["note"].startswith(f"{s.num_requests}/{s.num_requests} ok")
     assert rows["W4|astrai REST|output tok/s"]["ratios"]["astrai"] > 0 and w4 > 0
+    words = rows["W4|astrai REST|output tok/s"]["note"].split("daemon CPU busy ", 1)[1].split()
+    busy = {name: float(pct.rstrip("%;")) for name, pct in zip(words[0::2], words[1::2])}
+    assert set(busy) == {"core", "daemon", "engine", "facade"} and busy["engine"] > 0 and busy["facade"] > 0
+    assert json.loads(out.read_text())["settings"]["serve_flags"] == ["--api-server-count", "2"]
     assert _positive(rows, "W4|astrai REST|TTFT p99 ms") >= _positive(rows, "W4|astrai REST|TTFT p50 ms")
     _positive(rows, "W4|astrai REST|TPOT p50 ms")
 

@@ -229,6 +229,9 @@ def test_cancel_aborts_and_frees_pages(stubs, stub):
     (["--grpc-port", "70000"], "--grpc-port 70000"),
     (["--shutdown-timeout", "-1"], "--shutdown-timeout -1"),
     (["--page-size", "0"], "page_size=0"),
+    (["--api-server-count", "0"], "--api-server-count 0: must be in [1, 64]"),
+    (["--api-server-count", "2", "--http-in-process"],
+     "--api-server-count 2: more than one facade process cannot go with --http-in-process"),
 ])
 def test_serve_rejects_bad_arguments_with_one_clear_line(argv, words, tiny_model_dir, capsys):
     from astrai_train.cli import main

@@ -245,6 +245,58 @@ def test_daemon_shuts_down_when_its_facade_dies(tiny_model_dir, tmp_path):
         daemon.kill()
 
 
+def listening_socket_inodes(pid: int, port: int) -> set[str]:
+    """Inodes of the TCP sockets listening on `port` that process `pid` holds open."""
+    listening = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "0A":   # 0A: LISTEN
+                listening.add(f[9])
+    held = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in listening:
+            held.add(target[8:-1])
+    return held
+
+
+def test_api_server_count_runs_facades_on_one_port(tiny_model_dir, tmp_path):
+    """--api-server-count 2: two facade children serve the one listening socket the daemon bound
+    (the daemon itself no longer holds it); concurrent streams through the port all complete;
+    one facade dying stops the daemon as the single facade's death does."""
+    daemon = start_serve(tiny_model_dir, tmp_path / "serve.log", "--api-server-count", "2")
+    try:
+        url = daemon.ready["http"]
+        port = int(url.rsplit(":", 1)[1])
+        kids = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in children(daemon.proc.pid)}
+        facades = [pid for pid, argv in kids.items() if b"gateway" in argv]
+        assert len(facades) == 2, kids
+        held = [listening_socket_inodes(pid, port) for pid in facades]
+        assert held[0] and held[0] == held[1], "both children must serve the same listening socket"
+        assert not listening_socket_inodes(daemon.proc.pid, port), "the daemon hands the socket over"
+
+        def complete(i: int) -> int:
+            with httpx.Client(timeout=60) as client:       # a connection of its own per request
+                r = client.post(url + "/v1/completions", json={"prompt": [5, 6, i], "max_tokens": 4, "ignore_eos": True})
+            assert r.status_code == 200, r.text
+            return r.json()["usage"]["completion_tokens"]
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(complete, range(8, 24))) == [4] * 16
+        os.kill(facades[1], signal.SIGKILL)
+        assert daemon.proc.wait(30) == 1
+        assert "the REST facade process exited" in daemon.stderr()
+        assert wait_for(lambda: not running(facades[0]), timeout=20), "the other facade stops with the daemon"
+    finally:
+        daemon.kill()
+
+
 def test_in_process_layout_keeps_facade_and_engine_on_threads(tiny_model_dir, tmp_path, stubs, greedy_ids):
     daemon = start_serve(tiny_model_dir, tmp_path / "serve.log", "--http-in-process", "--engine-in-process")
     try:
