@@ -191,7 +191,7 @@ def cascade_rows(bw: float) -> list[dict]:
     import numpy as np
     import random
 
-    from astrai_serve.kernels.cascade import graph_plan_len, pad_plan, plan_cascade
+    from astrai_serve.kernels.cascade import graph_plan_len, pad_plan, plan_cascade, prefix_block_rows
 
     rng = random.Random(0)
     shape = SHAPES["qwen3-0.6b"]
@@ -238,7 +238,9 @@ def cascade_rows(bw: float) -> list[dict]:
                 continue
             if err > 3e-2:
                 raise AssertionError(f"cascade {cfg} differs from plain decode by {err:.3g} on {name}")
-            add(f"cascade prefix {prefix_rows}x{block_n} w{warps} s{stages}" + (" *" if (prefix_rows, block_n, warps, stages) == (64, 64, 4, 2) else ""),
+            engine_tile = (prefix_block_rows(shape[2], group), 64, 4, 2)     # what paged_attention picks
+            add(f"cascade prefix {prefix_rows}x{block_n} w{warps} s{stages}"
+                + (" *" if (prefix_rows, block_n, warps, stages) == engine_tile else ""),
                 lambda: paged_attention(*args, cascade=padded, prefix_config=cfg), distinct)
         del args, own_args
     return rows
