@@ -61,6 +61,7 @@ class Delta(NamedTuple):
     completion_tokens: int
     cached_tokens: int
     logprobs: list | None
+    prompt_logprobs: list | None
 
 
 def _slim(item: Any) -> Any:
@@ -69,7 +70,7 @@ def _slim(item: Any) -> Any:
     if isinstance(item, MARKERS):
         return item
     return Delta(item.request_id, item.index, item.new_token_ids, item.new_text, item.finished, item.finish_reason,
-                 item.prompt_tokens, item.completion_tokens, item.cached_tokens, item.logprobs)
+                 item.prompt_tokens, item.completion_tokens, item.cached_tokens, item.logprobs, item.prompt_logprobs)
 
 
 def _death(code: int | None) -> str:

@@ -12,9 +12,14 @@ Completions take `prompt` as OpenAI does: a string, an array of token ids, or a 
 strings or an array of token-id arrays (one kind per batch). A batch of k prompts becomes k
 GenerateRequests (the core takes one prompt per call); prompt i's sample j is choice i * n + j.
 
+Completions' `echo` returns the prompt before the completion, in `text` and, with `logprobs: N`, in
+the logprobs (prompt tokens first, the first with a null log-prob; the core scores the prompt
+with prompt_logprobs = N), and `max_tokens` may be 0 there: with echo + logprobs that is how
+lm-evaluation-harness scores a continuation. Chat has no echo (nor has OpenAI's).
+
 Extensions beyond OpenAI (as vLLM spells them): top_k, min_p, repetition_penalty, ignore_eos,
 stop_token_ids, skip_special_tokens. Arguments OpenAI has but this server cannot honour (tools,
-echo, ...) are refused with 400 instead of being silently ignored.
+suffix, ...) are refused with 400 instead of being silently ignored.
 """
 from __future__ import annotations
 
@@ -49,6 +54,9 @@ class ParsedRequest:
     logprobs: bool
     top_logprobs: int
     input_param: str             # "messages" | "prompt": the field an over-long prompt is blamed on
+    echo: bool = False           # completions: the prompt comes first in each choice's text (and logprobs)
+    # with echo, per prompt: its text as the client sent it, or None for token ids (the core decodes them)
+    echo_texts: tuple[str | None, ...] = ()
 
     @property
     def num_choices(self) -> int:
@@ -75,7 +83,7 @@ COMMON = {"model", "stream", "stream_options", "max_tokens", "temperature", "top
           "presence_penalty", "frequency_penalty", "logprobs", "logit_bias",
           "top_k", "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids", "skip_special_tokens"}
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
-COMPLETION_FIELDS = COMMON | {"prompt"}
+COMPLETION_FIELDS = COMMON | {"prompt", "echo"}   # chat keeps echo NEUTRAL: it has none
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -269,6 +277,7 @@ def parse_request(kind: str, body: Any, model_name: str, context_length: int) ->
     request = pb.GenerateRequest(request_id=request_id)
     p = request.params
     prompts: list[str | list[int]] = []
+    echo = False
     if kind == "chat":
         request.messages.CopyFrom(_messages(body))
         max_tokens = _get_int(body, "max_completion_tokens", 1, context_length)
@@ -280,9 +289,12 @@ def parse_request(kind: str, body: Any, model_name: str, context_length: int) ->
             raise _bad("top_logprobs", "'top_logprobs' requires 'logprobs' to be true")
     else:
         prompts = _prompts(body)
-        max_tokens = _get_int(body, "max_tokens", 1, context_length)
+        max_tokens = _get_int(body, "max_tokens", 0, context_length)   # 0: echo only (scoring)
         n_logprobs = _get_int(body, "logprobs", 0, 5)
         logprobs, top_logprobs = n_logprobs is not None, n_logprobs or 0
+        echo = bool(_get_bool(body, "echo"))
+        if echo and logprobs:   # the prompt's tokens, scored, come before the completion's
+            p.prompt_logprobs = top_logprobs
     if max_tokens is not None:
         p.max_tokens = max_tokens
     elif kind == "completion":
@@ -326,7 +338,9 @@ def parse_request(kind: str, body: Any, model_name: str, context_length: int) ->
             one.text = prompt
         else:
             one.token_ids.ids.extend(prompt)
+            one.echo_prompt = echo   # only the core can turn the ids into text
         requests.append(one)
     return ParsedRequest(kind=kind, id=request_id, requests=tuple(requests), stream=stream,
                          include_usage=include_usage, n=n, logprobs=logprobs, top_logprobs=top_logprobs,
-                         input_param="messages" if kind == "chat" else "prompt")
+                         input_param="messages" if kind == "chat" else "prompt", echo=echo,
+                         echo_texts=tuple(q if isinstance(q, str) else None for q in prompts) if echo else ())

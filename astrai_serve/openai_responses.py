@@ -7,6 +7,11 @@ choices carries the usage.
 
 A batch of prompts is one Assembler: the facade renumbers each response's index to the choice's
 (prompt i's sample j is i * n + j), and the usage of all the prompts is summed.
+
+Completions with echo, as OpenAI and vLLM shape them: a choice's first message (its first chunk,
+when streamed) starts with the prompt's text, and with logprobs its logprobs list the prompt's
+tokens first (the first token's log-prob and top_logprobs null: nothing precedes it), then the
+generated ones; text_offset counts on through both.
 """
 from __future__ import annotations
 
@@ -37,13 +42,19 @@ class Assembler:
             i: {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []} for i in choices}
         self.offset: dict[int, int] = {i: 0 for i in choices}
         self.started: set[int] = set()
+        self.echoed: set[int] = set()
         self.usage: dict[str, Any] | None = None
 
     # ---- shared ----------------------------------------------------------------------------
-    def _absorb(self, r: pb.GenerateResponse) -> tuple[list[dict] | None, dict | None]:
-        """Record r; return its logprobs in chat and legacy shapes (None when not requested)."""
+    def _absorb(self, r: pb.GenerateResponse) -> tuple[str, list[dict] | None, dict | None]:
+        """Record r; return its text (after the echoed prompt, on a choice's first message with
+        echo) and its logprobs in chat and legacy shapes (None when not requested)."""
         i = r.index
-        self.text.setdefault(i, []).append(r.text)
+        echo = None
+        if self.parsed.echo and i not in self.echoed:
+            echo = self._echo(r)
+        text = r.text if echo is None else echo[0] + r.text
+        self.text.setdefault(i, []).append(text)
         if r.finish_reason:
             self.finish[i] = r.finish_reason
         if r.HasField("usage"):  # once per Generate call, on its last message: a batch sums its calls'
@@ -54,12 +65,14 @@ class Assembler:
             usage["prompt_tokens_details"]["cached_tokens"] += u.cached_tokens
             self.usage = usage
         if not self.parsed.logprobs:
-            return None, None
+            return text, None, None
         chat = [{"token": lp.token, "logprob": lp.logprob, "bytes": _bytes(lp.token),
                  "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": _bytes(t.token)}
                                   for t in lp.top_logprobs[: self.parsed.top_logprobs]]}
                 for lp in r.logprobs]
         legacy: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        if echo is not None:
+            legacy = echo[1]
         for lp in r.logprobs:
             legacy["tokens"].append(lp.token)
             legacy["token_logprobs"].append(lp.logprob)
@@ -69,7 +82,27 @@ class Assembler:
         self.chat_logprobs.setdefault(i, []).extend(chat)
         for key, values in legacy.items():
             self.legacy_logprobs.setdefault(i, {k: [] for k in legacy})[key].extend(values)
-        return chat, legacy
+        return text, chat, legacy
+
+    def _echo(self, r: pb.GenerateResponse) -> tuple[str, dict[str, list]]:
+        """The prompt part of choice r.index: its text, and (with logprobs) its legacy logprobs."""
+        i = r.index
+        self.echoed.add(i)
+        text = self.parsed.echo_texts[i // self.parsed.n]
+        if text is None:   # a token-id prompt: the core decoded it
+            text = r.prompt_text
+        legacy: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        if self.parsed.logprobs:
+            offset, k = self.offset.get(i, 0), self.parsed.top_logprobs
+            for lp in r.prompt_logprobs:
+                scored = lp.HasField("logprob")   # not the first token: nothing precedes it
+                legacy["tokens"].append(lp.token)
+                legacy["token_logprobs"].append(lp.logprob if scored else None)
+                legacy["top_logprobs"].append({t.token: t.logprob for t in lp.top_logprobs[:k]} if scored else None)
+                legacy["text_offset"].append(offset)
+                offset += len(lp.token)
+            self.offset[i] = offset
+        return text, legacy
 
     def usage_or_empty(self) -> dict[str, Any]:
         return self.usage or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
@@ -87,7 +120,7 @@ class Assembler:
         return chunk
 
     def chunks(self, r: pb.GenerateResponse) -> list[dict[str, Any]]:
-        chat_lp, legacy_lp = self._absorb(r)
+        text, chat_lp, legacy_lp = self._absorb(r)
         i, out = r.index, []
         if self.parsed.kind == "chat":
             if i not in self.started:
@@ -101,8 +134,8 @@ class Assembler:
             if r.finish_reason:
                 out.append(self._chunk([{"index": i, "delta": {}, "logprobs": None,
                                          "finish_reason": r.finish_reason}]))
-        elif r.text or legacy_lp or r.finish_reason:
-            out.append(self._chunk([{"index": i, "text": r.text, "logprobs": legacy_lp,
+        elif text or legacy_lp or r.finish_reason:
+            out.append(self._chunk([{"index": i, "text": text, "logprobs": legacy_lp,
                                      "finish_reason": r.finish_reason or None}]))
         return out
 

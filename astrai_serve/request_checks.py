@@ -14,7 +14,8 @@ from astrai_serve.proto import generate_pb2 as pb
 
 CHAT_ROLES = ("system", "user", "assistant")
 _OPTIONAL_PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
-                    "frequency_penalty", "repetition_penalty", "seed", "n", "skip_special_tokens")
+                    "frequency_penalty", "repetition_penalty", "seed", "n", "skip_special_tokens",
+                    "prompt_logprobs")
 
 
 class InvalidRequest(ValueError):

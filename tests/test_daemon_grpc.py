@@ -109,6 +109,36 @@ def test_generate_token_ids_and_logprobs(stubs, stub):
         assert lp.token_id == lp.top_logprobs[0].token_id and lp.logprob == pytest.approx(lp.top_logprobs[0].logprob, abs=1e-4)
 
 
+def test_generate_prompt_logprobs_echo_and_max_tokens_zero(stubs, stub, tiny_model_dir):
+    from astrai_train.tokenizer import Tokenizer
+
+    pb2 = stubs[0]
+    ids = [5, 6, 7, 8, 9, 10]
+    scored = pb2.SamplingParams(max_tokens=0, prompt_logprobs=2)
+    responses = list(stub.Generate(pb2.GenerateRequest(token_ids=pb2.TokenIds(ids=ids), params=scored,
+                                                       echo_prompt=True), timeout=60))
+    assert len(responses) == 1   # max_tokens=0: one message, the prompt scored, nothing generated
+    (r,) = responses
+    assert r.finish_reason == "length" and list(r.token_ids) == [] and r.text == ""
+    assert r.usage.prompt_tokens == 6 and r.usage.completion_tokens == 0
+    assert r.prompt_text == Tokenizer.from_pretrained(tiny_model_dir).decode(ids, skip_special_tokens=False)
+    lps = list(r.prompt_logprobs)
+    assert [lp.token_id for lp in lps] == ids and all(lp.token for lp in lps)
+    assert not lps[0].HasField("logprob") and not lps[0].top_logprobs   # nothing precedes the first token
+    for lp in lps[1:]:
+        assert lp.HasField("logprob") and lp.logprob <= 0 and len(lp.top_logprobs) == 2
+        assert lp.top_logprobs[0].logprob >= lp.top_logprobs[1].logprob and lp.logprob <= lp.top_logprobs[0].logprob
+    # Generating as well: the prompt's log-probs come once per sample, in its first message.
+    both = pb2.SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, prompt_logprobs=2, n=2)
+    responses = list(stub.Generate(pb2.GenerateRequest(token_ids=pb2.TokenIds(ids=ids), params=both), timeout=60))
+    for index in (0, 1):
+        mine = [m for m in responses if m.index == index]
+        assert [len(m.prompt_logprobs) for m in mine][0] == 6 and all(not m.prompt_logprobs for m in mine[1:])
+        assert [lp.logprob for lp in mine[0].prompt_logprobs] == [lp.logprob for lp in r.prompt_logprobs]
+        assert all(not m.prompt_text for m in mine)   # not asked: no echo
+    assert _collect(responses)[3].completion_tokens == 6
+
+
 def test_tokenize_and_model_info(stubs, stub, tiny_model_dir):
     pb2 = stubs[0]
     info = stub.ModelInfo(pb2.ModelInfoRequest())
@@ -161,6 +191,8 @@ BAD = [  # (description, request kwargs, words the message must contain)
      "logit_bias has token id 1000000"),
     ("logit_bias negative id", dict(text="hi", params={"logit_bias": {-3: 1.0}}), "logit_bias={-3: 1.0}"),
     ("logit_bias too large", dict(text="hi", params={"logit_bias": {5: 101.0}}), "logit_bias={5: 101.0}"),
+    ("prompt_logprobs negative", dict(text="hi", params={"prompt_logprobs": -1}), "prompt_logprobs=-1"),
+    ("prompt_logprobs too many", dict(text="hi", params={"prompt_logprobs": 21}), "prompt_logprobs=21"),
 ]
 
 
@@ -172,8 +204,9 @@ def test_bad_requests_are_invalid_argument(stubs, stub, case):
         list(stub.Generate(pb2.GenerateRequest(**kwargs), timeout=30))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert words in info.value.details(), info.value.details()
-    if "logit_bias" in words:
-        assert ("astrai-error-param", "logit_bias") in info.value.trailing_metadata()
+    for name in ("logit_bias", "prompt_logprobs"):
+        if name in words:
+            assert ("astrai-error-param", name) in info.value.trailing_metadata()
 
 
 def test_generate_logit_bias(stubs, stub):

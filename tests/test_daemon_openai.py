@@ -210,6 +210,80 @@ def test_logit_bias_forces_a_token_on_both_endpoints(client, tiny_model_dir):
     assert info.value.body["param"] == "logit_bias" and "'1.5'" in info.value.message
 
 
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    """The served model and tokenizer, in this process: the reference for the scores."""
+    from astrai_train.model import Transformer
+    from astrai_train.tokenizer import Tokenizer
+
+    return Transformer.from_pretrained(tiny_model_dir).eval(), Tokenizer.from_pretrained(tiny_model_dir)
+
+
+# (context, continuation) pairs, as lm-evaluation-harness's loglikelihood requests send them
+SCORED = [([11, 12, 13, 14], [15, 16]), ([20, 21, 22], [23, 24, 25]), ([30, 31], [32])]
+
+
+def test_echo_logprobs_scores_prompts_as_lm_eval_reads_them(client, tiny):
+    import torch
+
+    model, tok = tiny
+    prompts = [ctx + cont for ctx, cont in SCORED]
+    # lm-eval's local-completions loglikelihood request (max_tokens 0; older versions send 1)
+    for max_tokens in (0, 1):
+        reply = client.completions.create(model=MODEL, prompt=prompts, max_tokens=max_tokens, echo=True,
+                                          logprobs=1, temperature=0, seed=1234)
+        choices = sorted(reply.choices, key=lambda c: c.index)
+        assert [c.index for c in choices] == [0, 1, 2]
+        assert reply.usage.completion_tokens == 3 * max_tokens
+        for c, prompt, (ctx, cont) in zip(choices, prompts, SCORED):
+            lp = c.logprobs
+            assert c.finish_reason == "length"
+            assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(prompt) + max_tokens
+            assert lp.tokens[:len(prompt)] == [tok.decode([t], skip_special_tokens=False) for t in prompt]
+            assert c.text.startswith(tok.decode(prompt, skip_special_tokens=False))
+            assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and lp.text_offset[0] == 0
+            assert lp.text_offset == [sum(len(t) for t in lp.tokens[:j]) for j in range(len(lp.tokens))]
+            with torch.no_grad():
+                ref = model(torch.tensor([prompt]))[0, :-1].float().log_softmax(-1)
+            want = [ref[j, prompt[j + 1]].item() for j in range(len(prompt) - 1)]
+            assert lp.token_logprobs[1:len(prompt)] == pytest.approx(want, abs=1e-4)
+            # what lm-eval computes: the continuation's log-likelihood, and whether greedy would produce it
+            scores = lp.token_logprobs[len(ctx):len(prompt)]
+            assert sum(scores) == pytest.approx(sum(want[len(ctx) - 1:]), abs=1e-4)
+            greedy = all(s == max(top.values()) for s, top in zip(scores, lp.top_logprobs[len(ctx):len(prompt)]))
+            assert greedy == all(int(ref[j].argmax()) == prompt[j + 1] for j in range(len(ctx) - 1, len(prompt) - 1))
+            assert all(len(top) == 1 for top in lp.top_logprobs[1:])
+    # a string prompt: the echo is the prompt as sent
+    reply = client.completions.create(model=MODEL, prompt="To be, or not", max_tokens=0, echo=True, logprobs=2)
+    c = reply.choices[0]
+    assert c.text == "To be, or not" and "".join(c.logprobs.tokens) == "To be, or not"
+    assert c.logprobs.token_logprobs[0] is None and all(len(t) == 2 for t in c.logprobs.top_logprobs[1:])
+
+
+def test_echo_without_logprobs_and_streamed(client):
+    base = dict(model=MODEL, max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    plain = client.completions.create(prompt=["To be", "or not"], n=2, **base)
+    echoed = client.completions.create(prompt=["To be", "or not"], n=2, echo=True, **base)
+    expect = [("To be", "or not")[c.index // 2] + c.text for c in sorted(plain.choices, key=lambda c: c.index)]
+    assert _texts_by_index(echoed) == expect and all(c.logprobs is None for c in echoed.choices)
+    ids = client.completions.create(prompt=[11, 12, 13], echo=True, **base)
+    assert ids.choices[0].text.endswith(client.completions.create(prompt=[11, 12, 13], **base).choices[0].text)
+    # Streamed: each choice's first chunk starts with its prompt (and its scored tokens), as vLLM sends it.
+    whole = client.completions.create(prompt=["To be", "or not"], n=2, echo=True, logprobs=1, **base)
+    chunks = list(client.completions.create(prompt=["To be", "or not"], n=2, echo=True, logprobs=1, stream=True,
+                                            **base))
+    texts, tokens, firsts = [""] * 4, [[] for _ in range(4)], {}
+    for chunk in chunks:
+        for c in chunk.choices:
+            firsts.setdefault(c.index, c)
+            texts[c.index] += c.text
+            tokens[c.index] += c.logprobs.tokens
+    assert texts == _texts_by_index(whole) == expect
+    for i, c in firsts.items():
+        assert c.text.startswith(("To be", "or not")[i // 2]) and c.logprobs.token_logprobs[0] is None
+    assert tokens == [c.logprobs.tokens for c in sorted(whole.choices, key=lambda c: c.index)]
+
+
 def test_models_health_metrics(client, http, daemon):
     assert [m.id for m in client.models.list()] == [MODEL]
     assert http.get(f"/v1/models/{MODEL}").json()["max_model_len"] == 512
@@ -292,6 +366,10 @@ BAD = [  # (id, path, body (dict -> JSON, bytes -> raw), status, param)
     ("seed negative", CHAT, {**OK_CHAT, "seed": -1}, 400, "seed"),
     ("top_logprobs without logprobs", CHAT, {**OK_CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
     ("completion logprobs too many", COMP, {"prompt": "hi", "logprobs": 50}, 400, "logprobs"),
+    ("echo not a boolean", COMP, {"prompt": "hi", "echo": "yes"}, 400, "echo"),
+    ("echo on chat", CHAT, {**OK_CHAT, "echo": True}, 400, "echo"),
+    ("max_tokens zero on chat", CHAT, {**OK_CHAT, "max_tokens": 0}, 400, "max_tokens"),
+    ("max_tokens negative with echo", COMP, {"prompt": "hi", "echo": True, "max_tokens": -1}, 400, "max_tokens"),
     ("stream_options without stream", CHAT, {**OK_CHAT, "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ("unrecognized argument", CHAT, {**OK_CHAT, "frobnicate": 1}, 400, "frobnicate"),
     ("unsupported tools", CHAT, {**OK_CHAT, "tools": [{"type": "function"}]}, 400, "tools"),

@@ -96,3 +96,41 @@ def test_one_host_sync_per_step():
         torch.cuda.set_sync_debug_mode(0)
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     assert steps > 0 and len(syncs) <= steps, [str(w.message) for w in syncs][:5]
+
+
+@pytest.mark.parametrize("setup", [dict(num_pages=64, page_size=16), dict(num_pages=64, page_size=4,
+                                   max_num_batched_tokens=7)])
+def test_prompt_logprobs_on_gpu_equal_a_full_forward(setup):
+    """Scoring on the GPU (tapped rows, the chunked LM head, the pinned copy): each prompt
+    token's log-prob equals a float32 full forward's, chunked prefill or not, with no host sync
+    added to the steps."""
+    model = model_of("gqa")
+    engine = LLMEngine.from_model(model, None, attention_impl="triton", **setup)
+    params = SamplingParams(max_tokens=4, temperature=0.0, prompt_logprobs=2)
+    run_all(engine, PROMPTS[:1], params)   # warm-up: Triton compiles, allocator grows
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for i, p in enumerate(PROMPTS):
+                engine.add_request(f"r{i}", p, params)
+            outs, steps = {}, 0
+            while engine.has_unfinished_requests():
+                for o in engine.step():
+                    if o.prompt_logprobs is not None:
+                        outs[o.request_id] = o.prompt_logprobs
+                steps += 1
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= steps, [str(w.message) for w in syncs][:5]
+    for i, prompt in enumerate(PROMPTS):
+        with torch.no_grad():
+            ref = model(torch.tensor([prompt], device="cuda"))[0, :-1].float().log_softmax(-1).cpu()
+        got = outs[f"r{i}"]
+        assert len(got) == len(prompt) and got[0] is None
+        for p, (tok, lp, top) in enumerate(got[1:]):
+            assert tok == prompt[p + 1] and lp == pytest.approx(ref[p, tok].item(), rel=1e-4, abs=1e-4)
+            assert [t for t, _ in top] == ref[p].topk(2).indices.tolist()
+    assert engine.stats().pages_in_use == 0

@@ -13,7 +13,10 @@ from astrai_serve.engine.sampling_params import SamplingParams
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(max_tokens=0), "max_tokens=0: must be an integer >= 1"),
+    (dict(max_tokens=-1), "max_tokens=-1: must be an integer >= 0"),
+    (dict(prompt_logprobs=-1), r"prompt_logprobs=-1: must be None \(off\) or an integer in \[0, 20\]"),
+    (dict(prompt_logprobs=21), "prompt_logprobs=21"),
+    (dict(prompt_logprobs=True), "prompt_logprobs=True"),
     (dict(temperature=-1), "temperature=-1: must be >= 0"),
     (dict(temperature=float("nan")), "temperature=nan: must be a finite number"),
     (dict(top_p=0), r"top_p=0: must be in \(0, 1\]"),

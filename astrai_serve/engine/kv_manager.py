@@ -2,7 +2,8 @@
 
 The three ways a sequence gets pages:
 - `match`: at admission, reuse the pages of the longest cached full-page prefix of its tokens
-  (always leaving the newest token to compute, since its logits are what the step is for);
+  (always leaving the newest token to compute, since its logits are what the step is for; none
+  for a sequence that scores its prompt, see prompt_logprobs.py);
 - `ensure`: before a step, allocate fresh pages to cover the tokens it will compute, evicting
   unused cached prefixes if the free list is short;
 - `share`: without a prefix cache, sample k>0 of a request borrows sample 0's full prompt pages.
@@ -47,7 +48,9 @@ class KVCacheManager:
             raise RuntimeError(f"sequence {seq.seq_id} already holds pages")
         ps, parent = self.page_size, seq.share_from
         if self.tree is not None:
-            pages, node = self.tree.match_prefix(seq.token_ids[:-1])
+            # A sequence scoring its prompt needs the hidden state of every prompt position, which
+            # cached tokens do not have: it computes them all (and still publishes its pages).
+            pages, node = self.tree.match_prefix(() if seq.score_prompt else seq.token_ids[:-1])
             self.pool.incref(pages)
             self.tree.lock(node)
             seq.cache_node = node

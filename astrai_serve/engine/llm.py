@@ -31,6 +31,7 @@ class GenerationResult:
     prompt_tokens: int                    # tokens in the prompt
     cached_tokens: int                    # of which served by the prefix cache
     outputs: list[CompletionOutput] = field(default_factory=list)  # one per sample
+    prompt_logprobs: list[Logprob | None] | None = None  # with SamplingParams.prompt_logprobs: per prompt token, the first None
 
     # The first sample, for the common n=1 case.
     @property
@@ -99,6 +100,8 @@ class LLM:
             logprobs: dict[tuple[str, int], list] = {}
             while engine.has_unfinished_requests():
                 for out in engine.step():
+                    if out.prompt_logprobs is not None:
+                        results[out.request_id].prompt_logprobs = out.prompt_logprobs
                     if out.logprobs is not None:
                         logprobs.setdefault((out.request_id, out.index), []).extend(out.logprobs)
                     if not out.finished:

@@ -3,6 +3,9 @@
     step = Scheduler.schedule() -> ModelRunner.execute(plan) -> Sampler -> Scheduler.update()
            -> stop checks + text deltas -> list[RequestOutput]
 
+Requests with prompt_logprobs also score their prompt positions in the prefill steps
+(prompt_logprobs.py), between the forward and the sampler.
+
 The engine is single-threaded: add_request / abort_request / step must be called from one
 thread (the daemon's engine loop does exactly that). abort_request frees the pages at once and
 emits nothing: the caller that aborts already knows the request ended.
@@ -25,6 +28,7 @@ from .kv_manager import KVCacheManager
 from .model_runner import ModelRunner
 from .outputs import RequestOutput, advance_text, finish_reasons, make_output, new_state
 from .paged_attention import PagedKVCache
+from .prompt_logprobs import PromptScores, score, spans_of, tap_rows
 from .sampler import PendingSample, SampleResult, Sampler
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledChunk, Scheduler, StepPlan
@@ -136,6 +140,8 @@ class LLMEngine:
         self.num_async_steps = 0             # steps launched on ids still on the device (tests, stats)
         self._inflight: tuple[StepPlan, list[Sequence], PendingSample | None] | None = None  # launched, not yet applied
         self._requests: dict[str, list[Sequence]] = {}
+        # Sequences whose prompt log-probs are still to compute (empty: no step looks for any).
+        self._scoring: set[Sequence] = set()
         self._next_id = 0
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
@@ -184,20 +190,26 @@ class LLMEngine:
                              f"token id {bad} is outside the vocabulary [0, {vocab})")
         ids = self._encode(prompt)
         self.scheduler.check_prompt(len(ids))
+        # Sample 0 computes (and scores) the prompt; the others reuse its pages and its scores.
+        scores = None if params.prompt_logprobs is None else PromptScores(len(ids))
         samples = []
         for i in range(params.n):
             seq = Sequence(seq_id=self._next_id, request_id=request_id, index=i, token_ids=list(ids),
                            num_prompt_tokens=len(ids), params=params, arrival=self._next_id, stream=stream)
             self._next_id += 1
             seed = None if params.seed is None else sample_seed(params.seed, i)
-            seq.state = new_state(seq, self.tokenizer, seed)
+            seq.state = new_state(seq, self.tokenizer, seed, scores)
             samples.append(seq)
+        if scores is not None:
+            samples[0].score_prompt = True
+            self._scoring.add(samples[0])
         self.scheduler.add(samples)
         self._requests[request_id] = samples
         self._prompt_tokens_total += len(ids)
 
     def abort_request(self, request_id: str) -> None:
         for seq in self._requests.pop(request_id, []):
+            self._scoring.discard(seq)
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
                 self.sampler.release(seq.seq_id)
@@ -229,15 +241,23 @@ class LLMEngine:
         result = pending.result() if pending is not None else SampleResult([], [])  # the one host sync
         if any(lp is not None for lp in result.logprobs):
             for seq, lp in zip(seqs, result.logprobs):
-                if lp is not None and not seq.is_finished:
+                # (max_tokens=0: the token is dropped, and so is its log-prob)
+                if lp is not None and not seq.is_finished and seq.params.max_tokens:
                     seq.state.logprobs.append(lp)
         grew = self.scheduler.update(plan, result.token_ids)
         self._generation_tokens_total += len(grew)
+        if self._scoring:
+            for seq in grew:            # its prompt is computed: scored, and free to use the cache
+                if seq.score_prompt:
+                    seq.score_prompt = False
+                    self._scoring.discard(seq)
         reasons, later = finish_reasons(grew, self.scheduler.max_seq_len)
         for seq, reason in zip(grew, reasons):
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 self.sampler.release(seq.seq_id)
+                if not seq.params.max_tokens:   # grew by no token: max_tokens=0
+                    self._generation_tokens_total -= 1
         if ahead is not None:
             self._inflight = ahead
         elif self._overlap:
@@ -258,7 +278,12 @@ class LLMEngine:
         fed: a decode's input ids on the device (see `_launch_ahead`)."""
         if not plan.chunks:
             return None
-        logits = self.runner.execute(plan, fed)
+        spans = spans_of(plan.chunks, self._scoring) if self._scoring else None
+        logits, hidden = self.runner.execute(plan, fed, tap_rows(spans) if spans else None)
+        if spans:   # enqueued before the sampling, so the step's one sync covers it as well
+            pending = score(self.runner.model, hidden, spans)
+            for i, span in enumerate(spans):
+                span.seq.state.prompt_scores.add(span.first, pending, i)
         sampling = [c for c in plan.chunks if c.samples]
         seqs = [c.seq for c in sampling]
         if not seqs:

@@ -6,7 +6,8 @@ Per step, for S scheduled chunks with N tokens in all:
 The host builds every index with numpy into a pinned buffer and ships it with ONE non-blocking
 copy; nothing in the step reads back from the device. Only rows that end a chunk reaching the
 newest token of its sequence (every decode, and the last prompt token of a finishing prefill)
-go through the LM head.
+go through the LM head. A step may also name rows (`taps`) whose hidden states it returns beside
+the logits: the prompt positions of requests that score their prompt (prompt_logprobs.py).
 
 Pure-decode steps of at most `graph_max_batch` sequences replay a CUDA graph (cuda_graphs.py)
 when graphs are on; everything else runs eagerly.
@@ -177,27 +178,33 @@ class ModelRunner:
                 and all(c.num_tokens == 1 and c.samples for c in plan.chunks))
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan, fed: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [len(plan.sampling), vocab] (the model's dtype) for the chunks that sample this step.
+    def execute(self, plan: StepPlan, fed: torch.Tensor | None = None, taps: np.ndarray | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits [len(plan.sampling), vocab] in the model's dtype for the chunks that sample this
+        step, the final hidden states [len(taps), dim] of the batch rows `taps` or None).
 
         fed (a decode only): the input ids as an int64 device tensor, one per chunk, e.g. the
-        previous step's sampled ids before they have reached the host."""
+        previous step's sampled ids before they have reached the host. taps: flat batch rows
+        (chunks in plan order, each chunk's tokens in order); a step with taps runs eagerly."""
         idx = self._indices(plan, fed is not None)
-        if self.uses_graph(plan):
+        if taps is None and self.uses_graph(plan):
             return self.graphs.run(idx["ids"], idx["positions"], idx["slots"], self.tables.array, idx["rows"],
-                                   self.tables.pad_row, idx["width"], idx["cascade"], fed)
-        return self._eager(idx, fed)
+                                   self.tables.pad_row, idx["width"], idx["cascade"], fed), None
+        return self._eager(idx, fed, taps)
 
-    def _eager(self, idx: dict, fed: torch.Tensor | None = None) -> torch.Tensor:
+    def _eager(self, idx: dict, fed: torch.Tensor | None = None, taps: np.ndarray | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
         ids, sample_rows, rows = idx["ids"], idx["sample_rows"], idx["rows"]
         n, s, r, w = len(ids), len(rows), len(sample_rows), idx["width"]
-        # int64 part first (ids, positions, slots, sampled rows), then the int32 part in one run
-        # (cu_seqlens, context lens, page table), so one copy in and one cast make all of it.
+        t = 0 if taps is None else len(taps)
+        # int64 part first (ids, positions, slots, sampled rows, tapped rows), then the int32 part
+        # in one run (cu_seqlens, context lens, page table), so one copy in and one cast make all of it.
         plan = idx["cascade"]
-        parts = [ids, idx["positions"], idx["slots"], sample_rows, idx["cu"], idx["ctx"],
-                 self.tables.array[rows, :w].reshape(-1)] + ([plan] if plan is not None else [])
+        parts = [ids, idx["positions"], idx["slots"], sample_rows] + ([taps] if t else []) + [
+                 idx["cu"], idx["ctx"], self.tables.array[rows, :w].reshape(-1)] + ([plan] if plan is not None else [])
         n_plan = 0 if plan is None else len(plan)
-        total = 3 * n + r + (s + 1) + s + s * w + n_plan
+        wide = 3 * n + r + t
+        total = wide + (s + 1) + s + s * w + n_plan
         host_t, host = self._staging.take(total)
         np.concatenate(parts, out=host)
         if self.device.type == "cpu":
@@ -205,16 +212,17 @@ class ModelRunner:
         else:
             buf = host_t.to(self.device, non_blocking=True)
             self._staging.copied()
-        input_ids, positions, slots, rows_t = torch.split(buf[:3 * n + r], [n, n, n, r])
+        input_ids, positions, slots, rows_t, taps_t = torch.split(buf[:wide], [n, n, n, r, t])
         if fed is not None:
             input_ids = fed
-        cu_t, ctx_t, table_t, plan_t = torch.split(buf[3 * n + r:].to(torch.int32), [s + 1, s, s * w, n_plan])
+        cu_t, ctx_t, table_t, plan_t = torch.split(buf[wide:].to(torch.int32), [s + 1, s, s * w, n_plan])
         meta = StepMetadata(slot_mapping=slots, page_table=table_t.view(s, w), cu_seqlens_q=cu_t,
                             context_lens=ctx_t, cascade=plan_t if plan is not None else None)
         if self.graphs is not None:
             hidden = self.graphs.forward_eager(input_ids, positions, meta)
         else:
             hidden = self.model.forward_flat(input_ids, positions, PagedAttention(self.cache, meta, self.kernel))
+        tapped = hidden[taps_t] if t else None
         if not (idx["all_sample"] and n == s):        # keep only the rows that sample
             hidden = hidden[rows_t]
-        return self.model.compute_logits(hidden)    # the sampler widens what it must (sampler.py)
+        return self.model.compute_logits(hidden), tapped   # the sampler widens what it must (sampler.py)

@@ -6,7 +6,10 @@ Stop rules, checked after every new token:
 - a stop string in the text -> "stop"; the text is cut before it (the stop string is not
   returned, as OpenAI does). While stop strings are set, the last len(longest)-1 characters
   are held back from the deltas, so a stop string split across tokens never leaks out;
-- max_tokens generated, or the context full -> "length".
+- max_tokens generated, or the context full -> "length". With max_tokens=0 a sample ends as
+  soon as its prompt is computed, with nothing generated ("length").
+
+A request with prompt_logprobs gets them once per sample, in that sample's first output.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from dataclasses import dataclass, field
 from astrai_train.tokenizer import IncrementalDetokenizer
 from astrai_train.tokenizer.detokenizer import push_many
 
+from .prompt_logprobs import PromptScores
 from .sampler import Logprob
 from .sequence import Sequence
 
@@ -32,6 +36,8 @@ class RequestOutput:
     completion_tokens: int
     cached_tokens: int                  # prompt tokens served from the prefix cache
     logprobs: list[Logprob] | None = None  # per new token: (id, logprob, [(top id, logprob), ...])
+    # With prompt_logprobs, in the sample's first output: one per prompt token, the first None.
+    prompt_logprobs: list[Logprob | None] | None = None
     # The sequence's token list (prompt + output; it only ever grows): token_ids is cut from it on
     # demand, since copying every generated token into every step's output is O(length) a step.
     _all_ids: list[int] = field(default_factory=list, repr=False, compare=False)
@@ -55,9 +61,10 @@ class SampleState:
     logprobs: list[Logprob] = field(default_factory=list)
     holdback: int = 0                               # chars held back while stop strings may complete
     pushed_from: int = 0                            # len(text) before the last pushed token's text
+    prompt_scores: PromptScores | None = None       # the request's prompt log-probs until this sample's first output
 
 
-def new_state(seq: Sequence, tokenizer, seed: int | None) -> SampleState:
+def new_state(seq: Sequence, tokenizer, seed: int | None, prompt_scores: PromptScores | None = None) -> SampleState:
     p = seq.params
     stop_ids = set(p.stop_token_ids)
     if tokenizer is not None and not p.ignore_eos:
@@ -66,13 +73,15 @@ def new_state(seq: Sequence, tokenizer, seed: int | None) -> SampleState:
     if tokenizer is not None and p.detokenize:
         detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=p.skip_special_tokens)
     holdback = max((len(s) for s in p.stop), default=1) - 1
-    return SampleState(frozenset(stop_ids), seed, detok, holdback=holdback)
+    return SampleState(frozenset(stop_ids), seed, detok, holdback=holdback, prompt_scores=prompt_scores)
 
 
 def check_stop(seq: Sequence, max_seq_len: int) -> str | None:
     """Advance seq's text by its newest token; return a finish reason if it is done."""
     st: SampleState = seq.state
     p, token = seq.params, seq.token_ids[-1]
+    if not p.max_tokens:        # done once the prompt is in
+        return "length"
     if token in st.stop_ids:
         reason = "stop"
     else:
@@ -112,6 +121,9 @@ def finish_reasons(seqs: list[Sequence], max_seq_len: int) -> tuple[list[str | N
     now: list[int] = []
     for i, seq in enumerate(seqs):
         st, p = seq.state, seq.params
+        if not p.max_tokens:        # max_tokens=0: done once the prompt is in, no token, no text
+            reasons[i] = "length"
+            continue
         if seq.token_ids[-1] in st.stop_ids:
             reasons[i] = "stop"
         elif seq.num_completion_tokens >= p.max_tokens or seq.num_tokens >= max_seq_len:
@@ -195,8 +207,12 @@ def make_output(seq: Sequence, finished: bool) -> RequestOutput:
     new_ids = ids[prompt + st.emitted_tokens:]
     new_lp = st.logprobs[st.emitted_tokens:] if seq.params.logprobs else None
     st.emitted_chars, st.emitted_tokens = visible, n_out
+    prompt_lp = None
+    if st.prompt_scores is not None:        # this sample's first output: once, then let go
+        prompt_lp, st.prompt_scores = st.prompt_scores.result(), None
     return RequestOutput(
         request_id=seq.request_id, index=seq.index, new_token_ids=new_ids, new_text=new_text,
         text=text[:visible], finished=finished,
         finish_reason=seq.finish_reason if finished else None, prompt_tokens=prompt,
-        completion_tokens=n_out, cached_tokens=seq.cached_tokens, logprobs=new_lp, _all_ids=ids)
+        completion_tokens=n_out, cached_tokens=seq.cached_tokens, logprobs=new_lp,
+        prompt_logprobs=prompt_lp, _all_ids=ids)

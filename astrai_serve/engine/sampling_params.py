@@ -16,7 +16,7 @@ MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 effectively bans a token, +100 ef
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 16                  # most tokens to generate per sample ("length" when reached)
+    max_tokens: int = 16                  # most tokens to generate per sample ("length" when reached); 0 = score the prompt only
     temperature: float = 1.0              # 0 = greedy (argmax); > 0 divides the logits
     top_p: float = 1.0                    # nucleus: keep the smallest set of tokens with mass >= top_p
     top_k: int = 0                        # keep the k most likely tokens; 0 (or -1) = all
@@ -31,6 +31,7 @@ class SamplingParams:
     n: int = 1                            # independent samples of the same prompt (share its KV pages)
     logprobs: bool = False                # return the log-prob of every generated token
     top_logprobs: int = 0                 # with logprobs: also the this-many most likely alternatives
+    prompt_logprobs: int | None = None    # k: the log-prob of every prompt token given its prefix, and its k most likely alternatives; None = off
     skip_special_tokens: bool = True      # leave special tokens out of the returned text
     detokenize: bool = True               # False: token ids only, no text (saves the host time, e.g. GRPO rollouts)
     # Out of the hash: a dict is unhashable. Ids past the vocabulary are refused by the engine, which knows it.
@@ -60,8 +61,8 @@ class SamplingParams:
         def is_num(v: Any) -> bool:
             return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
 
-        if not is_int(self.max_tokens) or self.max_tokens < 1:
-            raise bad("max_tokens", "must be an integer >= 1")
+        if not is_int(self.max_tokens) or self.max_tokens < 0:
+            raise bad("max_tokens", "must be an integer >= 0 (0: only score the prompt, see prompt_logprobs)")
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty"):
             if not is_num(getattr(self, name)):
@@ -91,6 +92,9 @@ class SamplingParams:
             raise bad("logprobs", "must be true or false")
         if not is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise bad("top_logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}]")
+        if self.prompt_logprobs is not None and (not is_int(self.prompt_logprobs)
+                                                 or not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS):
+            raise bad("prompt_logprobs", f"must be None (off) or an integer in [0, {MAX_TOP_LOGPROBS}]")
         if not isinstance(self.detokenize, bool):
             raise bad("detokenize", "must be true or false")
         if self.stop and not self.detokenize:

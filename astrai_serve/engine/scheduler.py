@@ -202,8 +202,8 @@ class Scheduler:
         being computed by a running prefill that has not published yet."""
         start, ps = seq.num_computed, self.kv.page_size
         end = start + ps
-        if end >= seq.num_tokens:             # the tail page is never shared
-            return False
+        if end >= seq.num_tokens or seq.score_prompt:   # the tail page is never shared; a scoring
+            return False                                 # sequence takes nothing from the cache
         page = seq.token_ids[start:end]
         return any(s.num_tokens > end and s.token_ids[start:end] == page for s in prefilling)
 
@@ -218,7 +218,8 @@ class Scheduler:
         """Apply a finished step: advance computed counts, append the sampled tokens.
 
         `sampled` holds one token per chunk of `plan.sampling`, in order. Returns the sequences
-        that got a new token (the engine then checks their stop conditions).
+        that got a new token (the engine then checks their stop conditions), and those with
+        max_tokens=0 whose prompt is now computed (they get none, and are done).
         """
         grew: list[Sequence] = []
         tokens = iter(sampled)
@@ -230,7 +231,10 @@ class Scheduler:
             seq.num_computed = c.start + c.num_tokens
             if token is None:
                 continue
-            seq.token_ids.append(token)
+            if seq.published or seq.params.max_tokens:
+                seq.token_ids.append(token)
+            # else max_tokens=0: the prompt is in (and scored); the sampled token is dropped and
+            # the engine finishes the sequence with nothing generated
             if not seq.published:      # a prefill (or recompute) completed: share its pages
                 self.kv.publish(seq)
                 seq.published = True

@@ -43,6 +43,7 @@ class Sequence:
     cached_tokens: int = 0                      # prompt tokens served by the prefix cache at first admission
     ever_admitted: bool = False                 # cached_tokens is fixed at the first admission
     published: bool = False                     # prompt pages offered to the prefix cache since admission
+    score_prompt: bool = False                  # prompt log-probs still to compute: take no cached prefix (it has no hidden states)
     share_from: "Sequence | None" = None        # sample 0 of the request, whose prompt pages siblings share
     pending_siblings: list["Sequence"] = field(default_factory=list)  # samples 1..n-1 waiting for our prefill
     finish_reason: str | None = None            # "stop" | "length" | "abort" once finished

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61strai/v1/generate.proto\x12\tastrai.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.astrai.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x9c\x05\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x0e\n\x01n\x18\r \x01(\x05H\t\x88\x01\x01\x12\x10\n\x08logprobs\x18\x0e \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0f \x01(\x05\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\n\x88\x01\x01\x12<\n\nlogit_bias\x18\x11 \x03(\x0b\x32(.astrai.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x04\n\x02_nB\x16\n\x14_skip_special_tokens\"\xc0\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12+\n\x08messages\x18\x03 \x01(\x0b\x32\x17.astrai.v1.ChatMessagesH\x00\x12(\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x13.astrai.v1.TokenIdsH\x00\x12)\n\x06params\x18\x05 \x01(\x0b\x32\x19.astrai.v1.SamplingParamsB\x07\n\x05input\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"m\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12+\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x15.astrai.v1.TopLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"\xb9\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12)\n\x08logprobs\x18\x05 \x03(\x0b\x32\x17.astrai.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x1f\n\x05usage\x18\x07 \x01(\x0b\x32\x10.astrai.v1.Usage\"v\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\x08messages\x18\x02 \x01(\x0b\x32\x17.astrai.v1.ChatMessagesH\x00\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x03 \x01(\x08\x42\x07\n\x05input\"E\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12\x0f\n\x07max_len\x18\x03 \x01(\x05\"\x12\n\x10ModelInfoRequest\"\x8d\x01\n\x11ModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x0e\n\x06\x65os_id\x18\x04 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\x05\x12\x16\n\x0etokenizer_hash\x18\x06 \x01(\t\"\x11\n\x0fGetStatsRequest\"p\n\tHistogram\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04help\x18\x02 \x01(\t\x12\x14\n\x0cupper_bounds\x18\x03 \x03(\x01\x12\x15\n\rbucket_counts\x18\x04 \x03(\x04\x12\x0b\n\x03sum\x18\x05 \x01(\x01\x12\r\n\x05\x63ount\x18\x06 \x01(\x04\"\x86\x04\n\x10GetStatsResponse\x12\x14\n\x0c\x65ngine_alive\x18\x01 \x01(\x08\x12\x11\n\taccepting\x18\x02 \x01(\x08\x12\x16\n\x0ekv_pages_total\x18\x03 \x01(\x03\x12\x17\n\x0fkv_pages_in_use\x18\x04 \x01(\x03\x12\x17\n\x0fkv_pages_cached\x18\x05 \x01(\x03\x12\x1c\n\x14num_requests_running\x18\x06 \x01(\x03\x12\x1c\n\x14num_requests_waiting\x18\x07 \x01(\x03\x12%\n\x1dprefix_cache_hit_tokens_total\x18\x08 \x01(\x03\x12\x1b\n\x13prompt_tokens_total\x18\t \x01(\x03\x12\x1f\n\x17generation_tokens_total\x18\n \x01(\x03\x12\x1d\n\x15num_preemptions_total\x18\x0b \x01(\x03\x12(\n\nhistograms\x18\x0c \x03(\x0b\x32\x14.astrai.v1.Histogram\x12W\n\x17requests_finished_total\x18\r \x03(\x0b\x32\x36.astrai.v1.GetStatsResponse.RequestsFinishedTotalEntry\x1a<\n\x1aRequestsFinishedTotalEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x32\xac\x02\n\x11GenerationService\x12\x45\n\x08Generate\x12\x1a.astrai.v1.GenerateRequest\x1a\x1b.astrai.v1.GenerateResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.astrai.v1.TokenizeRequest\x1a\x1b.astrai.v1.TokenizeResponse\x12\x46\n\tModelInfo\x12\x1b.astrai.v1.ModelInfoRequest\x1a\x1c.astrai.v1.ModelInfoResponse\x12\x43\n\x08GetStats\x12\x1a.astrai.v1.GetStatsRequest\x1a\x1b.astrai.v1.GetStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61strai/v1/generate.proto\x12\tastrai.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.astrai.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xce\x05\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x0e\n\x01n\x18\r \x01(\x05H\t\x88\x01\x01\x12\x10\n\x08logprobs\x18\x0e \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0f \x01(\x05\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\n\x88\x01\x01\x12<\n\nlogit_bias\x18\x11 \x03(\x0b\x32(.astrai.v1.SamplingParams.LogitBiasEntry\x12\x1c\n\x0fprompt_logprobs\x18\x12 \x01(\x05H\x0b\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x04\n\x02_nB\x16\n\x14_skip_special_tokensB\x12\n\x10_prompt_logprobs\"\xd5\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12+\n\x08messages\x18\x03 \x01(\x0b\x32\x17.astrai.v1.ChatMessagesH\x00\x12(\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x13.astrai.v1.TokenIdsH\x00\x12)\n\x06params\x18\x05 \x01(\x0b\x32\x19.astrai.v1.SamplingParams\x12\x13\n\x0b\x65\x63ho_prompt\x18\x06 \x01(\x08\x42\x07\n\x05input\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"m\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12+\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x15.astrai.v1.TopLogprob\"\x7f\n\rPromptLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12+\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x15.astrai.v1.TopLogprobB\n\n\x08_logprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"\x81\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12)\n\x08logprobs\x18\x05 \x03(\x0b\x32\x17.astrai.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x1f\n\x05usage\x18\x07 \x01(\x0b\x32\x10.astrai.v1.Usage\x12\x13\n\x0bprompt_text\x18\x08 \x01(\t\x12\x31\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x18.astrai.v1.PromptLogprob\"v\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\x08messages\x18\x02 \x01(\x0b\x32\x17.astrai.v1.ChatMessagesH\x00\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x03 \x01(\x08\x42\x07\n\x05input\"E\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12\x0f\n\x07max_len\x18\x03 \x01(\x05\"\x12\n\x10ModelInfoRequest\"\x8d\x01\n\x11ModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x0e\n\x06\x65os_id\x18\x04 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\x05\x12\x16\n\x0etokenizer_hash\x18\x06 \x01(\t\"\x11\n\x0fGetStatsRequest\"p\n\tHistogram\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04help\x18\x02 \x01(\t\x12\x14\n\x0cupper_bounds\x18\x03 \x03(\x01\x12\x15\n\rbucket_counts\x18\x04 \x03(\x04\x12\x0b\n\x03sum\x18\x05 \x01(\x01\x12\r\n\x05\x63ount\x18\x06 \x01(\x04\"\x86\x04\n\x10GetStatsResponse\x12\x14\n\x0c\x65ngine_alive\x18\x01 \x01(\x08\x12\x11\n\taccepting\x18\x02 \x01(\x08\x12\x16\n\x0ekv_pages_total\x18\x03 \x01(\x03\x12\x17\n\x0fkv_pages_in_use\x18\x04 \x01(\x03\x12\x17\n\x0fkv_pages_cached\x18\x05 \x01(\x03\x12\x1c\n\x14num_requests_running\x18\x06 \x01(\x03\x12\x1c\n\x14num_requests_waiting\x18\x07 \x01(\x03\x12%\n\x1dprefix_cache_hit_tokens_total\x18\x08 \x01(\x03\x12\x1b\n\x13prompt_tokens_total\x18\t \x01(\x03\x12\x1f\n\x17generation_tokens_total\x18\n \x01(\x03\x12\x1d\n\x15num_preemptions_total\x18\x0b \x01(\x03\x12(\n\nhistograms\x18\x0c \x03(\x0b\x32\x14.astrai.v1.Histogram\x12W\n\x17requests_finished_total\x18\r \x03(\x0b\x32\x36.astrai.v1.GetStatsResponse.RequestsFinishedTotalEntry\x1a<\n\x1aRequestsFinishedTotalEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x32\xac\x02\n\x11GenerationService\x12\x45\n\x08Generate\x12\x1a.astrai.v1.GenerateRequest\x1a\x1b.astrai.v1.GenerateResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.astrai.v1.TokenizeRequest\x1a\x1b.astrai.v1.TokenizeResponse\x12\x46\n\tModelInfo\x12\x1b.astrai.v1.ModelInfoRequest\x1a\x1c.astrai.v1.ModelInfoResponse\x12\x43\n\x08GetStats\x12\x1a.astrai.v1.GetStatsRequest\x1a\x1b.astrai.v1.GetStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,35 +42,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=143
   _globals['_TOKENIDS']._serialized_end=166
   _globals['_SAMPLINGPARAMS']._serialized_start=169
-  _globals['_SAMPLINGPARAMS']._serialized_end=837
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=623
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=671
-  _globals['_GENERATEREQUEST']._serialized_start=840
-  _globals['_GENERATEREQUEST']._serialized_end=1032
-  _globals['_TOPLOGPROB']._serialized_start=1034
-  _globals['_TOPLOGPROB']._serialized_end=1096
-  _globals['_TOKENLOGPROB']._serialized_start=1098
-  _globals['_TOKENLOGPROB']._serialized_end=1207
-  _globals['_USAGE']._serialized_start=1209
-  _globals['_USAGE']._serialized_end=1289
-  _globals['_GENERATERESPONSE']._serialized_start=1292
-  _globals['_GENERATERESPONSE']._serialized_end=1477
-  _globals['_TOKENIZEREQUEST']._serialized_start=1479
-  _globals['_TOKENIZEREQUEST']._serialized_end=1597
-  _globals['_TOKENIZERESPONSE']._serialized_start=1599
-  _globals['_TOKENIZERESPONSE']._serialized_end=1668
-  _globals['_MODELINFOREQUEST']._serialized_start=1670
-  _globals['_MODELINFOREQUEST']._serialized_end=1688
-  _globals['_MODELINFORESPONSE']._serialized_start=1691
-  _globals['_MODELINFORESPONSE']._serialized_end=1832
-  _globals['_GETSTATSREQUEST']._serialized_start=1834
-  _globals['_GETSTATSREQUEST']._serialized_end=1851
-  _globals['_HISTOGRAM']._serialized_start=1853
-  _globals['_HISTOGRAM']._serialized_end=1965
-  _globals['_GETSTATSRESPONSE']._serialized_start=1968
-  _globals['_GETSTATSRESPONSE']._serialized_end=2486
-  _globals['_GETSTATSRESPONSE_REQUESTSFINISHEDTOTALENTRY']._serialized_start=2426
-  _globals['_GETSTATSRESPONSE_REQUESTSFINISHEDTOTALENTRY']._serialized_end=2486
-  _globals['_GENERATIONSERVICE']._serialized_start=2489
-  _globals['_GENERATIONSERVICE']._serialized_end=2789
+  _globals['_SAMPLINGPARAMS']._serialized_end=887
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=653
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=701
+  _globals['_GENERATEREQUEST']._serialized_start=890
+  _globals['_GENERATEREQUEST']._serialized_end=1103
+  _globals['_TOPLOGPROB']._serialized_start=1105
+  _globals['_TOPLOGPROB']._serialized_end=1167
+  _globals['_TOKENLOGPROB']._serialized_start=1169
+  _globals['_TOKENLOGPROB']._serialized_end=1278
+  _globals['_PROMPTLOGPROB']._serialized_start=1280
+  _globals['_PROMPTLOGPROB']._serialized_end=1407
+  _globals['_USAGE']._serialized_start=1409
+  _globals['_USAGE']._serialized_end=1489
+  _globals['_GENERATERESPONSE']._serialized_start=1492
+  _globals['_GENERATERESPONSE']._serialized_end=1749
+  _globals['_TOKENIZEREQUEST']._serialized_start=1751
+  _globals['_TOKENIZEREQUEST']._serialized_end=1869
+  _globals['_TOKENIZERESPONSE']._serialized_start=1871
+  _globals['_TOKENIZERESPONSE']._serialized_end=1940
+  _globals['_MODELINFOREQUEST']._serialized_start=1942
+  _globals['_MODELINFOREQUEST']._serialized_end=1960
+  _globals['_MODELINFORESPONSE']._serialized_start=1963
+  _globals['_MODELINFORESPONSE']._serialized_end=2104
+  _globals['_GETSTATSREQUEST']._serialized_start=2106
+  _globals['_GETSTATSREQUEST']._serialized_end=2123
+  _globals['_HISTOGRAM']._serialized_start=2125
+  _globals['_HISTOGRAM']._serialized_end=2237
+  _globals['_GETSTATSRESPONSE']._serialized_start=2240
+  _globals['_GETSTATSRESPONSE']._serialized_end=2758
+  _globals['_GETSTATSRESPONSE_REQUESTSFINISHEDTOTALENTRY']._serialized_start=2698
+  _globals['_GETSTATSRESPONSE_REQUESTSFINISHEDTOTALENTRY']._serialized_end=2758
+  _globals['_GENERATIONSERVICE']._serialized_start=2761
+  _globals['_GENERATIONSERVICE']._serialized_end=3061
 # @@protoc_insertion_point(module_scope)
