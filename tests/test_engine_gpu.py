@@ -98,14 +98,17 @@ def test_one_host_sync_per_step():
     assert steps > 0 and len(syncs) <= steps, [str(w.message) for w in syncs][:5]
 
 
+# The torch attention path matches a float32 forward to float32 noise; Triton's float32 dots
+# round their inputs to TF32 (10-bit mantissas), which moves a log-prob by ~1e-2 after the layers.
+@pytest.mark.parametrize("impl, tol", [("torch", 2e-3), ("triton", 5e-2)])
 @pytest.mark.parametrize("setup", [dict(num_pages=64, page_size=16), dict(num_pages=64, page_size=4,
                                    max_num_batched_tokens=7)])
-def test_prompt_logprobs_on_gpu_equal_a_full_forward(setup):
+def test_prompt_logprobs_on_gpu_equal_a_full_forward(setup, impl, tol):
     """Scoring on the GPU (tapped rows, the chunked LM head, the pinned copy): each prompt
     token's log-prob equals a float32 full forward's, chunked prefill or not, with no host sync
     added to the steps."""
     model = model_of("gqa")
-    engine = LLMEngine.from_model(model, None, attention_impl="triton", **setup)
+    engine = LLMEngine.from_model(model, None, attention_impl=impl, **setup)
     params = SamplingParams(max_tokens=4, temperature=0.0, prompt_logprobs=2)
     run_all(engine, PROMPTS[:1], params)   # warm-up: Triton compiles, allocator grows
     torch.cuda.synchronize()
@@ -130,11 +133,11 @@ def test_prompt_logprobs_on_gpu_equal_a_full_forward(setup):
             ref = model(torch.tensor([prompt], device="cuda"))[0, :-1].float().log_softmax(-1).cpu()
         got = outs[f"r{i}"]
         assert len(got) == len(prompt) and got[0] is None
-        # Triton's float32 dots round through TF32 (the reference's matmuls do not): ~1e-3 apart
-        # after the layers, so compare at 1e-2, and the alternatives by value, not by order of
-        # near-ties.
-        for p, (tok, lp, top) in enumerate(got[1:]):
-            assert tok == prompt[p + 1] and lp == pytest.approx(ref[p, tok].item(), abs=1e-2)
-            assert [v for _, v in top] == pytest.approx(ref[p].topk(2).values.tolist(), abs=1e-2)
-            assert all(v == pytest.approx(ref[p, t].item(), abs=1e-2) for t, v in top)
+        assert [tok for tok, _, _ in got[1:]] == prompt[1:]
+        # the alternatives are compared by value, not by the order of near-ties
+        diffs = [abs(lp - ref[p, tok].item()) for p, (tok, lp, _) in enumerate(got[1:])]
+        diffs += [abs(v - r) for p, (_, _, top) in enumerate(got[1:])
+                  for (_, v), r in zip(top, ref[p].topk(2).values.tolist())]
+        diffs += [abs(v - ref[p, t].item()) for p, (_, _, top) in enumerate(got[1:]) for t, v in top]
+        assert max(diffs) < tol, f"prompt {i}: log-probs up to {max(diffs):.3g} from the full forward"
     assert engine.stats().pages_in_use == 0
