@@ -106,7 +106,7 @@ def test_one_host_sync_per_step():
 def test_prompt_logprobs_on_gpu_equal_a_full_forward(setup, impl, tol):
     """Scoring on the GPU (tapped rows, the chunked LM head, the pinned copy): each prompt
     token's log-prob equals a float32 full forward's, chunked prefill or not, with no host sync
-    added to the steps."""
+    added to the Triton path's steps."""
     model = model_of("gqa")
     engine = LLMEngine.from_model(model, None, attention_impl=impl, **setup)
     params = SamplingParams(max_tokens=4, temperature=0.0, prompt_logprobs=2)
@@ -126,8 +126,9 @@ def test_prompt_logprobs_on_gpu_equal_a_full_forward(setup, impl, tol):
                 steps += 1
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    assert len(syncs) <= steps, [str(w.message) for w in syncs][:5]
+    if impl == "triton":    # the torch attention path (the oracle) syncs by design
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        assert len(syncs) <= steps, [str(w.message) for w in syncs][:5]
     for i, prompt in enumerate(PROMPTS):
         with torch.no_grad():
             ref = model(torch.tensor([prompt], device="cuda"))[0, :-1].float().log_softmax(-1).cpu()
