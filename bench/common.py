@@ -99,8 +99,10 @@ def environment() -> dict[str, Any]:
     else:
         env["device"] = f"cpu ({platform.processor() or platform.machine()})"
     try:
-        env["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                           text=True, timeout=5).stdout.strip() or None
+        # "+dirty": the tree measured differs from that commit (a working copy shipped to a GPU
+        # machine keeps the commit it was cloned at), so the commit alone does not name the code.
+        env["git_commit"] = subprocess.run(["git", "describe", "--always", "--dirty=+dirty", "--abbrev=7"],
+                                           cwd=ROOT, capture_output=True, text=True, timeout=5).stdout.strip() or None
     except (OSError, subprocess.TimeoutExpired):
         env["git_commit"] = None
     return env
