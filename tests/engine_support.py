@@ -24,11 +24,18 @@ def prompts_of(lengths, seed=1):
     return [torch.randint(0, 300, (n,), generator=g).tolist() for n in lengths]
 
 
-def gpu_model_of(arch: str, dtype=None):
-    """The seeded test model of `arch` on the GPU, in eval mode (float32 unless dtype is given)."""
+def model_of(arch: str):
+    """The seeded test model of `arch` ("gqa" or "mla") on the CPU, float32, in eval mode."""
     import torch
 
     from astrai_train.model import Transformer
 
     torch.manual_seed(0)
-    return Transformer(CONFIGS[arch]).to("cuda", dtype or torch.float32).eval()
+    return Transformer(CONFIGS[arch]).eval()
+
+
+def gpu_model_of(arch: str, dtype=None):
+    """The seeded test model of `arch` on the GPU, in eval mode (float32 unless dtype is given)."""
+    import torch
+
+    return model_of(arch).to("cuda", dtype or torch.float32)

@@ -7,20 +7,15 @@ import pytest
 import torch
 
 from astrai_serve.engine import LLM, LLMEngine, SamplingParams
-from astrai_train.model import Transformer
 
-from engine_support import GQA, MLA, prompts_of
+from engine_support import GQA, model_of, prompts_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # toy matmuls: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")
 def models():
-    out = {}
-    for name, config in (("gqa", GQA), ("mla", MLA)):
-        torch.manual_seed(0)
-        out[name] = Transformer(config).eval()
-    return out
+    return {arch: model_of(arch) for arch in ("gqa", "mla")}
 
 
 PROMPTS = prompts_of((40, 17, 2, 33), seed=4)

@@ -16,11 +16,11 @@ from astrai_serve.engine.outputs import advance_text, check_stop, finish_reasons
 from astrai_serve.engine.paged_attention import PagedKVCache
 from astrai_serve.engine.sequence import Sequence
 from astrai_serve.kernels import get_attention_impl
-from astrai_train.model import ModelConfig, Transformer, fuse_projections, kv_layout
+from astrai_train.model import fuse_projections, kv_layout
 from astrai_train.tokenizer import IncrementalDetokenizer, Tokenizer
 from astrai_train.tokenizer.detokenizer import push_many
 
-from engine_support import GQA, GREEDY, MLA, prompts_of  # noqa: E402
+from engine_support import GQA, GREEDY, model_of, prompts_of  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # toy matmuls: see conftest.one_thread
@@ -28,11 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # toy matmuls: see conftest.
 
 @pytest.fixture(scope="module")
 def models():
-    out = {}
-    for name, config in (("gqa", GQA), ("mla", MLA)):
-        torch.manual_seed(0)
-        out[name] = Transformer(config).eval()
-    return out
+    return {arch: model_of(arch) for arch in ("gqa", "mla")}
 
 
 PROMPTS = prompts_of((3, 17, 40, 9, 33, 21, 5))

@@ -33,7 +33,7 @@ import torch
 from .sampler import Logprob
 from .scheduler import ScheduledChunk
 from .sequence import Sequence
-from .transfer import to_device
+from .transfer import HostCopy, to_device
 
 # Logits per LM-head chunk: 32M floats (128 MB in float32, the log-softmax's own output) is ~220
 # rows of qwen3's vocabulary, about what the sampler holds for a decode step of 256 sequences.
@@ -99,22 +99,13 @@ class PendingScores:
 
     def __init__(self, packed: torch.Tensor, targets: list[int], counts: list[int], ks: list[int], k: int) -> None:
         self._targets, self._counts, self._ks, self._k = targets, counts, ks, k
-        self._event = None
-        if packed.device.type == "cuda":
-            self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-            self._host.copy_(packed, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record(torch.cuda.current_stream(packed.device))
-        else:
-            self._host = packed
+        self._copy = HostCopy(packed)
         self._spans: list[list[Logprob]] | None = None
 
     def result(self) -> list[list[Logprob]]:
         """Per span, one (token, logprob, [(top token, logprob), ...]) per scored position."""
         if self._spans is None:
-            if self._event is not None:
-                self._event.synchronize()   # normally done: the step's sampled ids came after it
-            host = self._host.tolist()
+            host = self._copy.tolist()   # normally landed: the step's sampled ids came after it
             n, k = len(self._targets), self._k
             ids, vals = host[n:n + n * k], host[n + n * k:]
             out, row = [], 0

@@ -30,7 +30,7 @@ from astrai_serve.kernels.gumbel import gumbel_argmax, seeded_keys, split_keys
 
 from .penalty_counts import PenaltyCounts
 from .sampling_params import SamplingParams
-from .transfer import to_device
+from .transfer import HostCopy, to_device
 
 Logprob = tuple[int, float, list[tuple[int, float]]]  # (token, logprob, [(top token, logprob), ...])
 
@@ -197,19 +197,10 @@ class PendingSample:
                  logprobs: bool) -> None:
         self.tokens = tokens
         self._n, self._top, self._params, self._logprobs = tokens.shape[0], top, params, logprobs
-        self._event = None
-        if packed.device.type == "cuda":
-            self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-            self._host.copy_(packed, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record(torch.cuda.current_stream(packed.device))
-        else:
-            self._host = packed
+        self._copy = HostCopy(packed)
 
     def result(self) -> SampleResult:
-        if self._event is not None:
-            self._event.synchronize()
-        host = self._host.tolist()
+        host = self._copy.tolist()
         n, top, params = self._n, self._top, self._params
         if not self._logprobs:
             return SampleResult(host, [None] * n)

@@ -1,4 +1,4 @@
-"""Host -> device copies that do not stall the step.
+"""Host <-> device copies that do not stall the step.
 
 `torch.tensor(data, device="cuda")` copies from pageable memory, and CUDA synchronises the
 stream before such a copy: the CPU would wait for the model's forward to finish before it could
@@ -18,6 +18,27 @@ def to_device(data: Any, dtype: torch.dtype, device: torch.device) -> torch.Tens
     if device.type != "cuda":
         return host if device.type == "cpu" else host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
+
+
+class HostCopy:
+    """A device tensor on its way to the host: one non-blocking copy into pinned memory, then an
+    event. `tolist()` waits for that event only, so the host blocks once, when it needs the values
+    (on the CPU the tensor is simply kept)."""
+
+    def __init__(self, packed: torch.Tensor) -> None:
+        self._event = None
+        if packed.device.type == "cuda":
+            self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            self._host.copy_(packed, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record(torch.cuda.current_stream(packed.device))
+        else:
+            self._host = packed
+
+    def tolist(self) -> list:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.tolist()
 
 
 class HostStaging:
