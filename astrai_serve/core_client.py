@@ -47,6 +47,12 @@ class CoreClient:
     def generate(self, request: pb.GenerateRequest) -> grpc.aio.UnaryStreamCall:
         return self.stub.Generate(request, metadata=self.metadata)
 
+    async def tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
+        return await self.stub.Tokenize(request, metadata=self.metadata)
+
+    async def detokenize(self, request: pb.DetokenizeRequest) -> pb.DetokenizeResponse:
+        return await self.stub.Detokenize(request, metadata=self.metadata)
+
     async def stats(self, timeout: float = 2.0) -> pb.GetStatsResponse:
         return await self.stub.GetStats(pb.GetStatsRequest(), metadata=self.metadata, timeout=timeout)
 

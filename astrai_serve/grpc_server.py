@@ -177,19 +177,21 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 self.metrics.count_finished("cancelled")
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
-        kind = request.WhichOneof("input")
-        try:
-            if kind == "text":
-                ids = await asyncio.to_thread(self.tokenizer.encode, request.text)
-            elif kind == "messages":
-                msgs = self.checker.messages(request.messages, kind)
-                ids = await asyncio.to_thread(self.tokenizer.apply_chat_template, msgs,
-                                              add_generation_prompt=request.add_generation_prompt, tokenize=True)
-            else:
-                raise InvalidRequest("the request has no input: set text or messages", "input")
+        try:   # off the event loop, like Generate's prompts: a text may be long
+            ids = await asyncio.to_thread(self.checker.tokenize, request)
         except InvalidRequest as exc:
             await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.param)
-        return pb.TokenizeResponse(token_ids=list(ids), count=len(ids), max_len=self.max_len)
+        return pb.TokenizeResponse(token_ids=ids, count=len(ids), max_len=self.max_len)
+
+    async def Detokenize(self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.DetokenizeResponse:
+        try:
+            ids = self.checker.token_ids(request.token_ids, "token_ids")
+        except InvalidRequest as exc:
+            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.param)
+        # special tokens kept, as echo_prompt decodes a prompt (and as vLLM's /detokenize does)
+        text = await asyncio.to_thread(self.tokenizer.decode, ids, skip_special_tokens=False)
+        return pb.DetokenizeResponse(text=text)
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfoResponse:
         tok = self.tokenizer

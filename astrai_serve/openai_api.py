@@ -27,6 +27,7 @@ from astrai_serve.core_client import CoreClient, api_error
 from astrai_serve.metrics import render_prometheus
 from astrai_serve.openai_protocol import ApiError, ParsedRequest, parse_request
 from astrai_serve.openai_responses import Assembler
+from astrai_serve.tokenize_protocol import parse_detokenize, parse_tokenize
 
 log = logging.getLogger("astrai.serve.openai")
 T = TypeVar("T")
@@ -35,7 +36,7 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class FacadeConfig:
     grpc_target: str                     # HOST:PORT of the gRPC core
-    api_key: str | None = None           # HTTP clients must send `Authorization: Bearer <key>` on /v1 routes
+    api_key: str | None = None           # HTTP clients must send `Authorization: Bearer <key>` on /v1 routes and /(de)tokenize
     core_api_key: str | None = None      # sent to the core as `authorization` metadata
     max_body_bytes: int = 4 * 1024 * 1024  # larger request bodies get 413
 
@@ -187,11 +188,15 @@ def create_app(config: FacadeConfig) -> FastAPI:
         except RecursionError:
             raise ApiError(400, "the request body is nested too deeply to parse") from None
 
-    async def model_info() -> Any:
+    async def ask_core(call: Awaitable[T]) -> T:
+        """A unary call to the core; its errors become OpenAI-shaped HTTP errors."""
         try:
-            return await state["core"].model_info()
+            return await call
         except grpc.aio.AioRpcError as err:
             raise api_error(err) from None
+
+    async def model_info() -> Any:
+        return await ask_core(state["core"].model_info())
 
     async def generate(request: Request, kind: str) -> Response:
         check_auth(request)
@@ -247,6 +252,23 @@ def create_app(config: FacadeConfig) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await generate(request, "completion")
+
+    # vLLM's paths: at the root, not under /v1 (they are not OpenAI's)
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        check_auth(request)
+        body = await read_json(request)
+        info = await model_info()
+        reply = await ask_core(state["core"].tokenize(parse_tokenize(body, info.name)))
+        return {"count": reply.count, "max_model_len": reply.max_len, "tokens": list(reply.token_ids)}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        check_auth(request)
+        body = await read_json(request)
+        info = await model_info()
+        reply = await ask_core(state["core"].detokenize(parse_detokenize(body, info.name, info.vocab_size)))
+        return {"prompt": reply.text}
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:

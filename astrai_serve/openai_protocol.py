@@ -18,7 +18,7 @@ with prompt_logprobs = N), and `max_tokens` may be 0 there: with echo + logprobs
 lm-evaluation-harness scores a continuation. Chat has no echo (nor has OpenAI's).
 
 Extensions beyond OpenAI (as vLLM spells them): top_k, min_p, repetition_penalty, ignore_eos,
-stop_token_ids, skip_special_tokens. Arguments OpenAI has but this server cannot honour (tools,
+stop_token_ids, skip_special_tokens, min_tokens. Arguments OpenAI has but this server cannot honour (tools,
 suffix, ...) are refused with 400 instead of being silently ignored.
 """
 from __future__ import annotations
@@ -81,7 +81,8 @@ NEUTRAL = {"tools": (None, []), "tool_choice": (None, "none", "auto"), "function
            "reasoning_effort": (None,), "web_search_options": (None,)}
 COMMON = {"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "n", "stop", "seed",
           "presence_penalty", "frequency_penalty", "logprobs", "logit_bias",
-          "top_k", "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids", "skip_special_tokens"}
+          "top_k", "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids", "skip_special_tokens",
+          "min_tokens"}
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
 COMPLETION_FIELDS = COMMON | {"prompt", "echo"}   # chat keeps echo NEUTRAL: it has none
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -244,6 +245,16 @@ def _prompts(body: dict) -> list[str | list[int]]:
     return [_prompt_element(p, f"prompt[{i}]" if len(prompt) > 1 else "prompt") for i, p in enumerate(prompt)]
 
 
+def check_model(body: dict, model_name: str) -> None:
+    """`model` may be omitted (the one served model is meant); naming another one is a 404."""
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _bad("model", f"'model' must be a string, got {_type_name(model)}")
+    if model is not None and model != model_name:
+        raise ApiError(404, f"The model '{model}' does not exist; this server serves '{model_name}'",
+                       param="model", code="model_not_found")
+
+
 def parse_request(kind: str, body: Any, model_name: str, context_length: int) -> ParsedRequest:
     """Validate an OpenAI chat ("chat") or completions ("completion") body. Raises ApiError."""
     if not isinstance(body, dict):
@@ -257,12 +268,7 @@ def parse_request(kind: str, body: Any, model_name: str, context_length: int) ->
                 raise _bad(key, f"'{key}' is not supported by this server")
             continue
         raise _bad(key, f"Unrecognized request argument supplied: {key}")
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise _bad("model", f"'model' must be a string, got {_type_name(model)}")
-    if model is not None and model != model_name:
-        raise ApiError(404, f"The model '{model}' does not exist; this server serves '{model_name}'",
-                       param="model", code="model_not_found")
+    check_model(body, model_name)
     stream = bool(_get_bool(body, "stream"))
     options = body.get("stream_options")
     include_usage = False
@@ -299,6 +305,12 @@ def parse_request(kind: str, body: Any, model_name: str, context_length: int) ->
         p.max_tokens = max_tokens
     elif kind == "completion":
         p.max_tokens = min(16, context_length)  # OpenAI's completions default; chat runs to the context's end
+    min_tokens = _get_int(body, "min_tokens", 0, context_length)
+    if min_tokens is not None:
+        if p.HasField("max_tokens") and min_tokens > p.max_tokens:
+            default = ", its default" if max_tokens is None else ""
+            raise _bad("min_tokens", f"'min_tokens' ({min_tokens}) must not exceed 'max_tokens' ({p.max_tokens}{default})")
+        p.min_tokens = min_tokens
     n = _get_int(body, "n", 1, MAX_N) or 1
     if len(prompts) * n > MAX_CHOICES:
         raise _bad("n", f"{len(prompts)} prompts with n = {n} make {len(prompts) * n} choices; "

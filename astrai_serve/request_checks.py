@@ -13,7 +13,7 @@ from typing import Any
 from astrai_serve.proto import generate_pb2 as pb
 
 CHAT_ROLES = ("system", "user", "assistant")
-_OPTIONAL_PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
+_OPTIONAL_PARAMS = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
                     "frequency_penalty", "repetition_penalty", "seed", "n", "skip_special_tokens",
                     "prompt_logprobs")
 
@@ -49,6 +49,26 @@ class RequestChecker:
             out.append({"role": m.role, "content": m.content})
         return out
 
+    def token_ids(self, ids: Any, field: str) -> list[int]:
+        """ids as a list, each checked to be in the vocabulary; the error names the first bad one."""
+        ids = list(ids)
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(f"{field} contains {bad}, outside the vocabulary [0, {self.vocab_size})", field)
+        return ids
+
+    def tokenize(self, request: pb.TokenizeRequest) -> list[int]:
+        """A Tokenize request's ids: text as is, or messages rendered with the chat template."""
+        kind = request.WhichOneof("input")
+        special = request.add_special_tokens if request.HasField("add_special_tokens") else kind == "text"
+        if kind == "text":
+            return self.tokenizer.encode(request.text, add_special_tokens=special)
+        if kind == "messages":
+            text = self.tokenizer.apply_chat_template(self.messages(request.messages, kind), tokenize=False,
+                                                      add_generation_prompt=request.add_generation_prompt)
+            return self.tokenizer.encode(text, add_special_tokens=special)
+        raise InvalidRequest("the request has no input: set text or messages", "input")
+
     def prompt_ids(self, request: pb.GenerateRequest) -> tuple[list[int], str]:
         """Tokenize the input the way the engine would. Returns (ids, name of the input field)."""
         kind = request.WhichOneof("input")
@@ -62,10 +82,7 @@ class RequestChecker:
             ids = list(self.tokenizer.apply_chat_template(
                 self.messages(request.messages, kind), add_generation_prompt=True, tokenize=True))
         else:
-            ids = list(request.token_ids.ids)
-            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-            if bad is not None:
-                raise InvalidRequest(f"token_ids contains {bad}, outside the vocabulary [0, {self.vocab_size})", kind)
+            ids = self.token_ids(request.token_ids.ids, kind)
         if not ids:
             raise InvalidRequest(f"the prompt ({kind}) is empty", kind)
         if len(ids) >= self.max_len:

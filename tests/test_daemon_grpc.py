@@ -151,6 +151,20 @@ def test_tokenize_and_model_info(stubs, stub, tiny_model_dir):
     chat = pb2.ChatMessages(messages=[pb2.ChatMessage(role="user", content="hi")])
     reply = stub.Tokenize(pb2.TokenizeRequest(messages=chat, add_generation_prompt=True))
     assert list(reply.token_ids) == tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    # Generate counts the same prompt tokens; Detokenize gives the text (special tokens kept) back
+    usage = _collect(stub.Generate(pb2.GenerateRequest(messages=chat, params=pb2.SamplingParams(max_tokens=1)),
+                                   timeout=30))[3]
+    assert usage.prompt_tokens == reply.count == len(reply.token_ids)
+    text = stub.Detokenize(pb2.DetokenizeRequest(token_ids=reply.token_ids)).text
+    assert text == tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                           tokenize=False)
+    ids = stub.Tokenize(pb2.TokenizeRequest(text="Good night", add_special_tokens=False)).token_ids
+    assert stub.Detokenize(pb2.DetokenizeRequest(token_ids=ids)).text == "Good night"
+    for bad in ([5, info.vocab_size], [-1]):
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Detokenize(pb2.DetokenizeRequest(token_ids=bad))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and str(bad[-1]) in err.value.details()
+        assert ("astrai-error-param", "token_ids") in err.value.trailing_metadata()
 
 
 def test_health_and_reflection(channel):
@@ -166,7 +180,8 @@ def test_health_and_reflection(channel):
     from google.protobuf import descriptor_pb2
 
     fd = descriptor_pb2.FileDescriptorProto.FromString(replies[1].file_descriptor_response.file_descriptor_proto[0])
-    assert fd.package == "astrai.v1" and [m.name for m in fd.service[0].method] == ["Generate", "Tokenize", "ModelInfo", "GetStats"]
+    assert fd.package == "astrai.v1"
+    assert [m.name for m in fd.service[0].method] == ["Generate", "Tokenize", "Detokenize", "ModelInfo", "GetStats"]
     # Reflection v1 (what grpcurl asks first): the same messages on the wire under v1's path.
     v1 = channel.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
                                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
@@ -193,6 +208,8 @@ BAD = [  # (description, request kwargs, words the message must contain)
     ("logit_bias too large", dict(text="hi", params={"logit_bias": {5: 101.0}}), "logit_bias={5: 101.0}"),
     ("prompt_logprobs negative", dict(text="hi", params={"prompt_logprobs": -1}), "prompt_logprobs=-1"),
     ("prompt_logprobs too many", dict(text="hi", params={"prompt_logprobs": 21}), "prompt_logprobs=21"),
+    ("min_tokens negative", dict(text="hi", params={"min_tokens": -2}), "min_tokens=-2"),
+    ("min_tokens above max_tokens", dict(text="hi", params={"max_tokens": 3, "min_tokens": 4}), "min_tokens=4"),
 ]
 
 
@@ -204,7 +221,7 @@ def test_bad_requests_are_invalid_argument(stubs, stub, case):
         list(stub.Generate(pb2.GenerateRequest(**kwargs), timeout=30))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert words in info.value.details(), info.value.details()
-    for name in ("logit_bias", "prompt_logprobs"):
+    for name in ("logit_bias", "prompt_logprobs", "min_tokens"):
         if name in words:
             assert ("astrai-error-param", name) in info.value.trailing_metadata()
 
@@ -225,6 +242,10 @@ def test_generate_logit_bias(stubs, stub):
     greedy.logit_bias.update({t: -100.0 for t in plain})   # a ban on every token greedy picked
     banned = ids(greedy)
     assert len(banned) == 3 and not set(banned) & set(plain)
+    # min_tokens: the forced token is also a stop token, held back for 4 tokens, then taken
+    held = pb2.SamplingParams(max_tokens=9, temperature=0.0, logit_bias={300: 100.0}, stop_token_ids=[300],
+                              min_tokens=4)
+    assert ids(held)[4:] == [300] and 300 not in ids(held)[:4] and len(ids(held)) == 5
 
 
 def test_server_survives_bad_requests_and_duplicate_ids(stubs, stub):

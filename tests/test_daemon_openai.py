@@ -210,6 +210,53 @@ def test_logit_bias_forces_a_token_on_both_endpoints(client, tiny_model_dir):
     assert info.value.body["param"] == "logit_bias" and "'1.5'" in info.value.message
 
 
+def test_min_tokens_holds_back_eos_on_both_endpoints(client, tiny_model_dir):
+    from astrai_train.tokenizer import Tokenizer
+
+    eos = Tokenizer.from_pretrained(tiny_model_dir).eos_id
+    bias = {str(eos): 100}                      # eos forced: without min_tokens, nothing is generated
+    comp = client.completions.create(model=MODEL, prompt="Good", max_tokens=10, temperature=0, logit_bias=bias)
+    assert comp.choices[0].finish_reason == "stop" and comp.usage.completion_tokens == 1
+    comp = client.completions.create(model=MODEL, prompt="Good", max_tokens=10, temperature=0, logit_bias=bias,
+                                     extra_body={"min_tokens": 4})
+    assert comp.choices[0].finish_reason == "stop" and comp.usage.completion_tokens == 5 and comp.choices[0].text
+    chat = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=10, temperature=0.7, seed=2,
+                                          logit_bias=bias, extra_body={"min_tokens": 6})
+    assert chat.choices[0].finish_reason == "stop" and chat.usage.completion_tokens == 7
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=USER, max_tokens=3, extra_body={"min_tokens": 5})
+    assert info.value.body["param"] == "min_tokens" and "5" in info.value.message and "3" in info.value.message
+
+
+def test_tokenize_and_detokenize(client, http, daemon):
+    prompt = "Good night, sweet prince"
+    r = http.post("/tokenize", json={"model": MODEL, "prompt": prompt})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert set(got) == {"count", "max_model_len", "tokens"} and got["max_model_len"] == 512
+    comp = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1)
+    assert got["count"] == len(got["tokens"]) == comp.usage.prompt_tokens
+    assert http.post("/detokenize", json={"tokens": got["tokens"]}).json() == {"prompt": prompt}
+    chat = http.post("/tokenize", json={"messages": USER}).json()   # with the generation prompt, as chat runs
+    reply = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=1)
+    assert chat["count"] == reply.usage.prompt_tokens
+    bare = http.post("/tokenize", json={"messages": USER, "add_generation_prompt": False}).json()
+    assert bare["tokens"] == chat["tokens"][:bare["count"]] and bare["count"] < chat["count"]
+    for path, body, param in [("/detokenize", {"tokens": [1, 99999999]}, "tokens"),
+                              ("/detokenize", {"tokens": [1, -2]}, "tokens"),
+                              ("/detokenize", {"tokens": "1 2"}, "tokens"),
+                              ("/tokenize", {"prompt": 5}, "prompt"),
+                              ("/tokenize", {"prompt": "a", "messages": USER}, "prompt"),
+                              ("/tokenize", {"messages": [{"role": "god", "content": "x"}]}, "messages[0].role"),
+                              ("/tokenize", {"prompt": "a", "add_special_tokens": "yes"}, "add_special_tokens"),
+                              ("/tokenize", {"prompt": "a", "frobnicate": 1}, "frobnicate")]:
+        r = http.post(path, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+    assert "99999999" in http.post("/detokenize", json={"tokens": [99999999]}).json()["error"]["message"]
+    assert http.post("/tokenize", json={"model": "gpt-9", "prompt": "a"}).status_code == 404
+    assert httpx.post(daemon.ready["http"] + "/tokenize", json={"prompt": "a"}).status_code == 401
+
+
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
     """The served model and tokenizer, in this process: the reference for the scores."""
@@ -379,6 +426,9 @@ BAD = [  # (id, path, body (dict -> JSON, bytes -> raw), status, param)
     ("logit_bias id beyond vocabulary", CHAT, {**OK_CHAT, "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
     ("logit_bias bias 101", COMP, {"prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias"),
     ("logit_bias bias string", CHAT, {**OK_CHAT, "logit_bias": {"5": "high"}}, 400, "logit_bias"),
+    ("min_tokens negative", CHAT, {**OK_CHAT, "min_tokens": -1}, 400, "min_tokens"),
+    ("min_tokens string", COMP, {"prompt": "hi", "min_tokens": "5"}, 400, "min_tokens"),
+    ("min_tokens above the default max_tokens", COMP, {"prompt": "hi", "min_tokens": 17}, 400, "min_tokens"),
     ("logit_bias too many", CHAT, {**OK_CHAT, "logit_bias": {str(i): 1 for i in range(301)}}, 400, "logit_bias"),
     ("token id outside vocabulary", COMP, {"prompt": [1, 2, 99999999]}, 400, "prompt"),
     ("prompt longer than the context", COMP, {"prompt": "word " * 3000}, 400, "prompt"),

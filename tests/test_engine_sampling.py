@@ -30,6 +30,9 @@ from astrai_serve.engine.sampling_params import SamplingParams
     (dict(n=0), "n=0"),
     (dict(top_logprobs=3), "top_logprobs=3: needs logprobs=True"),
     (dict(logprobs=True, top_logprobs=21), "top_logprobs=21"),
+    (dict(min_tokens=-1), "min_tokens=-1: must be an integer >= 0"),
+    (dict(min_tokens=2.0), "min_tokens=2.0: must be an integer"),
+    (dict(max_tokens=4, min_tokens=5), r"min_tokens=5: must not exceed max_tokens \(4\)"),
     (dict(logit_bias={-1: 5.0}), r"logit_bias=\{-1: 5.0\}: token ids must be integers >= 0"),
     (dict(logit_bias={"7": 5.0}), r"logit_bias=\{'7': 5.0\}: token ids"),
     (dict(logit_bias={7: 101}), r"logit_bias=\{7: 101\}: biases must be finite numbers in \[-100, 100\]"),
@@ -254,3 +257,38 @@ def test_engine_logit_bias_per_request():
     with pytest.raises(ValueError, match=r"logit_bias=\{300: 1.0\}: token id 300 is outside the vocabulary \[0, 300\)"):
         llm.engine.add_request("bad", prompt, SamplingParams(logit_bias={300: 1.0}))
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_banned_tokens_are_never_drawn_and_share_the_bias_copy():
+    torch.manual_seed(5)
+    logits = torch.randn(3, 50)
+    top = logits.argmax(-1).tolist()
+    params = [SamplingParams(temperature=0, logit_bias={top[0]: 100.0}),   # forced, then banned: banned wins
+              SamplingParams(temperature=1.0, top_k=3),
+              SamplingParams(temperature=0)]
+    sampler = Sampler(torch.device("cpu"))
+    for _ in range(20):
+        out = sampler(logits.clone(), params, banned=[{top[0], 10**6}, {top[1]}, None]).token_ids
+        assert out[0] != top[0] and out[1] != top[1] and out[2] == top[2]
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_engine_min_tokens_holds_back_stop_tokens(async_scheduling):
+    from astrai_serve.engine import LLM
+    from engine_support import model_of, prompts_of
+
+    llm = LLM.from_model(model_of("gqa"), None, num_pages=64, page_size=4, overlap_steps=async_scheduling,
+                         async_scheduling=async_scheduling)
+    prompt = prompts_of([9])[0]
+    # token 123 forced (bias) and a stop token: without min_tokens the sample stops at once
+    forced = SamplingParams(max_tokens=12, temperature=0, logit_bias={123: 100}, stop_token_ids=[123])
+    assert llm.generate([prompt], forced)[0].token_ids == [123]
+    plain = SamplingParams(max_tokens=6, temperature=0)
+    res = llm.generate([prompt] * 4, [dataclasses.replace(forced, min_tokens=5),
+                                      dataclasses.replace(forced, min_tokens=5, temperature=1.0, seed=3),
+                                      dataclasses.replace(forced, min_tokens=12), plain])
+    for r in res[:2]:      # 5 other tokens, then the forced stop token
+        assert len(r.token_ids) == 6 and 123 not in r.token_ids[:5] and r.token_ids[5] == 123
+        assert r.finish_reason == "stop"
+    assert len(res[2].token_ids) == 12 and 123 not in res[2].token_ids and res[2].finish_reason == "length"
+    assert res[3].token_ids == llm.generate([prompt], plain)[0].token_ids   # a row without it is unchanged

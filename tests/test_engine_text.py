@@ -2,6 +2,7 @@
 text deltas, stop strings, and the `astrai generate` command in a subprocess."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -60,6 +61,25 @@ def test_streamed_deltas_add_up_and_stop_strings_cut(llm):
     assert final.finish_reason == "stop" and final.text == expected
     assert "".join(o.new_text for o in outs) == expected           # held-back text never leaked the stop
     assert final.completion_tokens < 40
+
+
+def test_min_tokens_defers_stop_strings_and_eos(llm):
+    prompt = "KING. What say you?"
+    full = llm.generate(prompt, LONG)[0]
+    stop = full.text[:2]                        # a stop string in the first token's text
+    early = llm.generate(prompt, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, stop=[stop]))[0]
+    assert early.finish_reason == "stop" and early.completion_tokens < 20
+    late = llm.generate(prompt, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, stop=[stop],
+                                               min_tokens=20))[0]
+    assert late.completion_tokens >= 20 and late.token_ids == full.token_ids[:late.completion_tokens]
+    assert late.text.startswith(stop) and full.text.startswith(late.text)
+    # the tokenizer's eos, forced by a bias: held back until min_tokens, then taken
+    eos = llm.tokenizer.eos_id
+    forced = SamplingParams(max_tokens=40, temperature=0.0, logit_bias={eos: 100})
+    assert llm.generate(prompt, forced)[0].token_ids == [eos]
+    held = llm.generate(prompt, dataclasses.replace(forced, min_tokens=7))[0]
+    assert held.finish_reason == "stop" and len(held.token_ids) == 8 and held.token_ids.index(eos) == 7
+    assert not set(held.token_ids[:7]) & set(llm.tokenizer.stop_ids)
 
 
 def test_cached_prefix_reported_for_text_prompts(llm, tiny_model_dir):

@@ -296,8 +296,13 @@ class LLMEngine:
         # the position each row samples: its length once this step's token is in (a sampling
         # chunk ends at the newest token, or one past it for a step launched ahead)
         positions = [c.start + c.num_tokens for c in sampling]
+        banned = None
+        if any(p.min_tokens for p in params):
+            # below min_tokens (counting what it has before this step's token), a row may not stop
+            banned = [s.state.stop_ids if pos - s.num_prompt_tokens < s.params.min_tokens else None
+                      for s, pos in zip(seqs, positions)]
         return plan, seqs, self.sampler.sample_async(logits, params, [s.state.seed for s in seqs],
-                                                     positions, histories, keys)
+                                                     positions, histories, keys, banned)
 
     def _launch_ahead(self, plan: StepPlan, pending: PendingSample | None
                       ) -> tuple[StepPlan, list[Sequence], PendingSample | None] | None:

@@ -9,6 +9,10 @@ Stop rules, checked after every new token:
 - max_tokens generated, or the context full -> "length". With max_tokens=0 a sample ends as
   soon as its prompt is computed, with nothing generated ("length").
 
+Below min_tokens generated tokens the sampler never draws a stop token (the engine bans them),
+and stop strings are not looked for (as vLLM: a stop string that ends before then never stops
+the sample, since only matches ending in the new text are searched).
+
 A request with prompt_logprobs gets them once per sample, in that sample's first output.
 """
 from __future__ import annotations
@@ -89,14 +93,14 @@ def check_stop(seq: Sequence, max_seq_len: int) -> str | None:
         if st.detok is not None:
             before = len(st.text)
             st.text += st.detok.push([token])
-            if p.stop and _cut_at_stop(st, p.stop, before):
+            if p.stop and seq.num_completion_tokens >= p.min_tokens and _cut_at_stop(st, p.stop, before):
                 return "stop"
     if reason is None and (seq.num_completion_tokens >= p.max_tokens or seq.num_tokens >= max_seq_len):
         reason = "length"
     if reason is not None and st.detok is not None:
         before = len(st.text)
         st.text += st.detok.flush()
-        if p.stop:
+        if p.stop and seq.num_completion_tokens >= p.min_tokens:
             _cut_at_stop(st, p.stop, before)
     return reason
 
@@ -134,8 +138,10 @@ def finish_reasons(seqs: list[Sequence], max_seq_len: int) -> tuple[list[str | N
         pushing = [i for i in now if reasons[i] != "stop"]
         _push(seqs, pushing)
         for i in pushing:
-            st, stops = seqs[i].state, seqs[i].params.stop
-            if _cut_at_stop(st, stops, st.pushed_from):
+            seq = seqs[i]
+            if seq.num_completion_tokens < seq.params.min_tokens:
+                continue
+            if _cut_at_stop(seq.state, seq.params.stop, seq.state.pushed_from):
                 reasons[i] = "stop"                # check_stop returns here: no flush
                 now.remove(i)
         _flush(seqs, [i for i in now if reasons[i] is not None])
@@ -179,10 +185,11 @@ def _push_all(seqs: list[Sequence], which: list[int], reasons: list[str | None])
 
 def _flush(seqs: list[Sequence], which: list[int]) -> None:
     for i in which:
-        st, stops = seqs[i].state, seqs[i].params.stop
+        seq = seqs[i]
+        st, stops = seq.state, seq.params.stop
         before = len(st.text)
         st.text += st.detok.flush()
-        if stops:
+        if stops and seq.num_completion_tokens >= seq.params.min_tokens:
             _cut_at_stop(st, stops, before)
 
 

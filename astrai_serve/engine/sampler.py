@@ -1,7 +1,8 @@
 """Sampler: logits of a batch -> next tokens (+ log-probs), vectorized on the device.
 
-Order per row: logit_bias (added to the listed tokens' logits; first, as vLLM applies it) ->
-penalties (repetition on prompt+output tokens; presence and frequency on output tokens, as OpenAI
+Order per row: logit_bias (added to the listed tokens' logits; first, as vLLM applies it) and
+banned tokens (the stop tokens of a row below its min_tokens, set to -inf; one scatter with the
+bias) -> penalties (repetition on prompt+output tokens; presence and frequency on output tokens, as OpenAI
 defines them) -> greedy argmax when temperature is 0 -> otherwise temperature, top-k, top-p and
 min-p (one sort for all three) -> a draw. Greedy and sampled rows share the batch.
 
@@ -21,6 +22,8 @@ host sends (temperatures, penalties, ...) goes through pinned memory too.
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,7 +67,8 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], seeds: list[int | None] | None = None,
                  positions: list[int] | None = None, histories: list[tuple[list[int], int]] | None = None,
-                 history_keys: list[int] | None = None) -> SampleResult:
+                 history_keys: list[int] | None = None,
+                 banned: list[Collection[int] | None] | None = None) -> SampleResult:
         """logits [S, V] (float32, or bf16/fp16 as the model makes them: the draw and argmax
         read them as they are, log-probs and penalties widen to float32 first); per row: its
         params, its sample's seed (or None), the position it samples (the sequence's length;
@@ -72,23 +76,26 @@ class Sampler:
         num_prompt_tokens) for the penalties (needed only when a row has some). With
         history_keys (one stable key per row, e.g. the sequence id) the penalty counts are
         kept on the device and advanced by each step's new tokens (release a key when its
-        sequence ends); without, they are rebuilt from the histories."""
-        return self.sample_async(logits, params, seeds, positions, histories, history_keys).result()
+        sequence ends); without, they are rebuilt from the histories. banned: per row, token
+        ids it must not sample this step (None = none), e.g. its stop tokens below min_tokens."""
+        return self.sample_async(logits, params, seeds, positions, histories, history_keys, banned).result()
 
     @torch.inference_mode()
     def sample_async(self, logits: torch.Tensor, params: list[SamplingParams], seeds: list[int | None] | None = None,
                      positions: list[int] | None = None, histories: list[tuple[list[int], int]] | None = None,
-                     history_keys: list[int] | None = None) -> "PendingSample":
+                     history_keys: list[int] | None = None,
+                     banned: list[Collection[int] | None] | None = None) -> "PendingSample":
         """Enqueue the sampling of every row; the result comes with `.result()`."""
         want_lp = any(p.logprobs for p in params)
         raw_logprobs = logits.float().log_softmax(-1) if want_lp else None
-        biased = any(p.logit_bias for p in params)
-        if biased:
-            logits = self._bias(logits, params)
+        edits = (self._edits(params, banned, logits.shape[1])
+                 if banned or any(p.logit_bias for p in params) else None)
+        if edits:
+            logits = self._edit(logits, edits)
         if any(p.uses_penalties for p in params):
             if histories is None:
                 raise ValueError("rows with penalties need their token histories")
-            logits = self._penalize(logits, params, histories, history_keys, copy=not biased)
+            logits = self._penalize(logits, params, histories, history_keys, copy=not edits)
         if all(p.greedy for p in params):
             tokens = logits.argmax(-1)
         else:
@@ -107,10 +114,20 @@ class Sampler:
         return keys
 
     @staticmethod
-    def _bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-        """A float32 copy of the logits with each row's logit_bias added: one scatter over the
-        (row, token) pairs of the rows that have a bias, built on the host, no sync."""
+    def _edits(params: list[SamplingParams], banned: list[Collection[int] | None] | None, vocab: int
+               ) -> list[tuple[int, int, float]]:
+        """(row, token, value to add) for every logit_bias entry and every banned token (-inf:
+        added to anything, a bias included, it stays -inf). A banned id past the vocabulary (a
+        stop_token_ids entry may be) can never be drawn anyway: left out, not indexed."""
         pairs = [(i, t, b) for i, p in enumerate(params) if p.logit_bias for t, b in p.logit_bias.items()]
+        if banned:
+            pairs += [(i, t, -math.inf) for i, ids in enumerate(banned) if ids for t in ids if t < vocab]
+        return pairs
+
+    @staticmethod
+    def _edit(logits: torch.Tensor, pairs: list[tuple[int, int, float]]) -> torch.Tensor:
+        """A float32 copy of the logits with `pairs` added: one scatter over the (row, token)
+        pairs of the rows that have any, built on the host, no sync."""
         rows, cols, vals = zip(*pairs)
         dev = logits.device
         idx = to_device([rows, cols], torch.int64, dev)
@@ -138,7 +155,7 @@ class Sampler:
         seen = (outputs > 0) | in_prompt
         sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
         sub = sub - freq * outputs - pres * (outputs > 0)
-        logits = logits.to(torch.float32, copy=copy)    # one copy, widened (bf16) or not (_bias made one)
+        logits = logits.to(torch.float32, copy=copy)    # one copy, widened (bf16) or not (_edit made one)
         logits[idx] = sub
         return logits
 

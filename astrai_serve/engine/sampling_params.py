@@ -17,6 +17,7 @@ MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 effectively bans a token, +100 ef
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16                  # most tokens to generate per sample ("length" when reached); 0 = score the prompt only
+    min_tokens: int = 0                   # fewest tokens to generate: until then stop tokens are masked and stop strings ignored
     temperature: float = 1.0              # 0 = greedy (argmax); > 0 divides the logits
     top_p: float = 1.0                    # nucleus: keep the smallest set of tokens with mass >= top_p
     top_k: int = 0                        # keep the k most likely tokens; 0 (or -1) = all
@@ -63,6 +64,10 @@ class SamplingParams:
 
         if not is_int(self.max_tokens) or self.max_tokens < 0:
             raise bad("max_tokens", "must be an integer >= 0 (0: only score the prompt, see prompt_logprobs)")
+        if not is_int(self.min_tokens) or self.min_tokens < 0:
+            raise bad("min_tokens", "must be an integer >= 0")
+        if self.min_tokens > self.max_tokens:
+            raise bad("min_tokens", f"must not exceed max_tokens ({self.max_tokens})")
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty"):
             if not is_num(getattr(self, name)):

@@ -44,6 +44,11 @@ class GenerationServiceStub:
                 request_serializer=astrai_dot_v1_dot_generate__pb2.TokenizeRequest.SerializeToString,
                 response_deserializer=astrai_dot_v1_dot_generate__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/astrai.v1.GenerationService/Detokenize',
+                request_serializer=astrai_dot_v1_dot_generate__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=astrai_dot_v1_dot_generate__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
         self.ModelInfo = channel.unary_unary(
                 '/astrai.v1.GenerationService/ModelInfo',
                 request_serializer=astrai_dot_v1_dot_generate__pb2.ModelInfoRequest.SerializeToString,
@@ -75,6 +80,13 @@ class GenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Detokenize(self, request, context):
+        """The text of token ids (special tokens kept): Tokenize's inverse.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ModelInfo(self, request, context):
         """What is served: name, context length, vocabulary.
         """
@@ -101,6 +113,11 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     servicer.Tokenize,
                     request_deserializer=astrai_dot_v1_dot_generate__pb2.TokenizeRequest.FromString,
                     response_serializer=astrai_dot_v1_dot_generate__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=astrai_dot_v1_dot_generate__pb2.DetokenizeRequest.FromString,
+                    response_serializer=astrai_dot_v1_dot_generate__pb2.DetokenizeResponse.SerializeToString,
             ),
             'ModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelInfo,
@@ -167,6 +184,33 @@ class GenerationService:
             '/astrai.v1.GenerationService/Tokenize',
             astrai_dot_v1_dot_generate__pb2.TokenizeRequest.SerializeToString,
             astrai_dot_v1_dot_generate__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/astrai.v1.GenerationService/Detokenize',
+            astrai_dot_v1_dot_generate__pb2.DetokenizeRequest.SerializeToString,
+            astrai_dot_v1_dot_generate__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -176,10 +176,12 @@ class Tokenizer:
 
     # ---- text <-> ids -------------------------------------------------------------------------
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`. add_special_tokens: let the backend's post-processor add its tokens
+        (a BOS for imported Llama tokenizers; astrai's own tokenizers have no post-processor)."""
         if not isinstance(text, str):
             raise ValueError(f"encode() takes a str, got {type(text).__name__}: {text!r:.80}")
-        return self._backend.encode(text, add_special_tokens=False).ids
+        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """encode() over many texts, in parallel on the Rust side."""
