@@ -1,7 +1,7 @@
 """`astrai generate`: complete prompts offline with the serving engine and print the results.
 
     astrai generate --model DIR --prompt "To be, or not" [--prompt ...] [--chat]
-                    [--max-tokens 64 --temperature 0 --top-p 1 --top-k 0 --n 1 --stop STR]
+                    [--max-tokens 64 --min-tokens 0 --temperature 0 --top-p 1 --top-k 0 --n 1 --stop STR]
                     [--json] [engine options, e.g. --max-num-seqs 8 --device cpu]
 
 Text goes to stdout, one completion per prompt (samples separated by a rule), or one JSON object
@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat", action="store_true",
                         help="send each prompt as a user message through the chat template")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per sample (default 64)")
+    parser.add_argument("--min-tokens", type=int, default=0,
+                        help="tokens to generate before a stop token or stop string may end a sample (default 0)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default 0)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
     parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0: off)")
@@ -46,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
         # Cheap checks first: a typo should not wait for torch to import.
         if not args.model.is_dir():
             raise FileNotFoundError(f"--model {args.model}: no such model directory")
-        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+        params = SamplingParams(max_tokens=args.max_tokens, min_tokens=args.min_tokens,
+                                temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                                 n=args.n, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
         config = EngineConfig.build(**engine_overrides(args))

@@ -106,6 +106,8 @@ def test_generate_command(tiny_model_dir):
     assert all(r["finish_reason"] == "length" and len(r["token_ids"]) == 5 for r in rows)
     bad = run_cli("--model", str(tiny_model_dir), "--prompt", "x", "--temperature", "-1")
     assert bad.returncode == 2 and "temperature=-1.0" in bad.stderr
+    bad = run_cli("--model", str(tiny_model_dir), "--prompt", "x", "--max-tokens", "4", "--min-tokens", "5")
+    assert bad.returncode == 2 and "min_tokens=5" in bad.stderr
     missing = run_cli("--model", str(tiny_model_dir / "nope"), "--prompt", "x")
     assert missing.returncode == 2 and "no such model directory" in missing.stderr
 
