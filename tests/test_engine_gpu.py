@@ -142,3 +142,36 @@ def test_prompt_logprobs_on_gpu_equal_a_full_forward(setup, impl, tol):
         diffs += [abs(v - ref[p, t].item()) for p, (_, _, top) in enumerate(got[1:]) for t, v in top]
         assert max(diffs) < tol, f"prompt {i}: log-probs up to {max(diffs):.3g} from the full forward"
     assert engine.stats().pages_in_use == 0
+
+
+def test_logit_bias_and_min_tokens_on_gpu_without_a_sync():
+    """The sampler's scatter on the GPU: a bias forces token 123, a stop token, which min_tokens
+    bans for the first 5 tokens (greedy and sampled rows, bf16 logits); no host sync is added."""
+    model = model_of("gqa", torch.bfloat16)
+    engine = LLMEngine.from_model(model, None, num_pages=64, page_size=16)
+    forced = SamplingParams(max_tokens=12, temperature=0.0, logit_bias={123: 100.0}, stop_token_ids=[123])
+    run_all(engine, PROMPTS[:1], forced)        # warm-up: Triton compiles, allocator grows
+    torch.cuda.synchronize()
+    params = [forced, SamplingParams(max_tokens=12, temperature=0.0, logit_bias={123: 100.0},
+                                     stop_token_ids=[123], min_tokens=5),
+              SamplingParams(max_tokens=12, temperature=1.0, seed=3, logit_bias={123: 100.0},
+                             stop_token_ids=[123], min_tokens=5)]
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for i, p in enumerate(params):
+                engine.add_request(f"r{i}", PROMPTS[1], p)
+            done, steps = {}, 0
+            while engine.has_unfinished_requests():
+                done.update({o.request_id: o for o in engine.step() if o.finished})
+                steps += 1
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= steps, [str(w.message) for w in syncs][:5]
+    assert done["r0"].token_ids == [123]
+    for key in ("r1", "r2"):
+        ids = done[key].token_ids
+        assert len(ids) == 6 and 123 not in ids[:5] and ids[5] == 123, ids
+    assert engine.stats().pages_in_use == 0
