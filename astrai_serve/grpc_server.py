@@ -15,6 +15,10 @@ delivery falls as the load rises instead of stealing the engine's time (which, w
 thread of this process, shares one GIL with it).
 When the client cancels, the handler is cancelled and its `finally` aborts the request, freeing
 its pages at once.
+
+A sample's prompt log-probs go out in parts of at most PROMPT_LOGPROBS_PER_MESSAGE positions, in
+order, the last part in the sample's first message with tokens (or its finish): one message for a
+long prompt with many alternatives would outgrow gRPC's message limit.
 """
 from __future__ import annotations
 
@@ -42,6 +46,10 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 ERROR_PARAM_KEY = "astrai-error-param"
 ERROR_CODE_KEY = "astrai-error-code"
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # above the facade's 4 MiB body limit, so HTTP sees 413 first
+# A prompt position costs ~25 B plus, per alternative (at most 20), ~12 B and its token's text:
+# ~0.7 KB at 20 alternatives of 20-byte texts (long for BPE), so a part stays near 3 MiB, far
+# below MAX_MESSAGE_BYTES; a 32k-token prompt still takes only 8 messages.
+PROMPT_LOGPROBS_PER_MESSAGE = 4096
 
 
 class StepBatcher:
@@ -72,7 +80,10 @@ class StepBatcher:
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
     """Create inside the running event loop that will serve it (it batches deliveries to it)."""
 
-    def __init__(self, engine_loop: EngineHandle, model_name: str, metrics: ServerMetrics | None = None):
+    def __init__(self, engine_loop: EngineHandle, model_name: str, metrics: ServerMetrics | None = None,
+                 prompt_logprobs_per_message: int = PROMPT_LOGPROBS_PER_MESSAGE):
+        if prompt_logprobs_per_message < 1:
+            raise ValueError(f"prompt_logprobs_per_message must be >= 1, got {prompt_logprobs_per_message}")
         self.loop = engine_loop
         self.model_name = model_name
         self.metrics = metrics or ServerMetrics()
@@ -85,6 +96,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self.accepting = True  # False once shutdown began: new Generate calls get UNAVAILABLE
         self.active = 0        # Generate calls in progress (streams not yet closed)
         self._token_text: dict[int, str] = {}
+        self.prompt_logprobs_per_message = prompt_logprobs_per_message  # prompt positions per message
 
     @staticmethod
     async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str,
@@ -100,12 +112,15 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 self._token_text[token_id] = text
         return text
 
-    def add_prompt_logprobs(self, field: Any, entries: list[Any], first_token: int) -> None:
-        """Engine prompt log-probs (None for the first token, then (id, logprob, top)) -> PromptLogprob
-        messages added to `field` (built in place: copying thousands of them costs as much again)."""
+    def add_prompt_logprobs(self, field: Any, entries: list[Any], first_token: int, start: int, stop: int) -> None:
+        """Engine prompt log-probs [start, stop) (None for the first token, then (id, logprob, top))
+        -> PromptLogprob messages added to `field` (built in place: copying thousands of them costs
+        as much again)."""
         tok = self._token
-        field.add(token_id=first_token, token=tok(first_token))
-        for tid, lp, top in entries[1:]:
+        if start == 0:
+            field.add(token_id=first_token, token=tok(first_token))
+            start = 1
+        for tid, lp, top in entries[start:stop]:
             tops = field.add(token_id=tid, token=tok(tid), logprob=lp).top_logprobs
             for t, l in top:
                 tops.add(token_id=t, token=tok(t), logprob=l)
@@ -223,19 +238,29 @@ class _Stream:
         self.first_prompt_token = prompt[0]      # the one prompt token without a log-prob
         self.echo = echo                         # the prompt's text, for each sample's first message
         self.echoed: set[int] = set()
-        self.first_messages: dict[int, pb.GenerateResponse] = {}   # sample -> its first message, prompt log-probs in
+        self.first_messages: dict[int, pb.GenerateResponse] = {}   # sample -> its first message (prompt log-probs in)
+        self.prompt_parts: dict[int, list[pb.GenerateResponse]] = {}  # sample -> the parts that go before it
         self.first_token: dict[int, float] = {}  # sample -> time its first token was delivered
         self.generated: dict[int, int] = {}      # sample -> completion tokens so far
         self.finished: set[int] = set()
         self.done = False                        # the last message went out (or a marker ended the call)
 
     def build_prompt_logprobs(self, outputs: list[Any]) -> None:
-        """Start the first message of each sample whose output carries the prompt log-probs, with
-        them in; `responses` fills in the rest."""
+        """For each sample whose output carries the prompt log-probs: the messages of all parts but
+        the last, and its first message started with the last part in; `responses` fills in the rest."""
+        per = self.servicer.prompt_logprobs_per_message
         for out in outputs:
-            if out.prompt_logprobs is not None:
-                message = self.first_messages[out.index] = pb.GenerateResponse()
-                self.servicer.add_prompt_logprobs(message.prompt_logprobs, out.prompt_logprobs, self.first_prompt_token)
+            entries = out.prompt_logprobs
+            if entries is None:
+                continue
+            starts = range(0, len(entries), per)
+            parts = [pb.GenerateResponse(request_id=self.request_id, index=out.index) for _ in starts]
+            for message, start in zip(parts, starts):
+                self.servicer.add_prompt_logprobs(message.prompt_logprobs, entries, self.first_prompt_token,
+                                                  start, start + per)
+            self.first_messages[out.index] = parts.pop()
+            if parts:
+                self.prompt_parts[out.index] = parts
 
     def responses(self, outputs: list[Any]) -> list[pb.GenerateResponse]:
         """Outputs (in engine order) -> one message per sample: the token ids, text and logprobs of
@@ -250,7 +275,13 @@ class _Stream:
             last_seen = {out.index: k for k, out in enumerate(outputs)}
             groups = {i: groups[i] for i in sorted(groups, key=last_seen.__getitem__)}
         now = time.perf_counter()
-        return [self._response(index, group, now) for index, group in groups.items()]
+        if not self.prompt_parts:
+            return [self._response(index, group, now) for index, group in groups.items()]
+        responses = []
+        for index, group in groups.items():
+            responses.extend(self.prompt_parts.pop(index, ()))   # before the part in its first message
+            responses.append(self._response(index, group, now))
+        return responses
 
     def _response(self, index: int, group: list[Any], now: float) -> pb.GenerateResponse:
         last = group[-1]

@@ -11,7 +11,15 @@ A batch of prompts is one Assembler: the facade renumbers each response's index 
 Completions with echo, as OpenAI and vLLM shape them: a choice's first message (its first chunk,
 when streamed) starts with the prompt's text, and with logprobs its logprobs list the prompt's
 tokens first (the first token's log-prob and top_logprobs null: nothing precedes it), then the
-generated ones; text_offset counts on through both.
+generated ones; text_offset counts on through both. A long prompt's log-probs come from the core
+in parts, several messages of the sample with nothing else in them before its first message with
+tokens (or its finish): they are kept until that one, so the echo is still one piece.
+
+Completions' top_logprobs, as OpenAI and vLLM fill them: a position's N most likely tokens and
+also the token actually there when it is not one of them (OpenAI: "the API will always return
+the logprob of the sampled token, so there may be up to logprobs+1 elements"), for generated and
+echoed prompt tokens alike. Chat's top_logprobs list exactly the alternatives asked for: its
+chosen token has its own fields.
 """
 from __future__ import annotations
 
@@ -24,6 +32,17 @@ from astrai_serve.proto import generate_pb2 as pb
 
 def _bytes(token: str) -> list[int]:
     return list(token.encode("utf-8"))
+
+
+def _legacy_top(token_id: int, token: str, logprob: float, alternatives: Any) -> dict[str, float]:
+    """A completions top_logprobs entry: the alternatives by text, and the chosen token if its id is
+    not among them. Two ids can share a text: among the alternatives the later one's log-prob is
+    kept, as a dict built in their order keeps it; the chosen token never replaces an alternative
+    of its text (that one is at least as likely, since the chosen one is not among the top)."""
+    top = {t.token: t.logprob for t in alternatives}
+    if all(t.token_id != token_id for t in alternatives):
+        top.setdefault(token, logprob)
+    return top
 
 
 class Assembler:
@@ -43,6 +62,7 @@ class Assembler:
         self.offset: dict[int, int] = {i: 0 for i in choices}
         self.started: set[int] = set()
         self.echoed: set[int] = set()
+        self.prompt_parts: dict[int, list[Any]] = {}   # choice -> PromptLogprobs of its parts so far
         self.usage: dict[str, Any] | None = None
 
     # ---- shared ----------------------------------------------------------------------------
@@ -52,6 +72,9 @@ class Assembler:
         i = r.index
         echo = None
         if self.parsed.echo and i not in self.echoed:
+            if r.prompt_logprobs and not r.token_ids and not r.finish_reason:   # a part: more follow
+                self.prompt_parts.setdefault(i, []).extend(r.prompt_logprobs)
+                return "", None, None
             echo = self._echo(r)
         text = r.text if echo is None else echo[0] + r.text
         self.text.setdefault(i, []).append(text)
@@ -76,7 +99,8 @@ class Assembler:
         for lp in r.logprobs:
             legacy["tokens"].append(lp.token)
             legacy["token_logprobs"].append(lp.logprob)
-            legacy["top_logprobs"].append({t.token: t.logprob for t in lp.top_logprobs[: self.parsed.top_logprobs]})
+            legacy["top_logprobs"].append(
+                _legacy_top(lp.token_id, lp.token, lp.logprob, lp.top_logprobs[: self.parsed.top_logprobs]))
             legacy["text_offset"].append(self.offset.get(i, 0))
             self.offset[i] = self.offset.get(i, 0) + len(lp.token)
         self.chat_logprobs.setdefault(i, []).extend(chat)
@@ -94,11 +118,13 @@ class Assembler:
         legacy: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         if self.parsed.logprobs:
             offset, k = self.offset.get(i, 0), self.parsed.top_logprobs
-            for lp in r.prompt_logprobs:
+            parts = self.prompt_parts.pop(i, [])
+            for lp in (*parts, *r.prompt_logprobs) if parts else r.prompt_logprobs:
                 scored = lp.HasField("logprob")   # not the first token: nothing precedes it
                 legacy["tokens"].append(lp.token)
                 legacy["token_logprobs"].append(lp.logprob if scored else None)
-                legacy["top_logprobs"].append({t.token: t.logprob for t in lp.top_logprobs[:k]} if scored else None)
+                legacy["top_logprobs"].append(
+                    _legacy_top(lp.token_id, lp.token, lp.logprob, lp.top_logprobs[:k]) if scored else None)
                 legacy["text_offset"].append(offset)
                 offset += len(lp.token)
             self.offset[i] = offset

@@ -93,3 +93,38 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
         time.sleep(interval)
         value = predicate()
     return value
+
+
+class InProcessStack:
+    """The gRPC core (on its own event loop thread) and the REST facade in this process, around an
+    engine loop the test owns: for tests that reach inside them (a failing engine, a servicer
+    setting). `core.servicer` is the GenerationServicer; `url` the facade's base URL."""
+
+    def __init__(self, engine_loop, **servicer_options):
+        import asyncio
+
+        from astrai_serve.facade_server import FacadeServer
+        from astrai_serve.grpc_server import CoreServer, GenerationServicer
+        from astrai_serve.openai_api import FacadeConfig
+
+        self.aio = asyncio.new_event_loop()
+        threading.Thread(target=self.aio.run_forever, daemon=True).start()
+
+        async def start_core() -> CoreServer:  # the servicer must be made on the loop that serves it
+            core = CoreServer(GenerationServicer(engine_loop, "tiny", **servicer_options), "127.0.0.1", 0, api_key=None)
+            await core.start()
+            return core
+
+        self.core = asyncio.run_coroutine_threadsafe(start_core(), self.aio).result(30)
+        self.grpc_target = f"127.0.0.1:{self.core.port}"
+        self.facade = FacadeServer(FacadeConfig(grpc_target=self.grpc_target), "127.0.0.1", 0)
+        self.facade.start_in_thread()
+        assert wait_for(lambda: self.facade.started, timeout=30)
+        self.url = self.facade.url
+
+    def stop(self) -> None:
+        import asyncio
+
+        self.facade.stop(10)
+        asyncio.run_coroutine_threadsafe(self.core.stop(0), self.aio).result(30)
+        self.aio.call_soon_threadsafe(self.aio.stop)

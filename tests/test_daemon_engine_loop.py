@@ -4,7 +4,6 @@ REST facade running in-process around it — what clients see when the engine di
 NOT_SERVING / 503 and streams end with an error."""
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 
@@ -120,32 +119,17 @@ def test_stop_aborts_in_flight_and_refuses_new_work(loop):
 
 def test_engine_failure_reaches_every_client(tiny_model_dir, tmp_path):
     """Core + facade in-process around a real engine whose step() starts raising mid-stream."""
-    from daemon_support import proto_stubs
-
-    from astrai_serve.facade_server import FacadeServer
-    from astrai_serve.grpc_server import CoreServer, GenerationServicer
-    from astrai_serve.openai_api import FacadeConfig
+    from daemon_support import InProcessStack, proto_stubs
 
     pb2, pb2_grpc = proto_stubs(tmp_path)
     engine = LLMEngine(tiny_model_dir, num_pages=128)
     engine_loop = EngineLoop(engine)
-    aio = asyncio.new_event_loop()
-    threading.Thread(target=aio.run_forever, daemon=True).start()
-
-    async def start_core() -> CoreServer:
-        core = CoreServer(GenerationServicer(engine_loop, "tiny"), "127.0.0.1", 0, api_key=None)
-        await core.start()
-        return core
-
     engine_loop.start()
-    core = asyncio.run_coroutine_threadsafe(start_core(), aio).result(30)
-    facade = FacadeServer(FacadeConfig(grpc_target=f"127.0.0.1:{core.port}"), "127.0.0.1", 0)
-    facade.start_in_thread()
+    stack = InProcessStack(engine_loop)
     try:
-        assert wait_for(lambda: facade.started, timeout=30)
-        base = facade.url
+        base = stack.url
         assert httpx.get(base + "/health").json() == {"status": "ok"}
-        with grpc.insecure_channel(f"127.0.0.1:{core.port}") as channel:
+        with grpc.insecure_channel(stack.grpc_target) as channel:
             stub = pb2_grpc.GenerationServiceStub(channel)
             call = stub.Generate(pb2.GenerateRequest(text="hi", params=pb2.SamplingParams(
                 max_tokens=400, ignore_eos=True)), timeout=60)
@@ -175,7 +159,5 @@ def test_engine_failure_reaches_every_client(tiny_model_dir, tmp_path):
         assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
         assert "astrai_engine_alive{model_name=\"tiny\"} 0" in httpx.get(base + "/metrics").text
     finally:
-        facade.stop(10)
-        asyncio.run_coroutine_threadsafe(core.stop(0), aio).result(30)
-        aio.call_soon_threadsafe(aio.stop)
+        stack.stop()
         engine_loop.stop(5)

@@ -80,7 +80,10 @@ def test_completions_n2_seed_logprobs(client):
         lp = c.logprobs
         assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
         assert "".join(lp.tokens) == c.text and lp.text_offset[0] == 0
-        assert all(len(top) <= 2 for top in lp.top_logprobs) and all(x <= 0 for x in lp.token_logprobs)
+        assert all(len(top) <= 3 for top in lp.top_logprobs) and all(x <= 0 for x in lp.token_logprobs)
+        # the chosen token is always there: with its own log-prob, or (an id of the same text among
+        # the alternatives, as the byte tokens' "\ufffd" often are) that alternative's, no lower
+        assert all(top[t] >= x for t, x, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs))
     same = client.completions.create(model=MODEL, prompt="Friends, Romans, countrymen", max_tokens=6, n=2,
                                      temperature=1.0, seed=11, extra_body={"ignore_eos": True})
     assert [c.text for c in same.choices] == [c.text for c in reply.choices]
@@ -299,12 +302,59 @@ def test_echo_logprobs_scores_prompts_as_lm_eval_reads_them(client, tiny):
             assert sum(scores) == pytest.approx(sum(want[len(ctx) - 1:]), abs=1e-4)
             greedy = all(s == max(top.values()) for s, top in zip(scores, lp.top_logprobs[len(ctx):len(prompt)]))
             assert greedy == all(int(ref[j].argmax()) == prompt[j + 1] for j in range(len(ctx) - 1, len(prompt) - 1))
-            assert all(len(top) == 1 for top in lp.top_logprobs[1:])
+            # the most likely token, and the prompt's own where that is another (logprobs + 1 at most)
+            assert all(len(top) == (1 if s == max(top.values()) else 2)
+                       for s, top in zip(lp.token_logprobs[1:], lp.top_logprobs[1:]))
     # a string prompt: the echo is the prompt as sent
     reply = client.completions.create(model=MODEL, prompt="To be, or not", max_tokens=0, echo=True, logprobs=2)
     c = reply.choices[0]
     assert c.text == "To be, or not" and "".join(c.logprobs.tokens) == "To be, or not"
-    assert c.logprobs.token_logprobs[0] is None and all(len(t) == 2 for t in c.logprobs.top_logprobs[1:])
+    assert c.logprobs.token_logprobs[0] is None and all(len(t) in (2, 3) for t in c.logprobs.top_logprobs[1:])
+
+
+def test_completion_top_logprobs_hold_the_chosen_token(client, tiny):
+    """OpenAI's rule for completions: top_logprobs has the `logprobs` most likely tokens and, when it
+    is not one of them, the token actually there (up to logprobs + 1 entries), for the prompt's
+    tokens (echo) and the generated ones. logit_bias forces a token the model does not rank first
+    (the log-probs stay the model's), so both cases occur; chat's lists stay as asked."""
+    import torch
+
+    model, tok = tiny
+    prompt, forced = [20, 21, 22, 23, 24, 25], tok.encode(" night")[-1]
+    reply = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, echo=True, logprobs=1,
+                                      temperature=0.8, seed=3, logit_bias={str(forced): 100},
+                                      extra_body={"ignore_eos": True})
+    lp = reply.choices[0].logprobs
+    ids = prompt + [forced] * 4
+    assert lp.tokens == [tok.decode([t], skip_special_tokens=False) for t in ids]
+    with torch.no_grad():
+        ref = model(torch.tensor([ids]))[0, :-1].float().log_softmax(-1)
+    not_first = 0
+    for j in range(1, len(ids)):
+        best = int(ref[j - 1].argmax())
+        want = {tok.decode([best], skip_special_tokens=False): ref[j - 1, best].item()}
+        if best != ids[j]:
+            want.setdefault(lp.tokens[j], ref[j - 1, ids[j]].item())
+            not_first += 1
+        got = lp.top_logprobs[j]
+        assert list(got) == list(want) and list(got.values()) == pytest.approx(list(want.values()), abs=1e-4), j
+        if best == ids[j] or len(want) == 2:   # else an alternative of the same text holds the key
+            assert got[lp.tokens[j]] == lp.token_logprobs[j]
+    assert lp.top_logprobs[0] is None
+    assert not_first >= 2 and any(ids[j] != int(ref[j - 1].argmax()) for j in range(len(prompt), len(ids)))
+    # sampled at temperature 1 on a random model: the chosen token is rarely the most likely one
+    sampled = client.completions.create(model=MODEL, prompt="Good", max_tokens=8, logprobs=1, temperature=1.0,
+                                        seed=7, extra_body={"ignore_eos": True}).choices[0].logprobs
+    assert sum(len(top) == 2 for top in sampled.top_logprobs) >= 2
+    for t, x, top in zip(sampled.tokens, sampled.token_logprobs, sampled.top_logprobs):
+        assert len(top) <= 2 and (top[t] == x if len(top) == 2 else top[t] >= x)
+    # streamed, the same entries
+    chunks = list(client.completions.create(model=MODEL, prompt="Good", max_tokens=8, logprobs=1, temperature=1.0,
+                                            seed=7, stream=True, extra_body={"ignore_eos": True}))
+    assert [top for c in chunks for top in c.choices[0].logprobs.top_logprobs] == sampled.top_logprobs
+    chat = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=8, logprobs=True, top_logprobs=1,
+                                          temperature=1.0, seed=7, extra_body={"ignore_eos": True})
+    assert all(len(t.top_logprobs) == 1 for t in chat.choices[0].logprobs.content)
 
 
 def test_echo_without_logprobs_and_streamed(client):
