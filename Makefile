@@ -16,11 +16,11 @@ help:  ## list targets
 
 setup: $(STAMP)  ## create .venv with torch first, then astrai[dev] (editable)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
 	$(PY) -m astrai_train.launcher_shim install
 	touch $(STAMP)
 
@@ -37,7 +37,7 @@ demo-gpu: $(STAMP)  ## longer GPU recipe: the 125m preset on the Shakespeare cor
 	$(PY) -m astrai_train.demo --gpu
 
 proto: $(STAMP)  ## regenerate gRPC stubs from protos/
-	$(PY) -m astrai_serve.protogen
+	$(PY) -m astrai_serve.proto.regenerate
 
 bench: bench-serve bench-train  ## all benchmarks (GPU)
 

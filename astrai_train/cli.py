@@ -18,9 +18,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("astrai_train.objectives.export_commands", "turn a Lightning checkpoint into a model directory"),
     "export-hf": ("astrai_train.model.commands", "export a model directory as a Hugging Face Qwen3 directory"),
     "eval": ("astrai_train.eval_commands", "perplexity and task accuracy of a model directory"),
-    "generate": ("astrai_serve.generate_commands", "generate text offline with the serving engine"),
-    "serve": ("astrai_serve.commands", "start the gRPC core and the OpenAI REST facade"),
-    "gateway": ("astrai_serve.gateway_commands", "start only the REST facade in front of a remote gRPC core"),
+    "generate": ("astrai_serve.cli.generate", "generate text offline with the serving engine"),
+    "serve": ("astrai_serve.cli.serve", "start the gRPC core and the OpenAI REST facade"),
+    "gateway": ("astrai_serve.cli.gateway", "start only the REST facade in front of a remote gRPC core"),
 }
 
 

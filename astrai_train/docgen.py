@@ -39,7 +39,7 @@ CONFIGS: list[tuple[str, str, str]] = [
     ("Sampling", "each request: the gRPC `SamplingParams` message, the OpenAI request fields, or "
      "`astrai_serve.SamplingParams` in Python", "astrai_serve.engine.sampling_params:SamplingParams"),
     ("REST facade", "`astrai gateway` flags (`astrai serve` uses the defaults)",
-     "astrai_serve.openai_api:FacadeConfig"),
+     "astrai_serve.facade.app:FacadeConfig"),
 ]
 
 

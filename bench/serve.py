@@ -436,7 +436,7 @@ def _main(args: argparse.Namespace) -> int:
         model_dir = common.random_model_dir(preset, workdir / "model", dtype="bfloat16")
         hf_dir = None
         if peers:
-            from astrai_train.model.hf import export_hf
+            from astrai_train.model.hf_export import export_hf
 
             hf_dir = export_hf(model_dir, workdir / "hf", dtype=torch.bfloat16)
         vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]

@@ -76,11 +76,6 @@ class Daemon:
             time.sleep(0.2)
         return self
 
-    @property
-    def ready(self) -> dict[str, str]:
-        """The fields of the daemon's ready line (grpc, http, model)."""
-        return self._ready
-
     def cpu(self) -> dict[str, float]:
         """CPU seconds so far of the daemon's processes: its main thread (the gRPC core's event
         loop), the whole daemon process, the engine child, and the facade children (summed)."""
@@ -100,7 +95,7 @@ class Daemon:
         pid = self.proc.pid
         kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
         return {"core": seconds(pid, f"/task/{pid}"), "daemon": seconds(pid),
-                "engine": children(b"astrai_serve.engine_process"), "facade": children(b"gateway")}
+                "engine": children(b"astrai_serve.core.engine_process"), "facade": children(b"gateway")}
 
     def _healthy(self) -> bool:
         try:

@@ -340,7 +340,7 @@ def _main(args: argparse.Namespace) -> int:
         if args.grpo_rollouts:
             log(f"building {spec['preset']} with random weights in {workdir}")
             model_dir = common.random_model_dir(spec["preset"], workdir / "model", dtype="bfloat16", **spec["overrides"])
-            from astrai_train.model.hf import export_hf
+            from astrai_train.model.hf_export import export_hf
 
             spec["model_dir"] = str(model_dir)
             # --skip-peer leaves out HF generate; the generate loop (the target's baseline) stays

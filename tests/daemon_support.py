@@ -103,9 +103,9 @@ class InProcessStack:
     def __init__(self, engine_loop, **servicer_options):
         import asyncio
 
-        from astrai_serve.facade_server import FacadeServer
-        from astrai_serve.grpc_server import CoreServer, GenerationServicer
-        from astrai_serve.openai_api import FacadeConfig
+        from astrai_serve.facade.server import FacadeServer
+        from astrai_serve.core.server import CoreServer, GenerationServicer
+        from astrai_serve.facade.app import FacadeConfig
 
         self.aio = asyncio.new_event_loop()
         threading.Thread(target=self.aio.run_forever, daemon=True).start()

@@ -16,8 +16,8 @@ from daemon_support import wait_for
 
 from astrai_serve import SamplingParams
 from astrai_serve.engine.llm_engine import LLMEngine
-from astrai_serve.engine_loop import Aborted, EngineDeadError, EngineFailed, EngineLoop, Rejected
-from astrai_serve.engine_process import EngineProcess
+from astrai_serve.core.engine_loop import Aborted, EngineDeadError, EngineFailed, EngineLoop, Rejected
+from astrai_serve.core.engine_process import EngineProcess
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -50,7 +50,7 @@ def facade_pid(daemon) -> int:
 
 
 def engine_pid(daemon) -> int:
-    return child(daemon, b"astrai_serve.engine_process")
+    return child(daemon, b"astrai_serve.core.engine_process")
 
 
 PROMPT = [5, 6, 7, 8, 9]
@@ -172,7 +172,7 @@ def test_engine_process_killed_mid_stream(tiny_model_dir, tmp_path, stubs, greed
 # make the real engine raise, so a fault is planted to test what the process layout does then.
 ENGINE_FAULT = """
 import sys
-if "astrai_serve.engine_process" in getattr(sys, "orig_argv", ()):
+if "astrai_serve.core.engine_process" in getattr(sys, "orig_argv", ()):
     from astrai_serve.engine import llm_engine
 
     _step = llm_engine.LLMEngine.step

@@ -21,7 +21,7 @@ PROMPT = list(range(20, 31))   # 11 tokens: parts of 3, 3, 3 and 2
 def stack(tiny_model_dir, tmp_path_factory):
     """(servicer, gRPC stubs, stub, facade URL) over one engine on a thread."""
     from astrai_serve.engine.llm_engine import LLMEngine
-    from astrai_serve.engine_loop import EngineLoop
+    from astrai_serve.core.engine_loop import EngineLoop
 
     pb2, pb2_grpc = proto_stubs(tmp_path_factory.mktemp("stubs"))
     engine_loop = EngineLoop(LLMEngine(tiny_model_dir, num_pages=128))

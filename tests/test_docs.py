@@ -66,7 +66,8 @@ def daemon(tiny_model_dir, tmp_path_factory):
 # ---- static checks (no daemon) ------------------------------------------------------------------
 
 def test_operations_md_names_every_metric_and_only_real_ones():
-    from astrai_serve.metrics import ServerMetrics, render_prometheus
+    from astrai_serve.core.metrics import ServerMetrics
+    from astrai_serve.facade.prometheus import render_prometheus
     from astrai_serve.proto import generate_pb2 as pb
 
     stats = pb.GetStatsResponse(histograms=ServerMetrics().histograms(), requests_finished_total={"stop": 1})

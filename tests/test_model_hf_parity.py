@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from astrai_train.model import ConfigError, ModelConfig, Transformer
-from astrai_train.model.hf import export_hf
+from astrai_train.model.hf_export import export_hf
 
 transformers = pytest.importorskip("transformers")
 

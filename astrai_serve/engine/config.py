@@ -1,6 +1,6 @@
 """EngineConfig: the serving engine's knobs (batching, KV cache size, device, attention kernel).
 
-Every field is also an `astrai serve` / `astrai generate` flag (astrai_serve/engine_args.py reads
+Every field is also an `astrai serve` / `astrai generate` flag (astrai_serve/cli/engine_args.py reads
 the fields and their comments), so each field keeps its one-line comment on the same line.
 """
 from __future__ import annotations

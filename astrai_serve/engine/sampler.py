@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from astrai_serve.kernels.gumbel import gumbel_argmax, seeded_keys, split_keys
+from astrai_serve.kernels import gumbel_argmax
+from astrai_serve.kernels.gumbel import seeded_keys, split_keys
 
 from .penalty_counts import PenaltyCounts
 from .sampling_params import SamplingParams

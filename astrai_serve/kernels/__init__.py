@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from astrai_serve.kernels.gumbel import gumbel_argmax_reference
 from astrai_serve.kernels.reference import paged_attention, store_kv
 
 PagedAttentionFn = Callable[..., torch.Tensor]
@@ -54,5 +55,15 @@ def get_store_impl_for(kernel: PagedAttentionFn) -> StoreKVFn:
     return store_kv
 
 
-__all__ = ["paged_attention", "store_kv", "get_attention_impl", "get_store_impl_for", "IMPLS",
+def gumbel_argmax(x: torch.Tensor, temps: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """int64 [S]: per row argmax(x / T + Gumbel noise), argmax(x) where T <= 0 (gumbel.py): one
+    Triton kernel on CUDA (triton_sampling.py), the torch reference elsewhere."""
+    if x.device.type == "cuda":
+        from astrai_serve.kernels.triton_sampling import gumbel_argmax as triton_gumbel_argmax
+
+        return triton_gumbel_argmax(x, temps, keys)
+    return gumbel_argmax_reference(x, temps, keys)
+
+
+__all__ = ["gumbel_argmax", "paged_attention", "store_kv", "get_attention_impl", "get_store_impl_for", "IMPLS",
            "PagedAttentionFn", "StoreKVFn"]

@@ -14,7 +14,7 @@ from the engine's own random stream. The hash is murmur3's 32-bit finaliser, app
     h = fmix32(fmix32(i * 0x9E3779B9 + k0) ^ k1),   U = ((h >> 9) + 0.5) / 2**23
 
 The torch version here is the reference (and the CPU path); triton_sampling.py computes the
-same bits on the GPU in one kernel. Keys are made on the host with numpy (vectorised, no sync).
+same bits on the GPU in one kernel, and `astrai_serve.kernels.gumbel_argmax` picks between them. Keys are made on the host with numpy (vectorised, no sync).
 """
 from __future__ import annotations
 
@@ -70,12 +70,3 @@ def gumbel_argmax_reference(x: torch.Tensor, temps: torch.Tensor, keys: torch.Te
     scores = x.float() / torch.where(greedy, 1.0, temps)[:, None] + gumbel
     scores = torch.where(greedy[:, None], x.float(), scores)
     return scores.argmax(-1)
-
-
-def gumbel_argmax(x: torch.Tensor, temps: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """gumbel_argmax_reference, by one Triton kernel on CUDA."""
-    if x.device.type == "cuda":
-        from astrai_serve.kernels.triton_sampling import gumbel_argmax as triton_gumbel_argmax
-
-        return triton_gumbel_argmax(x, temps, keys)
-    return gumbel_argmax_reference(x, temps, keys)

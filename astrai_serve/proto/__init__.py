@@ -1,4 +1,7 @@
-"""Generated gRPC stubs of protos/astrai/v1/generate.proto (`make proto` regenerates them; do not edit)."""
-from astrai_serve.proto import generate_pb2, generate_pb2_grpc
+"""The gRPC contract in Python: stubs generated from protos/astrai/v1/generate.proto
+(`generate_pb2`, `generate_pb2_grpc`; `make proto` regenerates them, do not edit), the constants
+both ends share (`contract`) and the generator (`regenerate`).
 
-__all__ = ["generate_pb2", "generate_pb2_grpc"]
+Imports nothing eagerly, so `python -m astrai_serve.proto.regenerate` runs even when the committed
+stubs do not import (a protobuf runtime too old for them, say).
+"""

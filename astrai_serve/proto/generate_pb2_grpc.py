@@ -5,7 +5,7 @@ import warnings
 
 from astrai_serve.proto import generate_pb2 as astrai_dot_v1_dot_generate__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.84.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

@@ -1,5 +1,6 @@
-"""Hugging Face interop: export to a Qwen3ForCausalLM (or LlamaForCausalLM) directory that
-`transformers` loads with no custom code, and import Qwen3/Llama directories.
+"""Hugging Face interop, the translation: HF config.json and weight names <-> ours, for
+Qwen3ForCausalLM and LlamaForCausalLM. Pure functions of dicts; reading and writing directories
+is io.py's (import) and hf_export.py's (export).
 
 Our parameter names are HF's minus the `model.` prefix, so the mapping is mostly a prefix.
 Qwen3 is GQA + QK-norm; without QK-norm the same weights are a Llama model. Gated attention and
@@ -7,18 +8,11 @@ MLA have no stock `transformers` architecture and are refused.
 """
 from __future__ import annotations
 
-import json
-import shutil
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from .config import ConfigError, ModelConfig
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json", "chat_template.jinja")
-
 
 def _rope_theta(data: dict[str, Any]) -> float:
     params = data.get("rope_parameters") or {}
@@ -92,39 +86,3 @@ def hf_config(config: ModelConfig, special: dict[str, int | None]) -> dict[str, 
     else:
         data.update(mlp_bias=False, pretraining_tp=1)
     return data
-
-
-def _special_ids(src: Path) -> dict[str, int | None]:
-    """bos/eos/pad ids from a tokenizer in `src`, if there is one."""
-    if not (src / "tokenizer.json").is_file():
-        return {}
-    from astrai_train.tokenizer import Tokenizer
-
-    tok = Tokenizer.from_pretrained(src)
-    return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
-
-
-def export_hf(src: str | Path, out: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write `src` (an astrai model directory) as a transformers-loadable directory at `out`."""
-    from .io import load_config, read_state_dict, write_safetensors
-
-    src, out = Path(src), Path(out)
-    config, fmt = load_config(src)
-    special = _special_ids(src)
-    data = hf_config(config, special)  # refuses unexportable variants before writing anything
-    state = read_state_dict(src)
-    if fmt != "astrai":
-        state = state_dict_from_hf(state, config)
-    hf_state = {}
-    for key, tensor in state.items():
-        name = key if key == "lm_head.weight" else f"model.{key}"
-        hf_state[name] = (tensor.to(dtype) if dtype else tensor).contiguous()
-    out.mkdir(parents=True, exist_ok=True)
-    if dtype is not None:
-        data["torch_dtype"] = str(dtype).removeprefix("torch.")
-    (out / "config.json").write_text(json.dumps(data, indent=2) + "\n")
-    write_safetensors(hf_state, out, max_shard_bytes=4 << 30, metadata={"format": "pt"})
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file() and src.resolve() != out.resolve():
-            shutil.copy2(src / name, out / name)
-    return out

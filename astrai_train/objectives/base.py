@@ -19,14 +19,13 @@ from torch import nn
 from astrai_train.model import ModelConfig, Transformer
 from astrai_train.objectives.config import ModelSection, Recipe, RecipeError
 from astrai_train.objectives.schedules import make_schedule
+from astrai_train.objectives.token_loss import next_token_loss
 
 CKPT_KEY = "astrai"  # our entry in the Lightning checkpoint: recipe, model config, tokenizer dir, RNG
 
 
 def head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
               loss_mask: torch.Tensor | None, label_smoothing: float) -> torch.Tensor:
-    from astrai_train.objectives.seq import next_token_loss
-
     return next_token_loss(F.linear(hidden, weight), targets, loss_mask, label_smoothing)
 
 
@@ -123,7 +122,7 @@ class ObjectiveModule(L.LightningModule):
     # ---- the objective ---------------------------------------------------------------------
     def token_loss(self, input_ids: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None,
                    label_smoothing: float) -> torch.Tensor:
-        """Mean next-token cross-entropy of the model on input_ids (see seq.next_token_loss)."""
+        """Mean next-token cross-entropy of the model on input_ids (see token_loss.next_token_loss)."""
         return self.model(input_ids, head=lambda hidden, weight: self.head_loss(
             hidden, weight, targets, loss_mask, label_smoothing))
 

@@ -35,7 +35,7 @@ from typing import Any
 
 from astrai_serve.auth import API_KEY_ENV, resolve_api_key
 from astrai_serve.child_process import freeze_startup_heap
-from astrai_serve.engine_args import add_engine_arguments, engine_overrides
+from astrai_serve.cli.engine_args import add_engine_arguments, engine_overrides
 
 log = logging.getLogger("astrai.serve")
 MAX_API_SERVERS = 64     # each is a whole Python process with a gRPC channel: more is a typo
@@ -127,10 +127,10 @@ def _engine(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
     """The engine, loaded: an EngineProcess (a child process), or an EngineLoop with --engine-in-process."""
     if args.in_process_engine:
         from astrai_serve.engine.llm_engine import LLMEngine  # heavy (torch): after the cheap checks
-        from astrai_serve.engine_loop import EngineLoop
+        from astrai_serve.core.engine_loop import EngineLoop
 
         return EngineLoop(LLMEngine(args.model, **overrides))
-    from astrai_serve.engine_process import EngineProcess
+    from astrai_serve.core.engine_process import EngineProcess
 
     return EngineProcess(args.model, overrides, log_level=args.log_level)
 
@@ -139,8 +139,8 @@ class _FacadeThread:
     """--http-in-process: the facade on a thread of this process, driven like a FacadeProcess."""
 
     def __init__(self, grpc_target: str, host: str, port: int, api_key: str | None):
-        from astrai_serve.facade_server import FacadeServer
-        from astrai_serve.openai_api import FacadeConfig
+        from astrai_serve.facade.server import FacadeServer
+        from astrai_serve.facade.app import FacadeConfig
 
         config = FacadeConfig(grpc_target=grpc_target, api_key=api_key, core_api_key=api_key)
         self.server = FacadeServer(config, host, port, log_level="warning")
@@ -164,7 +164,7 @@ def _facade(args: argparse.Namespace, grpc_target: str, api_key: str | None) -> 
     """The REST facade, its HTTP port bound (so a port in use fails before anything starts)."""
     if args.http_in_process:
         return _FacadeThread(grpc_target, args.host, args.http_port, api_key)
-    from astrai_serve.facade_process import FacadeProcess
+    from astrai_serve.facade.process import FacadeProcess
 
     # uvicorn's own info lines (startup banners) stay out of the daemon's log, as they always have.
     return FacadeProcess(grpc_target, args.host, args.http_port, api_key,
@@ -172,7 +172,7 @@ def _facade(args: argparse.Namespace, grpc_target: str, api_key: str | None) -> 
 
 
 async def _serve(args: argparse.Namespace, engine_loop: Any, name: str, api_key: str | None) -> int:
-    from astrai_serve.grpc_server import CoreServer, GenerationServicer
+    from astrai_serve.core.server import CoreServer, GenerationServicer
 
     core = CoreServer(GenerationServicer(engine_loop, name), args.host, args.grpc_port, api_key)
     grpc_target = f"{_connect_host(args.host)}:{core.port}"

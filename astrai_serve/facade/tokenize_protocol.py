@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from astrai_serve.openai_protocol import ApiError, _bad, _get_bool, _messages, _type_name, check_model
+from astrai_serve.facade.protocol import ApiError, _bad, _get_bool, _messages, _type_name, check_model
 from astrai_serve.proto import generate_pb2 as pb
 
 TOKENIZE_FIELDS = {"model", "prompt", "messages", "add_generation_prompt", "add_special_tokens"}

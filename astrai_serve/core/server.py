@@ -34,18 +34,16 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from astrai_serve.auth import GrpcApiKeyInterceptor
-from astrai_serve.engine_loop import MARKERS, EngineDeadError, EngineFailed, EngineHandle, Rejected, num_samples
-from astrai_serve.metrics import ServerMetrics
+from astrai_serve.core.engine_loop import MARKERS, EngineDeadError, EngineFailed, EngineHandle, Rejected, num_samples
+from astrai_serve.core.metrics import ServerMetrics
 from astrai_serve.proto import generate_pb2 as pb
 from astrai_serve.proto import generate_pb2_grpc as pb_grpc
-from astrai_serve.request_checks import InvalidRequest, RequestChecker
+from astrai_serve.proto.contract import ERROR_CODE_KEY, ERROR_PARAM_KEY, MAX_MESSAGE_BYTES
+from astrai_serve.core.request_checks import InvalidRequest, RequestChecker
 
 log = logging.getLogger("astrai.serve.grpc")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
-ERROR_PARAM_KEY = "astrai-error-param"
-ERROR_CODE_KEY = "astrai-error-code"
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # above the facade's 4 MiB body limit, so HTTP sees 413 first
 # A prompt position costs ~25 B plus, per alternative (at most 20), ~12 B and its token's text:
 # ~0.7 KB at 20 alternatives of 20-byte texts (long for BPE), so a part stays near 3 MiB, far
 # below MAX_MESSAGE_BYTES; a 32k-token prompt still takes only 8 messages.

@@ -1,9 +1,12 @@
 """Generate the Python gRPC stubs of protos/astrai/v1/generate.proto into astrai_serve/proto/.
 
-`make proto` runs `python -m astrai_serve.protogen`. protoc names imports after the .proto's
-path (`from astrai.v1 import generate_pb2`), which is not a package of ours, so the generated
-import lines are rewritten to `from astrai_serve.proto import ...`. The stubs are committed;
-tests/test_daemon_proto.py regenerates them into a temporary directory and fails on any drift.
+`make proto` runs `python -m astrai_serve.proto.regenerate` with the grpcio-tools that
+constraints.txt pins (the version the committed stubs name in GRPC_GENERATED_VERSION, so a
+regeneration is byte for byte what is committed). protoc names imports after the .proto's path
+(`from astrai.v1 import generate_pb2`), which is not a package of ours, so the generated import
+lines are rewritten to `from astrai_serve.proto import ...`. tests/test_proto_stubs.py checks the
+committed stubs against the .proto by meaning (descriptor, service methods, typed fields), so a
+real drift fails on any grpcio-tools while a different generator version does not.
 """
 from __future__ import annotations
 
@@ -13,10 +16,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PROTO_ROOT = REPO_ROOT / "protos"
 PROTO_FILE = "astrai/v1/generate.proto"
-STUB_DIR = Path(__file__).resolve().parent / "proto"
+STUB_DIR = Path(__file__).resolve().parent
 STUB_PACKAGE = "astrai_serve.proto"
 # The files protoc writes for PROTO_FILE, relative to its output directory.
 GENERATED = ("generate_pb2.py", "generate_pb2.pyi", "generate_pb2_grpc.py")
@@ -39,6 +42,34 @@ def run_protoc(proto_root: Path, proto_file: str, out_dir: Path) -> None:
     code = protoc.main(args)
     if code != 0:
         raise RuntimeError(f"protoc failed with exit code {code} on {proto_root / proto_file}")
+
+
+def compiled_descriptor(proto_root: Path = PROTO_ROOT, proto_file: str = PROTO_FILE):
+    """The FileDescriptorProto protoc makes of the .proto now: what the stubs must embed."""
+    from google.protobuf import descriptor_pb2
+    from grpc_tools import protoc
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "set.pb"
+        code = protoc.main(["protoc", f"-I{proto_root}", f"--descriptor_set_out={out}", proto_file])
+        if code != 0:
+            raise RuntimeError(f"protoc failed with exit code {code} on {proto_root / proto_file}")
+        files = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file
+    (descriptor,) = [f for f in files if f.name == proto_file]
+    # protoc's descriptor sets spell out each field's json_name; the one the Python generator
+    # embeds leaves it out where it is the default (the name in lowerCamelCase).
+    messages = list(descriptor.message_type)
+    while messages:
+        message = messages.pop()
+        for field in message.field:
+            if field.json_name == _default_json_name(field.name):
+                field.ClearField("json_name")
+        messages.extend(message.nested_type)
+    return descriptor
+
+
+def _default_json_name(name: str) -> str:
+    return re.sub(r"_+([a-zA-Z0-9])?", lambda m: (m.group(1) or "").upper(), name)
 
 
 def _fix_imports(text: str) -> str:

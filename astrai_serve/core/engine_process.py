@@ -6,7 +6,7 @@ Python costs tens of microseconds per stream message; at tens of thousands of me
 that fills a core, and each of the engine's GPU launches waits behind it. In its own process the
 engine has a GIL of its own, and the daemon's process does only I/O.
 
-The child (`python -m astrai_serve.engine_process --fd N`) builds the LLMEngine and runs the
+The child (`python -m astrai_serve.core.engine_process --fd N`) builds the LLMEngine and runs the
 ordinary EngineLoop. Its sinks slim each RequestOutput down to a `Delta` (no `_all_ids`, no whole
 `text`: pickling those every step would cost O(length) per request) and its flush hook sends the
 step's deltas, the engine stats and the loop's error as ONE message. In the daemon, EngineProcess
@@ -42,7 +42,7 @@ from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 from astrai_serve.child_process import child_env, freeze_startup_heap, python_argv
-from astrai_serve.engine_loop import (MARKERS, Aborted, EngineDeadError, EngineFailed, EngineHandle, EngineLoop, Entry,
+from astrai_serve.core.engine_loop import (MARKERS, Aborted, EngineDeadError, EngineFailed, EngineHandle, EngineLoop, Entry,
                                       Rejected, Sink, deliver, num_samples, run_hooks)
 
 log = logging.getLogger("astrai.serve.engine_process")
@@ -323,7 +323,7 @@ def child_main(fd: int) -> int:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="the engine child of `astrai serve` (not for direct use)")
     parser.add_argument("--fd", type=int, required=True, help="the socket to the daemon")
-    # Run the copy imported under the package's name, so pickled Deltas name astrai_serve.engine_process.
-    from astrai_serve.engine_process import child_main as main
+    # Run the copy imported under the package's name, so pickled Deltas name astrai_serve.core.engine_process.
+    from astrai_serve.core.engine_process import child_main as main
 
     sys.exit(main(parser.parse_args().fd))

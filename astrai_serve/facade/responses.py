@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from astrai_serve.openai_protocol import ParsedRequest
+from astrai_serve.facade.protocol import ParsedRequest
 from astrai_serve.proto import generate_pb2 as pb
 
 

@@ -23,11 +23,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from astrai_serve.auth import bearer_matches
-from astrai_serve.core_client import CoreClient, api_error
-from astrai_serve.metrics import render_prometheus
-from astrai_serve.openai_protocol import ApiError, ParsedRequest, parse_request
-from astrai_serve.openai_responses import Assembler
-from astrai_serve.tokenize_protocol import parse_detokenize, parse_tokenize
+from astrai_serve.facade.core_client import CoreClient, api_error
+from astrai_serve.facade.prometheus import render_prometheus
+from astrai_serve.facade.protocol import ApiError, ParsedRequest, parse_request
+from astrai_serve.facade.responses import Assembler
+from astrai_serve.facade.tokenize_protocol import parse_detokenize, parse_tokenize
 
 log = logging.getLogger("astrai.serve.openai")
 T = TypeVar("T")

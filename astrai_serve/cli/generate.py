@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from astrai_serve.engine_args import add_engine_arguments, engine_overrides
+from astrai_serve.cli.engine_args import add_engine_arguments, engine_overrides
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

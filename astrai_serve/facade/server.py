@@ -17,7 +17,7 @@ import threading
 
 import uvicorn
 
-from astrai_serve.openai_api import FacadeConfig, create_app
+from astrai_serve.facade.app import FacadeConfig, create_app
 
 log = logging.getLogger("astrai.serve.facade")
 

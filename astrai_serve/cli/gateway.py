@@ -39,8 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from astrai_serve.child_process import freeze_startup_heap
-    from astrai_serve.facade_server import FacadeServer
-    from astrai_serve.openai_api import FacadeConfig
+    from astrai_serve.facade.server import FacadeServer
+    from astrai_serve.facade.app import FacadeConfig
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     api_key = resolve_api_key(args.api_key)

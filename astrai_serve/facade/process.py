@@ -16,7 +16,7 @@ import asyncio
 
 from astrai_serve.auth import API_KEY_ENV
 from astrai_serve.child_process import child_env, python_argv
-from astrai_serve.facade_server import bind_socket, http_url
+from astrai_serve.facade.server import bind_socket, http_url
 
 
 class FacadeProcess:
