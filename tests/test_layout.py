@@ -6,6 +6,8 @@ that closes a cycle is still a cycle, only a later one); `if TYPE_CHECKING:` blo
 from __future__ import annotations
 
 import ast
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -189,3 +191,27 @@ def test_every_folder_says_what_runs_there():
         for init in sorted((ROOT / pkg).rglob("__init__.py")):
             doc = ast.get_docstring(ast.parse(init.read_text()))
             assert doc and len(doc.split()) >= 8, f"{init.relative_to(ROOT)} needs a docstring saying what runs there"
+
+
+# A repository path written out in prose or code: `astrai_serve/core/server.py`, `bench/serve.py`.
+_PATH = re.compile(r"(?<![\w/.])((?:astrai_serve|astrai_train|tests|bench|docs|configs|protos|data)/[\w./-]*\w\.(?:py|md|json|yaml|proto|sh|png|txt))\b")
+
+
+def _tracked_text_files() -> list[Path]:
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout.split()
+    keep = (".py", ".md", ".proto", ".sh", ".toml", ".yaml", ".txt", "Makefile", ".pyi")
+    return [ROOT / f for f in out if f.endswith(keep) and (ROOT / f).is_file() and not f.startswith("data/")]
+
+
+def test_every_repository_path_the_code_and_docs_name_exists():
+    missing = []
+    for path in _tracked_text_files():
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            for named in _PATH.findall(line):
+                stem = Path(named).stem
+                if any(c in named for c in "*{<") or stem.isupper():  # a pattern or a placeholder (RECIPE.yaml)
+                    continue
+                if not (ROOT / named).exists() and not (path.parent / named).exists():
+                    missing.append(f"{path.relative_to(ROOT)}:{n} names {named}")
+    assert not missing, "paths that do not exist:\n" + "\n".join(missing)
