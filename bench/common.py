@@ -208,31 +208,6 @@ def _synthetic_words(alphabet: str, count: int) -> list[str]:
     return words
 
 
-def random_gpu_model(preset: str, fuse: bool = True) -> tuple[Any, Any, Any]:
-    """(config, model, tokenizer) for in-process engine benches: the preset with seeded random
-    bf16 weights on the GPU, projections fused as LLM(model_dir) fuses them (fuse=False: left
-    apart, as a training module GRPO samples from), and a synthetic tokenizer covering the whole
-    vocabulary (so every generated id is detokenized)."""
-    import tempfile
-
-    import torch
-
-    from astrai_train.model import ModelConfig, Transformer, fuse_projections
-    from astrai_train.tokenizer import Tokenizer
-
-    config = ModelConfig.from_preset(preset)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = Transformer(config)
-    model = model.to(torch.bfloat16).eval()
-    if fuse:
-        fuse_projections(model)
-    with tempfile.TemporaryDirectory() as tmp:
-        synthetic_tokenizer(config.vocab_size, tmp)
-        tok = Tokenizer.from_pretrained(tmp)
-    return config, model, tok
-
-
 def synthetic_tokenizer(vocab_size: int, out_dir: str | Path) -> Any:
     """A byte-level BPE tokenizer with exactly `vocab_size` ids, every one of which decodes to
     ASCII letters, saved into out_dir.

@@ -16,6 +16,9 @@ W4 online       the W1 requests through `astrai serve`'s OpenAI REST facade, str
                 `openai` AsyncOpenAI client at a fixed request rate: TTFT/TPOT p50/p99 and
                 output tok/s vs W1 offline.
 
+--profile runs each offline workload once more under torch.profiler and once under cProfile
+and prints where its time goes (kernels by GPU time, host functions by own time).
+
 Each system runs in its own process on the GPU (see common.run_isolated); --tiny runs everything
 at toy sizes in-process on the CPU (the smoke test). Token ids are random; the model directory
 carries a synthetic tokenizer covering the whole vocabulary so every generated id has text.
@@ -156,6 +159,31 @@ def _engine_runner(spec: dict[str, Any], **overrides: Any) -> Any:
     return run
 
 
+def profile(spec: dict[str, Any], label: str, fn: Any, rows: int = 25) -> None:
+    """--profile: fn() once under torch.profiler (the kernels with the most GPU time; on a CPU the
+    ops with the most CPU time) and once under cProfile (the host functions with the most own
+    time), printed to the log. Nothing without --profile."""
+    if not spec["profile"]:
+        return
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+
+    cuda = spec["device"] == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+    print(f"\n--profile {label}: by self {'GPU' if cuda else 'CPU'} time, one run", flush=True)
+    print(prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                    row_limit=rows), flush=True)
+    host, text = cProfile.Profile(), io.StringIO()
+    host.runcall(fn)
+    pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(rows)
+    print(f"--profile {label}: host functions by own time, one run\n{text.getvalue()}", flush=True)
+
+
 def phase_astrai(spec: dict[str, Any], out: common.Sink) -> None:
     s, vocab, wl = sizes_from(spec["sizes"]), spec["vocab"], spec["workloads"]
     reps, budget = spec["repeats"], spec["budget_s"]
@@ -169,6 +197,7 @@ def phase_astrai(spec: dict[str, Any], out: common.Sink) -> None:
         out.add(Row("W1", "astrai", var_metric(s), common.median([r["tps"] for r in runs]),
                     note=f"{s.num_requests} req, prompt {s.prompt_range[0]}-{s.prompt_range[1]}, {how}; "
                          f"median of {len(runs)}"))
+        profile(spec, "W1", lambda: run([p for p, _ in reqs], [n for _, n in reqs]))
         runs = repeated(lambda: run([p for p, _ in reqs], [s.fixed_output] * len(reqs)), reps, budget)
         out.add(Row("W1", "astrai", fixed_metric(s), common.median([r["tps"] for r in runs]),
                     peers=[key("W1", HF_CB, fixed_metric(s)), key("W1", HF_GEN, fixed_metric(s))],
@@ -194,13 +223,15 @@ def phase_astrai(spec: dict[str, Any], out: common.Sink) -> None:
             Row("W3", "astrai", "first token ms", ttft * 1e3, note=f"{s.w3_prompt}-token prompt, cold cache"),
             Row("W3", "device", "copy GB/s (read+write)", bandwidth / 1e9,
                 note=f"device-to-device copy of {copied >> 20} MiB, x10"))
+        profile(spec, "W3", lambda: run([prompt], [s.w3_output]))
     if "W2" in wl:
-        out.add(*_w2_rows(run, s, vocab, reps, budget, CACHE_ON))
+        out.add(*_w2_rows(run, spec, CACHE_ON))
 
 
-def _w2_rows(run: Any, s: Sizes, vocab: int, reps: int, budget: float, system: str) -> list[Row]:
-    prompts = w2_prompts(s, vocab)
-    runs = repeated(lambda: run(prompts, [s.w2_output] * len(prompts)), reps, budget)
+def _w2_rows(run: Any, spec: dict[str, Any], system: str) -> list[Row]:
+    s = sizes_from(spec["sizes"])
+    prompts = w2_prompts(s, spec["vocab"])
+    runs = repeated(lambda: run(prompts, [s.w2_output] * len(prompts)), spec["repeats"], spec["budget_s"])
     note = (f"{s.num_requests} req, {s.shared_prefix}-token shared prefix + {s.question_range[0]}-"
             f"{s.question_range[1]} question, {s.w2_output} out, cold cache; median of {len(runs)}")
     rows = [Row("W2", system, "output tok/s", common.median([r["tps"] for r in runs]), note=note,
@@ -208,6 +239,7 @@ def _w2_rows(run: Any, s: Sizes, vocab: int, reps: int, budget: float, system: s
     if system == CACHE_ON:
         rows.append(Row("W2", system, "prompt tokens from cache %",
                         100 * runs[-1]["cached"] / max(runs[-1]["prompt"], 1)))
+        profile(spec, "W2 (prefix cache on)", lambda: run(prompts, [s.w2_output] * len(prompts)))
     return rows
 
 
@@ -216,7 +248,7 @@ def phase_astrai_nocache(spec: dict[str, Any], out: common.Sink) -> None:
     run = _engine_runner(spec, enable_prefix_cache=False)
     prompts = w2_prompts(s, spec["vocab"])[:8]
     run(prompts, [4] * len(prompts))  # warm-up
-    out.add(*_w2_rows(run, s, spec["vocab"], spec["repeats"], spec["budget_s"], CACHE_OFF))
+    out.add(*_w2_rows(run, spec, CACHE_OFF))
 
 
 # ---- phases: the Hugging Face peers (serve_hf.py) ----------------------------------------------
@@ -366,10 +398,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--attention-impl", default=None, help="engine: torch | triton")
     p.add_argument("--compile-decode", action=argparse.BooleanOptionalAction, default=None,
                    help="engine: torch.compile the captured decode step (default: the engine's, off)")
-    p.add_argument("--decode-gemv", action=argparse.BooleanOptionalAction, default=None,
-                   help="engine: graphed decodes of 1-4 sequences use the Triton GEMV (default: the engine's, off)")
     p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other EngineConfig setting, e.g. async_scheduling=false (repeatable)")
+                   help="any other EngineConfig setting, e.g. decode_pdl=false (repeatable)")
+    p.add_argument("--profile", action="store_true",
+                   help="after each offline workload, one run under torch.profiler and one under cProfile, printed")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="one process per system (default: on with CUDA, off on the CPU)")
     p.add_argument("--phase-timeout-s", type=float, default=300.0, help="stop a system's process after this long (default 300)")
@@ -401,7 +433,7 @@ def build_spec(args: argparse.Namespace, model_dir: Path, hf_dir: Path | None, v
     engine: dict[str, Any] = {"max_num_seqs": args.max_num_seqs or (8 if args.tiny else 256),
                               "max_num_batched_tokens": args.max_num_batched_tokens or (256 if args.tiny else 16384),
                               "max_model_len": 1 << (longest - 1).bit_length()}
-    for name in ("gpu_memory_utilization", "page_size", "attention_impl", "compile_decode", "decode_gemv"):
+    for name in ("gpu_memory_utilization", "page_size", "attention_impl", "compile_decode"):
         if getattr(args, name) is not None:
             engine[name] = getattr(args, name)
     engine.update(args.engine_overrides)
@@ -410,7 +442,7 @@ def build_spec(args: argparse.Namespace, model_dir: Path, hf_dir: Path | None, v
             "repeats": args.repeats, "budget_s": args.budget_s or (20.0 if args.tiny else 45.0),
             "peer_budget_s": args.peer_budget_s or (20.0 if args.tiny else 90.0),
             "hf_requests": args.hf_requests, "hf_batch_size": args.hf_batch_size,
-            "workloads": args.workloads.split(","), "phase_timeout_s": args.phase_timeout_s,
+            "workloads": args.workloads.split(","), "phase_timeout_s": args.phase_timeout_s, "profile": args.profile,
             "serve_flags": [] if args.api_server_count is None else ["--api-server-count", str(args.api_server_count)]}
 
 

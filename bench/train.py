@@ -6,6 +6,8 @@ Prints one table and writes JSON.
                           [--systems astrai,astrai-compile,hf,hf-compile] [--ddp-devices 2]
                           [--json out.json] [--skip-peer] [--tiny]
     python bench/train.py --grpo-rollouts     # rollout tokens/s: serving engine vs generate loops
+    python bench/train.py --launcher --ddp-devices 2 [--ddp-strategy fsdp] [--steps 25]
+                                              # train.py itself under `lightning run model`, 1 vs N GPUs
 
 Systems (each in its own process on the GPU):
   astrai          SeqModule + the Trainer that `astrai train` builds (runner.build_trainer),
@@ -24,6 +26,8 @@ system (astrai_train.objectives.throughput.flops_per_token, PaLM appendix B):
     6 N + 12 L H Dh T     N parameters in matmuls (a tied embedding counted once), L layers,
                           H query heads, Dh head dim, T sequence length (causal masking not discounted)
 MFU = tokens/s x FLOPs per token / peak dense bf16 FLOP/s (989e12 for H100/H200 SXM).
+
+--grpo-rollouts is train_rollouts.py's measurement, --launcher train_launcher.py's.
 """
 from __future__ import annotations
 
@@ -265,6 +269,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak dense bf16 TFLOP/s for MFU (default: by device name, 989 for H100/H200 SXM)")
     p.add_argument("--grpo-rollouts", action="store_true", help="measure GRPO rollout generation instead of training")
+    p.add_argument("--launcher", action="store_true",
+                   help="instead: train.py on the shipped corpus under `lightning run model`, on 1 and on "
+                        "--ddp-devices GPUs (default 2), --steps optimizer steps (default 30)")
     p.add_argument("--rollout-prompts", type=int, default=None, help="rollout prompts (default 32)")
     p.add_argument("--group-size", type=int, default=None, help="samples per prompt (default 8)")
     p.add_argument("--rollout-tokens", type=int, default=None, help="max new tokens per sample (default 256)")
@@ -276,7 +283,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "the generate loop's rate varied by 25%% between single runs")
     p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="an EngineConfig setting for the rollout engine, e.g. cascade_attention=false (repeatable)")
-    p.add_argument("--json", default=None, help="where to write JSON (default bench-train.json / bench-rollouts.json; '' for none)")
+    p.add_argument("--json", default=None, help="where to write JSON (default bench-train.json / bench-rollouts.json / "
+                                                "bench-launcher.json; '' for none)")
     p.add_argument("--tiny", action="store_true", help="tiny preset and sizes, for a CPU smoke run")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="one process per system (default: on with CUDA, off on the CPU)")
@@ -291,6 +299,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if value is not None and value < (0 if name == "warmup_steps" else 1):
             p.error(f"--{name.replace('_', '-')} {value}: must be >= {0 if name == 'warmup_steps' else 1}")
     args.engine_overrides = common.key_values(p, "--engine-arg", args.engine_arg)
+    if args.launcher and args.grpo_rollouts:
+        p.error("--launcher and --grpo-rollouts: choose one")
     if args.systems:
         bad = sorted(set(args.systems.split(",")) - {"astrai", "astrai-compile", "hf", "hf-compile"})
         if bad:
@@ -327,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     if args.phase:  # a child process measuring one system
         return common.phase_main(PHASES, args.phase, args.spec, args.phase_out)
+    if args.launcher:
+        return _launcher_main(args)
     import torch
 
     device, threads_before, extra_env = common.run_setup(args.tiny)
@@ -368,6 +380,17 @@ def _main(args: argparse.Namespace) -> int:
     finally:
         torch.set_num_threads(threads_before)
         shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def _launcher_main(args: argparse.Namespace) -> int:
+    import train_launcher
+
+    devices, steps = args.ddp_devices or 2, args.steps or 30
+    rows = train_launcher.measure(devices, args.ddp_strategy, steps)
+    settings = {"devices": devices, "strategy": args.ddp_strategy, "steps": steps, "recipe": str(train_launcher.RECIPE)}
+    common.report("bench/train.py --launcher", rows, common.environment(), settings,
+                  "bench-launcher.json" if args.json is None else args.json or None)
     return 0
 
 

@@ -1,9 +1,8 @@
-"""Data-parallel scaling through the real launcher: `lightning run model train.py` on N GPUs vs 1.
-
-    python bench/train_launcher.py [--devices 2] [--strategy ddp] [--steps 30] [--json FILE]
+"""`bench/train.py --launcher`: data-parallel scaling of train.py itself under `lightning run model`.
 
 Exactly what a user runs: the shipped corpus goes through `astrai tokenizer train`, `astrai tasks`
-and `astrai prepare seq` (a BPE of 8,192 tokens), then for 1 and for N GPUs
+and `astrai prepare seq` (a BPE of 8,192 tokens, kept in runs/bench-launcher for the next run),
+then for 1 and for N GPUs
 
     lightning run model --accelerator=cuda --strategy=STRATEGY --devices=D train.py
         --config configs/train/seq-qwen3-0.6b.yaml  (micro-batch 8 x 2048 per GPU, compiled, bf16-mixed)
@@ -12,11 +11,9 @@ Throughput is what train.py itself logs (perf/tokens_per_sec of the ThroughputMo
 one value per 5-step window, in the run's logs/metrics.csv): the median of the windows after the
 first two (compilation and warm-up). The 1-GPU run uses each strategy's own code path, so its
 FSDP row is FSDP on one device. Scaling efficiency = tokens/s on N GPUs / (N x tokens/s on 1).
-bench/train.py measures the same with Lightning's own process launcher, beside the HF peer.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import shutil
@@ -24,12 +21,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from common import Row, log  # noqa: E402
+import common
+from common import Row, log
 
 ROOT = common.ROOT
 RECIPE = ROOT / "configs" / "train" / "seq-qwen3-0.6b.yaml"
+WORKDIR = ROOT / "runs" / "bench-launcher"
 
 
 def astrai(*args: str) -> None:
@@ -55,7 +52,8 @@ def launcher() -> list[str]:
     return [exe]
 
 
-def run(devices: int, strategy: str, steps: int, tok: Path, data: Path, work: Path) -> list[float]:
+def windows(devices: int, strategy: str, steps: int, tok: Path, data: Path, work: Path) -> list[float]:
+    """perf/tokens_per_sec of each 5-step window of one `lightning run model train.py` run."""
     name = f"launcher-{devices}gpu-{strategy}"
     cmd = [*launcher(), "run", "model", "--accelerator=cuda", f"--strategy={strategy}", f"--devices={devices}",
            "train.py", "--config", str(RECIPE), "--no-export", f"model.tokenizer={tok}", f"data.train_path={data}",
@@ -71,38 +69,24 @@ def run(devices: int, strategy: str, steps: int, tok: Path, data: Path, work: Pa
     return values
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bench/train_launcher.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--devices", type=int, default=2, help="GPUs of the data-parallel run (default 2)")
-    p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="Lightning strategy (default ddp)")
-    p.add_argument("--steps", type=int, default=30, help="optimizer steps per run (default 30: 6 windows of 5)")
-    p.add_argument("--workdir", default="runs/bench-launcher", help="where data and runs go (default runs/bench-launcher)")
-    p.add_argument("--json", default="", help="where to write the JSON results (default: none)")
-    args = p.parse_args(argv)
+def measure(devices: int, strategy: str, steps: int) -> list[Row]:
+    """Rows: tokens/s on 1 and on `devices` GPUs, and the scaling efficiency."""
     import torch
 
-    if torch.cuda.device_count() < args.devices:
-        p.error(f"--devices {args.devices}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    if args.steps < 15:
-        p.error(f"--steps {args.steps}: need at least 15 (three 5-step windows, two of them warm-up)")
-    work = (ROOT / args.workdir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    tok, data = prepare(work)
-    rows = []
-    tps = {}
-    for devices in (1, args.devices):
-        windows = run(devices, args.strategy, args.steps, tok, data, work)
-        tps[devices] = common.median(windows[2:])
-        rows.append(Row("train", f"train.py under lightning run model, {devices} GPU(s) {args.strategy}",
-                        "tokens/s", tps[devices], note=f"median of {len(windows) - 2} 5-step windows after 2 warm-up ones"))
-    rows.append(Row("train", f"{args.devices} GPUs {args.strategy} vs 1", "scaling efficiency %",
-                    100 * tps[args.devices] / (args.devices * tps[1])))
-    common.report("bench/train_launcher.py", rows, common.environment(),
-                  {"devices": args.devices, "strategy": args.strategy, "steps": args.steps, "recipe": str(RECIPE)},
-                  args.json or None)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    if devices < 2:
+        raise ValueError(f"--launcher --ddp-devices {devices}: the data-parallel run needs at least 2 GPUs")
+    if torch.cuda.device_count() < devices:
+        raise ValueError(f"--launcher --ddp-devices {devices}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if steps < 15:
+        raise ValueError(f"--launcher --steps {steps}: need at least 15 (three 5-step windows, two of them warm-up)")
+    WORKDIR.mkdir(parents=True, exist_ok=True)
+    tok, data = prepare(WORKDIR)
+    rows, tps = [], {}
+    for n in (1, devices):
+        got = windows(n, strategy, steps, tok, data, WORKDIR)
+        tps[n] = common.median(got[2:])
+        rows.append(Row("train", f"train.py under lightning run model, {n} GPU(s) {strategy}", "tokens/s", tps[n],
+                        note=f"median of {len(got) - 2} 5-step windows after 2 warm-up ones"))
+    rows.append(Row("train", f"{devices} GPUs {strategy} vs 1", "scaling efficiency %",
+                    100 * tps[devices] / (devices * tps[1])))
+    return rows

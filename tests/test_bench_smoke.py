@@ -119,42 +119,21 @@ def test_table_ratios_and_percentiles():
     assert common.median([3, 1, 2]) == 2
 
 
-def test_delivery_bench_tiny(tmp_path, capsys):
-    delivery = _load("delivery")
-    out = tmp_path / "delivery.json"
-    assert delivery.main(["--tiny", "--json", str(out)]) == 0
-    assert "ratio vs peer" in capsys.readouterr().out
-    rows = _rows(out)
-    offline = _positive(rows, "delivery|offline|output tok/s")
-    for system in ("grpc", "rest", "rest-thread", "rest-engine-thread", "grpc-slow"):
-        row = rows[f"delivery|{system}|output tok/s"]
-        assert row["ratios"]["offline"] == pytest.approx(_positive(rows, row["workload"] + f"|{system}|output tok/s") / offline)
-        assert "msgs/request" in row["note"] and "CPU us/token" in row["note"]
+def test_serve_bench_profile_tiny(capsys):
+    """--profile prints, per offline workload, the profiler's table and the host functions."""
+    serve = _load("serve")
+    assert serve.main(["--tiny", "--workloads", "W2,W3", "--skip-peer", "--repeats", "1", "--profile",
+                       "--json", ""]) == 0
+    out = capsys.readouterr().out
+    for label in ("W3", "W2 (prefix cache on)"):
+        assert f"--profile {label}: by self CPU time" in out and f"--profile {label}: host functions" in out
+    assert "--profile W1" not in out and "Self CPU" in out and "tottime" in out
 
 
-def test_engine_arrivals_tiny(capsys):
-    """W4's arrivals against the engine alone: every request's tokens counted, TTFT per quarter."""
-    arrivals = _load("engine_arrivals")
-    assert arrivals.main(["--tiny", "--rate", "200"]) == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if " tok/s; TTFT p50 by arrival quarter" in line]
-    assert len(lines) == 2 and lines[0].startswith("all at t = 0") and lines[1].startswith("200 req/s")
-    # the same requests either way: the token counts agree
-    assert len({line.split(" tokens in ")[0].split(": ")[1] for line in lines}) == 1
+def test_train_bench_launcher_needs_gpus(capsys):
+    """--launcher runs train.py under `lightning run model` on GPUs only: on a CPU one clear error."""
+    train = _load("train")
+    assert train.main(["--launcher", "--ddp-devices", "2"]) == 2
+    assert "this machine has 0 CUDA GPU(s)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        arrivals.main(["--tiny", "--rate", "0"])
-
-
-def test_kv_cache_agreement_tiny(tmp_path):
-    """fp8 cache against the model-dtype cache, and bf16 against float32: three comparisons of
-    three figures each, percentages in range."""
-    agreement = _load("kv_cache_agreement")
-    out = tmp_path / "agreement.json"
-    assert agreement.main(["--tiny", "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 9 and len({r["system"] for r in rows}) == 3
-    percents = [r["value"] for r in rows if r["metric"].endswith("%")]
-    assert len(percents) == 6 and all(0 <= v <= 100 for v in percents)
-    firsts = [r["value"] for r in rows if r["metric"].startswith("mean first divergence")]
-    assert all(0 <= v <= 8 for v in firsts)                 # --tiny: 8 greedy tokens
-    with pytest.raises(SystemExit):
-        agreement.main(["--tiny", "--prompts", "0"])
+        train.main(["--launcher", "--grpo-rollouts"])
