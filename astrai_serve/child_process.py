@@ -28,7 +28,7 @@ def child_env(**extra: str) -> dict[str, str]:
 def freeze_startup_heap() -> None:
     """Move everything alive now (torch, the model, the engine, the servers) out of the garbage
     collector's sight: it lives as long as the process, and a full collection walking it paused
-    an engine step for ~300 ms mid-serving (bench/engine_arrivals.py --no-gc-freeze, H200).
+    an engine step for ~300 ms mid-serving (H200, W4's arrivals; docs/benchmarks.md).
     Called once a serving process has started, as vLLM does."""
     gc.collect()
     gc.freeze()

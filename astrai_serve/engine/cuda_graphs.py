@@ -37,7 +37,7 @@ is hidden behind a graph break, not a custom op, on purpose: the break makes eac
 compile once for all layers, where one unbroken graph of qwen3-0.6b's 28 layers took ~20x as
 long to compile (measured on a CPU: 115 s against 5 s).
 
-Measured (bench/engine_step.py, H200, qwen3-0.6b bf16, W1: 256 requests, 100-1024 in/out):
+Measured before async scheduling (H200, qwen3-0.6b bf16, W1: 256 requests, 100-1024 in/out):
 eager 6,651 output tok/s; graphs 13,051 (serial steps) / 14,444 (overlapped steps); graphs of the
 compiled forward 17,240 / 19,634. A replay at context 1 costs 4.1 ms (batch 1) to 6.1 ms (256)
 uncompiled: the floor of ~1,600 small kernels, which compile_decode fuses.

@@ -94,8 +94,8 @@ class PageTables:
 # And only for long prefixes: plain decode reads a prefix its neighbours share mostly from L2,
 # so a short one saves little, while the prefix kernel and the merge of its partial results cost
 # the same. bench/paged_attention.py --sections cascade, H200, one layer of 256 sequences:
-# GRPO groups (8 samples behind 64-256-token prompts) 85 µs plain, 158 µs cascade; W2 (a
-# 2,000-token system prompt) 323 µs plain, 160 µs cascade.
+# GRPO groups (8 samples behind 64-256-token prompts) 85 µs plain, 111 µs cascade; W2 (a
+# 2,000-token system prompt) 323 µs plain, 141 µs cascade (kernels/NOTES.md).
 CASCADE_MIN_SEQS = 8
 CASCADE_MIN_SAVED_TOKENS = 8192
 CASCADE_MIN_SHARED_TOKENS = 1024     # mean prefix per sequence that skips it

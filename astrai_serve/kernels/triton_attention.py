@@ -292,7 +292,7 @@ class TileConfig:
 
 
 def pick_config(decode: bool, group: int, k_dim: int) -> TileConfig:
-    """Block shapes picked from sweeps on an H200 (bench/kernels.py; numbers in kernels/NOTES.md).
+    """Block shapes picked from sweeps on an H200 (bench/paged_attention.py; numbers in kernels/NOTES.md).
 
     Decode streams K/V: 128 keys of <=128 channels per step kept it at the copy bandwidth; MLA's
     576-wide keys did best at 64 per step over 4 warps. Prefill multiplies matrices: 128x128

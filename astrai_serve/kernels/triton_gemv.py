@@ -1,7 +1,7 @@
 """Matrix-vector products for decode at batch 1-4: y[M, N] = x[M, K] @ W[N, K]^T, bf16 in, fp32 sums.
 
 Why: at batch 1 a qwen3-0.6b decode step is ~0.9 ms of cuBLAS matmuls over 1.15 GB of weights,
-about 1.2 TB/s on an H200 (bench/profile_step.py W3) where copies reach 4.2 TB/s: the weights are
+about 1.2 TB/s on an H200 (a profiled W3 step) where copies reach 4.2 TB/s: the weights are
 4-12 MB per matrix, too small for cuBLAS's tiles to keep enough bytes in flight. Here each
 program streams BLOCK_N whole rows of W once, in BLOCK_K-wide tiles, and reuses every tile for
 all M rows of x, so the read of W is the only traffic that matters and the grid (N / BLOCK_N

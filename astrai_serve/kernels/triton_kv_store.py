@@ -36,7 +36,7 @@ TILE_ELEMENTS = 4096     # tokens x columns per program, per tensor (8 KiB of bf
 def _to_cache(x, ty: tl.constexpr):
     """x in the cache dtype. Into fp8 by way of fp32, clamped to e4m3's +-448: the fp32 -> e4m3
     conversion is the hardware's round-to-nearest-even, torch's cast; a direct bf16 -> e4m3 one
-    may take another route (the GPU check of session 5 found the store differing from torch)."""
+    may take another route (on the GPU its bytes differed from torch's cast)."""
     if ty.primitive_bitwidth == 8:
         x32 = x.to(tl.float32)
         return tl.minimum(tl.maximum(x32, -448.0), 448.0).to(ty)
