@@ -52,8 +52,8 @@ for phase in ${phases//,/ }; do
                    --json "$out/rollouts.json" ;;
         kernels) run kernels 420 bash -c "$py bench/paged_attention.py --no-tests --sections \
                    decode,config,prefill,cascade,store,splits --json '$out/kernels.json' && \
-                   $py bench/gemv.py --json '$out/gemv.json' && $py bench/gemv.py --chain --json '' && \
-                   $py bench/sampling.py --json ''" ;;
+                   $py bench/gemv.py --json '$out/gemv.json' && $py bench/gemv.py --chain --json '$out/gemv-chain.json' && \
+                   $py bench/sampling.py --json '$out/sampling.json'" ;;
         profile) run profile 300 "$py" bench/serve.py --compile-decode --workloads W2,W3 --skip-peer --repeats 1 \
                    --profile --json '' ;;
         ddp) run ddp 540 bash -c "$py bench/train.py --systems astrai-compile --skip-peer --ddp-devices 2 \
