@@ -16,6 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ppl-tokens", type=int, default=d.ppl_tokens,
                         help="held-out tokens scored for perplexity (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per batch (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                        help="generation budget of a speaker or arithmetic answer (default: %(default)s)")
     parser.add_argument("--device", default=d.device, help="torch device (default: %(default)s)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
 
@@ -25,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         cfg = EvalConfig(model=args.model, data=args.data, limit=args.limit, ppl_tokens=args.ppl_tokens,
-                         batch_size=args.batch_size, device=args.device)
+                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, device=args.device)
         results = evaluate(cfg)
     except (ValueError, FileNotFoundError) as e:
         print(f"astrai eval: error: {e}", file=sys.stderr)

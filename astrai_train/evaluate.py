@@ -5,13 +5,24 @@
     whole-line preference  log p(the next line) > log p(the same line cut short)  (dpo_eval.jsonl)
     arithmetic accuracy    greedy answer == the sum (of numbers never summed in training)
 
-Each metric comes with its chance level, so "before and after training" figures can be read
-against what guessing would score.
+Each metric comes with a prior: the score of a rule that reads nothing but the held-out data's
+own statistics, computed from that data, so a trained model's figure can be read against what
+needs no model at all:
+
+    perplexity             a unigram model of the held-out tokens (fitted on them: a strict bar)
+    speaker accuracy       always answering the most frequent answer letter
+    whole-line preference  always preferring the reply with fewer tokens (what an untrained model
+                           does: fewer tokens, fewer nats); the pairs are built so this scores 0
+    arithmetic accuracy    always answering the most frequent sum
+
+Where guessing has a meaning, "chance" is reported too (uniform over the vocabulary, over the
+offered options, over the possible sums).
 """
 from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from astrai_train.data.records import encode_record
-from astrai_train.data.tasks import CHOICE_LABELS, speaker_choices
+from astrai_train.data.tasks import speaker_choices
 
 # name -> (label, what "n" counts)
 METRICS = {
@@ -67,10 +78,32 @@ def _read_jsonl(path: Path, task: str | None, limit: int) -> list[dict[str, Any]
     return out
 
 
+def held_out_ids(tok, text: str, n_tokens: int) -> list[int]:
+    """The first n_tokens + 1 tokens of text: n_tokens targets after the first."""
+    return tok.encode(text[: n_tokens * 16])[: n_tokens + 1]  # ~4 chars a token; 16x is plenty
+
+
+def unigram_perplexity(ids: list[int]) -> float:
+    """Perplexity of the scored tokens (ids[1:]) under their own frequencies: the best any model
+    that ignores context can do on them."""
+    counts = Counter(ids[1:])
+    n = sum(counts.values())
+    if n == 0:
+        raise ValueError("the held-out text is empty: nothing to compute perplexity on")
+    return math.exp(-sum(c / n * math.log(c / n) for c in counts.values()))
+
+
+def majority(answers: list[str]) -> tuple[float, str]:
+    """(score, answer) of always giving the most frequent answer (ties: the first in sort order)."""
+    counts = Counter(str(a).strip() for a in answers)
+    answer, hits = min(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return hits / len(answers), answer
+
+
 @torch.no_grad()
 def perplexity(model, tok, text: str, n_tokens: int, window: int, batch_size: int, device: str) -> tuple[float, int]:
     """exp(mean next-token NLL) over the first n_tokens tokens of text, in non-overlapping windows."""
-    ids = tok.encode(text[: n_tokens * 16])[: n_tokens + 1]  # ~4 chars a token; 16x is plenty
+    ids = held_out_ids(tok, text, n_tokens)
     window = min(window, model.config.max_len)
     rows = [ids[i:i + window + 1] for i in range(0, len(ids) - 1, window)]
     rows = [r for r in rows if len(r) > 1]
@@ -132,24 +165,27 @@ def preference_accuracy(model, tok, records: list[dict[str, Any]], batch_size: i
     return wins / len(records)
 
 
+def shorter_reply_share(tok, records: list[dict[str, Any]]) -> float:
+    """Fraction of pairs whose chosen reply has fewer tokens than the rejected one: the score of
+    always preferring the shorter reply."""
+    enc = [encode_record("dpo", r, tok) for r in records]
+    return sum(int(e["chosen_mask"].sum()) < int(e["rejected_mask"].sum()) for e in enc) / len(records)
+
+
 def _choices(record: dict[str, Any]) -> list[str]:
     """The names a speaker prompt offers."""
     prompt = record["prompt"] if isinstance(record["prompt"], str) else record["prompt"][-1]["content"]
     return speaker_choices(prompt)
 
 
-def speaker_baselines(records: list[dict[str, Any]]) -> tuple[float, float]:
-    """(chance: mean 1/k over k offered names, first-choice: accuracy of always answering the
-    first option, the play's most frequent speaker)."""
-    choices = [_choices(r) for r in records]
-    chance = sum(1.0 / len(c) for c in choices if c) / len(records)
-    first = sum(bool(c) and str(r["answer"]).strip() == CHOICE_LABELS[0] for c, r in zip(choices, records)) / len(records)
-    return chance, first
+def speaker_chance(records: list[dict[str, Any]]) -> float:
+    """Mean 1/k over the k names each prompt offers: what a uniform guess scores."""
+    return sum(1.0 / len(c) for c in map(_choices, records) if c) / len(records)
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, dict[str, float]]:
-    """{metric: {"value", "chance", "n"}} for each metric whose task file exists in cfg.data
-    (speaker_accuracy also has "first_choice": the score of always naming the first choice)."""
+    """{metric: {"value", "n", "prior", "prior_rule"[, "chance"]}} for each metric whose task file
+    exists in cfg.data; "prior" is the score of the data-only rule "prior_rule" names."""
     from astrai_train.model import Transformer
     from astrai_train.tokenizer import Tokenizer
 
@@ -171,33 +207,40 @@ def evaluate(cfg: EvalConfig) -> dict[str, dict[str, float]]:
     if files["seq_eval.txt"].is_file():
         text = files["seq_eval.txt"].read_text(encoding="utf-8")
         ppl, n = perplexity(model, tok, text, cfg.ppl_tokens, cfg.window, cfg.batch_size, cfg.device)
-        results["perplexity"] = {"value": ppl, "chance": float(tok.vocab_size), "n": n}
+        results["perplexity"] = {"value": ppl, "n": n, "chance": float(tok.vocab_size),
+                                 "prior": unigram_perplexity(held_out_ids(tok, text, cfg.ppl_tokens)),
+                                 "prior_rule": "unigram of the held-out tokens"}
     if files["grpo_eval.jsonl"].is_file():
         speaker = _read_jsonl(files["grpo_eval.jsonl"], "speaker", cfg.limit)
         if speaker:
-            chance, first = speaker_baselines(speaker)
+            prior, letter = majority([r["answer"] for r in speaker])
             results["speaker_accuracy"] = {"value": exact_match(model, tok, speaker, cfg.batch_size, cfg.max_new_tokens),
-                                           "chance": chance, "n": len(speaker), "first_choice": first}
+                                           "n": len(speaker), "chance": speaker_chance(speaker), "prior": prior,
+                                           "prior_rule": f"always {letter}, the most frequent answer"}
         arith = _read_jsonl(files["grpo_eval.jsonl"], "arithmetic", cfg.limit)
         if arith:
+            prior, total = majority([r["answer"] for r in arith])
             results["arithmetic_accuracy"] = {"value": exact_match(model, tok, arith, cfg.batch_size, cfg.max_new_tokens),
-                                              "chance": 1.0 / (largest_sum + 1), "n": len(arith)}
+                                              "n": len(arith), "chance": 1.0 / (largest_sum + 1), "prior": prior,
+                                              "prior_rule": f"always {total}, the most frequent sum"}
     if files["dpo_eval.jsonl"].is_file():
         pairs = _read_jsonl(files["dpo_eval.jsonl"], None, cfg.limit)
         if pairs:
+            # No chance level: the pairs differ in length by construction, so a length rule scores
+            # 0 (the shorter) or 1 (the longer); the bar a model must pass is the model it started from.
             results["whole_line_preference"] = {"value": preference_accuracy(model, tok, pairs, cfg.batch_size, cfg.device),
-                                                "chance": 0.5, "n": len(pairs)}
+                                                "n": len(pairs), "prior": shorter_reply_share(tok, pairs),
+                                                "prior_rule": "always the reply with fewer tokens"}
     return results
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
-    lines = [f"{'metric':<28}{'value':>10}{'chance':>10}{'n':>9}"]
+    lines = [f"{'metric':<28}{'value':>10}{'prior':>10}{'chance':>10}{'n':>9}        prior: the score of"]
     for name, (label, unit) in METRICS.items():
         if name in results:
             r = results[name]
             fmt = ".2f" if name == "perplexity" else ".3f"
-            lines.append(f"{label:<28}{r['value']:>10{fmt}}{r['chance']:>10{fmt}}{int(r['n']):>9} {unit}")
-    if "first_choice" in results.get("speaker_accuracy", {}):
-        lines.append(f"(speaker: always naming the first, most frequent choice scores "
-                     f"{results['speaker_accuracy']['first_choice']:.3f})")
+            chance = f"{r['chance']:>10{fmt}}" if r.get("chance") is not None else f"{'-':>10}"
+            lines.append(f"{label:<28}{r['value']:>10{fmt}}{r['prior']:>10{fmt}}{chance}{int(r['n']):>9} "
+                         f"{unit:<8}{r['prior_rule']}")
     return "\n".join(lines)

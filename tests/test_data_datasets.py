@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from astrai_train.data import (AstraiDataModule, DataConfig, DPODataset, GRPODataset, SeqDataset, SFTDataset,
-                               collate_dpo, collate_grpo, num_windows)
+                               TextMixDataset, collate_dpo, collate_grpo, num_windows)
 from astrai_train.data.h5store import H5Writer
 from astrai_train.data.prepare import PrepareConfig, prepare
 
@@ -89,6 +89,45 @@ def test_window_edges_exactly_fill_or_fail(sft_file, tmp_path):
         SeqDataset(seq, window_size=5)
     last = SFTDataset(sft_file, 8, 7)  # starts 0, 7, 14 (14 + 9 = 23 <= 30), 21 + 9 = 30: fits exactly
     assert len(last) == 4 and last[3]["target_ids"][-1].item() == 29
+
+
+def test_sft_mixes_in_plain_text_windows(sft_file, tmp_path):
+    # plain text: ids 500..899 in 4 documents; 99 windows of 4 inputs (stride = window_size)
+    text = _write(tmp_path / "seq.h5", "seq", [{"sequence": np.arange(500 + 100 * d, 600 + 100 * d)} for d in range(4)])
+    sft = SFTDataset(sft_file, 4, 2, tokenizer_hash="h")  # 13 windows of the 30-token SFT stream
+    mix = TextMixDataset(sft, SeqDataset(text, 4, tokenizer_hash="h"), fraction=0.25)
+    assert len(sft) == 13 and mix.n_text == 4 and len(mix) == 17  # 4 / 17 ~ 0.25
+    items = [mix[i] for i in range(len(mix))]
+    assert all(items[i]["loss_mask"].tolist() == sft[i]["loss_mask"].tolist() for i in range(13))
+    text_items = items[13:]
+    for item in text_items:  # plain text: targets are the input shifted by one, every one counts
+        assert item["input_ids"].min() >= 500 and item["loss_mask"].all()
+        assert item["target_ids"].tolist() == (item["input_ids"] + 1).tolist()
+    # spread over the whole text file, not its first windows
+    starts = [int(item["input_ids"][0]) for item in text_items]
+    assert starts == sorted(starts) and starts[-1] - starts[0] > 250
+    # a mixed batch collates like a plain SFT batch (the default stacking)
+    batch = torch.utils.data.default_collate(items[11:15])
+    assert batch["loss_mask"].shape == (4, 4) and batch["loss_mask"][2:].all()
+    with pytest.raises(ValueError, match="must match the SFT windows"):
+        TextMixDataset(sft, SeqDataset(text, 8), 0.25)
+
+
+def test_datamodule_text_mixing_is_sft_only_and_checked(sft_file, tmp_path):
+    text = _write(tmp_path / "seq.h5", "seq", [{"sequence": np.arange(500, 700)}])
+    dm = AstraiDataModule({"train_path": str(sft_file), "val_path": str(sft_file), "objective": "sft",
+                           "window_size": 4, "stride": 2, "batch_size": 2, "text_path": str(text),
+                           "text_fraction": 0.5})
+    dm.setup("fit")
+    assert isinstance(dm.train_dataset, TextMixDataset) and len(dm.train_dataset) == 26
+    assert isinstance(dm.val_dataset, SFTDataset)  # validation measures the replies alone
+    # every text window comes through the loader (an SFT window here never has its whole mask on)
+    assert sum(int(row.all()) for b in dm.train_dataloader() for row in b["loss_mask"]) == 13
+    for bad, why in ((dict(text_fraction=0.2), "go together"), (dict(text_path=str(text)), "go together"),
+                     (dict(text_path=str(text), text_fraction=1.0), r"\[0, 1\)"),
+                     (dict(objective="seq", text_path=str(text), text_fraction=0.2), "sft")):
+        with pytest.raises(ValueError, match=why):
+            DataConfig.from_dict({"train_path": str(sft_file), "objective": "sft", **bad})
 
 
 def test_dpo_collate_pads_and_masks(tmp_path):

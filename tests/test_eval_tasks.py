@@ -32,21 +32,37 @@ def model_and_tok(tiny_model_dir):
     return Transformer.from_pretrained(tiny_model_dir, dtype=torch.float32).eval(), Tokenizer.from_pretrained(tiny_model_dir)
 
 
-def test_cli_prints_every_metric_with_chance(tiny_model_dir, tasks, tmp_path, capsys):
+def test_cli_prints_every_metric_with_a_prior_computed_from_the_data(tiny_model_dir, tasks, tmp_path, capsys):
+    from collections import Counter
+
+    from astrai_train.tokenizer import Tokenizer
+
     out = tmp_path / "r.json"
     assert cli(["eval", "--model", str(tiny_model_dir), "--data", str(tasks), "--limit", "6",
                 "--ppl-tokens", "600", "--json", str(out)]) == 0
     table = capsys.readouterr().out
-    for label in ("perplexity", "speaker accuracy", "whole-line preference", "arithmetic accuracy", "chance"):
+    for label in ("perplexity", "speaker accuracy", "whole-line preference", "arithmetic accuracy", "prior"):
         assert label in table
     r = json.loads(out.read_text())
-    assert r["speaker_accuracy"]["chance"] == 0.25 and r["whole_line_preference"]["chance"] == 0.5
-    assert 0 <= r["speaker_accuracy"]["first_choice"] <= 1 and "most frequent choice" in table
     assert r["speaker_accuracy"]["n"] == r["arithmetic_accuracy"]["n"] == r["whole_line_preference"]["n"] == 6
-    assert r["arithmetic_accuracy"]["chance"] == 1 / 109  # sums of 0-99 and 0-9 are 0-108
-    assert r["perplexity"]["n"] == 600 and r["perplexity"]["chance"] > 1000
-    # A random-init model is about as perplexed as a uniform guess over the vocabulary.
+    # each prior is what a rule that reads only the held-out items scores on those very items
+    held = [json.loads(line) for line in (tasks / "grpo_eval.jsonl").read_text().splitlines()]
+    for task, metric in (("speaker", "speaker_accuracy"), ("arithmetic", "arithmetic_accuracy")):
+        answers = [q["answer"] for q in held if q["task"] == task][:6]
+        counts = Counter(answers)
+        named = r[metric]["prior_rule"].removeprefix("always ").split(",")[0]
+        assert r[metric]["prior"] == max(counts.values()) / 6 == counts[named] / 6
+    assert r["speaker_accuracy"]["chance"] == 0.25 and r["arithmetic_accuracy"]["chance"] == 1 / 109
+    # the rejected reply is the chosen line cut short: "always the shorter" never picks the whole line,
+    # and a coin flip is no baseline for pairs that differ in length by construction
+    assert r["whole_line_preference"]["prior"] == 0.0 and "chance" not in r["whole_line_preference"]
+    tok = Tokenizer.from_pretrained(tiny_model_dir)
+    ids = tok.encode((tasks / "seq_eval.txt").read_text()[:600 * 16])[1:601]
+    unigram = math.exp(-sum(c / 600 * math.log(c / 600) for c in Counter(ids).values()))
+    assert r["perplexity"]["n"] == 600 and math.isclose(r["perplexity"]["prior"], unigram)
+    # A random-init model is about as perplexed as a uniform guess over the vocabulary (worse than the unigram).
     assert 0.5 * r["perplexity"]["chance"] < r["perplexity"]["value"] < 2 * r["perplexity"]["chance"]
+    assert r["perplexity"]["prior"] < r["perplexity"]["value"]
     assert cli(["eval", "--model", str(tiny_model_dir), "--data", str(tmp_path / "none")]) == 1
     assert "does not exist" in capsys.readouterr().err
 
@@ -87,10 +103,11 @@ def test_accuracy_scores_what_the_model_actually_says(tiny_model_dir, tmp_path, 
     assert "perplexity" not in r and "speaker_accuracy" not in r
 
 
-def test_speaker_baselines():
-    from astrai_train.evaluate import speaker_baselines
+def test_speaker_chance_and_majority():
+    from astrai_train.evaluate import majority, speaker_chance
 
-    ask = lambda names, answer: {"prompt": [{"role": "user", "content": speaker_prompt("X", names, "A line.")}],  # noqa: E731
-                                 "answer": answer}
-    recs = [ask(["Macbeth", "Banquo"], "A"), ask(["Macbeth", "Banquo", "Ross", "Lennox"], "C")]
-    assert speaker_baselines(recs) == (pytest.approx((1 / 2 + 1 / 4) / 2), 0.5)
+    ask = lambda names: {"prompt": [{"role": "user", "content": speaker_prompt("X", names, "A line.")}]}  # noqa: E731
+    assert speaker_chance([ask(["Macbeth", "Banquo"]), ask(["Macbeth", "Banquo", "Ross", "Lennox"])]) == \
+        pytest.approx((1 / 2 + 1 / 4) / 2)
+    assert majority(["B", "C", "B", "A"]) == (0.5, "B")
+    assert majority(["C", "A", "A", "C"]) == (0.5, "A")  # a tie goes to the first in sort order

@@ -11,7 +11,8 @@ from typing import Any
 
 _EXPORTS = {
     "AstraiDataModule": "datamodule", "DataConfig": "datamodule",
-    "SeqDataset": "datasets", "SFTDataset": "datasets", "DPODataset": "datasets", "GRPODataset": "datasets",
+    "SeqDataset": "datasets", "SFTDataset": "datasets", "TextMixDataset": "datasets", "DPODataset": "datasets",
+    "GRPODataset": "datasets",
     "collate_dpo": "datasets", "collate_grpo": "datasets", "num_windows": "datasets",
     "ResumableDistributedSampler": "sampler", "CountingDataLoader": "sampler",
     "RepeatSampler": "repeat_sampler", "RepeatConfig": "repeat_sampler",

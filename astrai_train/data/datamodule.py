@@ -36,6 +36,8 @@ class DataConfig:
     seed: int = 0                         # shuffling seed; epoch e uses seed + e
     drop_last: bool = True                # drop the last incomplete batch (keeps every step the same size)
     tokenizer_hash: str | None = None     # expected Tokenizer.hash; None skips the check
+    text_path: str | None = None          # sft: a prepared seq file whose plain-text windows are mixed into training
+    text_fraction: float = 0.0            # sft: share of training windows taken from text_path (loss on all their tokens)
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVE_KEYS:
@@ -49,6 +51,12 @@ class DataConfig:
             raise ValueError(f"data num_workers must be >= 0, got {self.num_workers}")
         if self.persistent_workers and self.num_workers == 0:
             raise ValueError("data persistent_workers needs num_workers > 0")
+        if not 0.0 <= self.text_fraction < 1.0:
+            raise ValueError(f"data text_fraction must be in [0, 1), got {self.text_fraction}")
+        if (self.text_fraction > 0) != (self.text_path is not None):
+            raise ValueError("data text_path and text_fraction go together: set both (text_fraction > 0) or neither")
+        if self.text_path is not None and self.objective != "sft":
+            raise ValueError(f"data text_path mixes plain text into sft training; the objective is {self.objective!r}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "DataConfig":
@@ -69,13 +77,14 @@ class AstraiDataModule(L.LightningDataModule):
         self._train_sampler: ResumableDistributedSampler | None = None
         self._pending_state: dict[str, Any] | None = None
 
-    def _dataset(self, path: str):
+    def _dataset(self, path: str, train: bool = False):
         c = self.config
-        return build_dataset(c.objective, path, c.window_size, c.stride, c.tokenizer_hash, c.max_length)
+        text = dict(text_path=c.text_path, text_fraction=c.text_fraction) if train else {}
+        return build_dataset(c.objective, path, c.window_size, c.stride, c.tokenizer_hash, c.max_length, **text)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is None:
-            self.train_dataset = self._dataset(self.config.train_path)
+            self.train_dataset = self._dataset(self.config.train_path, train=True)
         if self.val_dataset is None and self.config.val_path:
             self.val_dataset = self._dataset(self.config.val_path)
 

@@ -10,6 +10,9 @@ boundaries (packing): window i starts at token i * stride and holds window_size 
 
 so there are (n_tokens - W - 1) // stride + 1 windows; a tail shorter than a stride is dropped.
 
+SFT can mix in plain text (TextMixDataset): a share of its windows are pretraining windows with
+the loss on every token, so fine-tuning on replies does not wipe out how to continue raw text.
+
 DPO and GRPO items are whole examples; their collates pad (with the pad id recorded in the file)
 and build the masks. DPO pads chosen and rejected to one length so an objective can run both in
 one forward pass.
@@ -102,6 +105,41 @@ class SFTDataset(_WindowDataset):
         return item
 
 
+class TextMixDataset(Dataset):
+    """SFT windows followed by plain-text windows, these with loss_mask all True, so that
+    `fraction` of the items are text: len = n_sft + n_text with n_text / len ~= fraction. The
+    text windows are spread evenly over the text file (every part of the corpus, not its first
+    pages) and repeat only when more are asked for than it holds; the sampler shuffles them in.
+    A text window weighs more in the loss than an SFT window of replies (every one of its tokens
+    counts), so a small fraction already holds perplexity."""
+
+    def __init__(self, sft: SFTDataset, text: SeqDataset, fraction: float) -> None:
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"text fraction must be in [0, 1), got {fraction}")
+        if text.window_size != sft.window_size:
+            raise ValueError(f"text windows ({text.window_size} tokens) must match the SFT windows ({sft.window_size})")
+        self.sft, self.text, self.fraction = sft, text, fraction
+        self.store = sft.store  # pad id and the rest of the file's attributes: the SFT file's
+        self.n_text = round(len(sft) * fraction / (1.0 - fraction))
+
+    def __len__(self) -> int:
+        return len(self.sft) + self.n_text
+
+    def text_index(self, j: int) -> int:
+        """Which window of the text file the j-th text item is."""
+        n = len(self.text)
+        return j * n // self.n_text if self.n_text <= n else j % n
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"window {i} out of range [0, {len(self)})")
+        if i < len(self.sft):
+            return self.sft[i]
+        item = self.text[self.text_index(i - len(self.sft))]
+        item["loss_mask"] = torch.ones(len(item["target_ids"]), dtype=torch.bool)
+        return item
+
+
 class DPODataset(Dataset):
     """One preference pair per item: prompt_ids, chosen_ids/chosen_mask, rejected_ids/rejected_mask.
     chosen_ids and rejected_ids are whole sequences (prompt + completion); their masks are True on
@@ -181,11 +219,15 @@ def collate_grpo(batch: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
 
 
 def build_dataset(objective: str, path: str | Path, window_size: int, stride: int | None,
-                  tokenizer_hash: str | None, max_length: int | None = None) -> Dataset:
+                  tokenizer_hash: str | None, max_length: int | None = None,
+                  text_path: str | Path | None = None, text_fraction: float = 0.0) -> Dataset:
     if objective == "seq":
         return SeqDataset(path, window_size, stride, tokenizer_hash)
     if objective == "sft":
-        return SFTDataset(path, window_size, stride, tokenizer_hash)
+        sft = SFTDataset(path, window_size, stride, tokenizer_hash)
+        if text_path is None or text_fraction == 0:
+            return sft
+        return TextMixDataset(sft, SeqDataset(text_path, window_size, None, tokenizer_hash), text_fraction)
     if objective == "dpo":
         return DPODataset(path, tokenizer_hash, max_length)
     if objective == "grpo":
