@@ -9,7 +9,8 @@ import pytest
 
 from astrai_train.cli import main as cli
 from astrai_train.data.corpus import frequent_speakers, load_corpus, parse_turns
-from astrai_train.data.tasks import CHOICE_LABELS, EVAL_PLAYS, TaskConfig, cut_short, derive_tasks, speaker_choices
+from astrai_train.data.tasks import (CHOICE_LABELS, EVAL_PLAYS, TaskConfig, cut_short, derive_tasks, speaker_choices,
+                                     speaker_prompt)
 
 PLAY = """HAMLET
 
@@ -90,7 +91,7 @@ def test_task_files_have_trl_formats_and_correct_answers(tasks):
             a, b = prompt.removeprefix("What is ").removesuffix("?").split(" + ")
             assert r["answer"] == str(int(a) + int(b))
         else:
-            assert len(speaker_choices(prompt)) == 4 and prompt.startswith("Who speaks this line in ")
+            assert len(speaker_choices(prompt)) == 4 and prompt.startswith("Who speaks the last line in ")
             assert r["answer"] in ("A", "B", "C", "D") and f"\n{r['answer']}. " in prompt
     for r in _read(tasks / "dpo_train.jsonl") + _read(tasks / "dpo_eval.jsonl"):
         assert r["prompt"][0]["content"].startswith("What line follows: ")
@@ -100,22 +101,31 @@ def test_task_files_have_trl_formats_and_correct_answers(tasks):
         assert rejected and chosen.startswith(rejected) and chosen[len(rejected)].isspace()
 
 
-def test_speaker_options_are_the_plays_top_speakers_and_the_answer_letters_the_speaker(tasks, corpus_dir):
+def test_speaker_questions_show_the_speeches_before_and_shuffle_the_options(tasks, corpus_dir):
     plays = {w.title: w for w in load_corpus(corpus_dir) if w.is_play}
     sft = [r for r in _read(tasks / "sft_train.jsonl") if r["task"] == "speaker"]
     grpo = [r for r in _read(tasks / "grpo_eval.jsonl") if r["task"] == "speaker"]
     for questions in ([(r["messages"][0]["content"], r["messages"][1]["content"]) for r in sft],
                       [(r["prompt"][0]["content"], r["answer"]) for r in grpo]):
-        answers = set()
+        answers, orders = [], set()
         for prompt, answer in questions:
-            play = plays[prompt.removeprefix("Who speaks this line in ").split("?\n")[0]]
-            line = prompt.split("\n")[1]
+            rows = prompt.split("\n")
+            play = plays[rows[0].removeprefix("Who speaks the last line in ").removesuffix("?")]
+            (name1, said1), (name2, said2) = (row.split(": ", 1) for row in rows[1:3])
+            line = rows[3].removeprefix("?: ")
             choices = speaker_choices(prompt)
-            assert choices == frequent_speakers(play.turns, 4)  # most frequent first
+            assert sorted(choices) == sorted(frequent_speakers(play.turns, 4))
+            orders.add(tuple(choices))
             speaker = choices[CHOICE_LABELS.index(answer)]
-            assert any(t.speaker == speaker and line in t.lines for t in play.turns)
-            answers.add(answer)
-        assert answers == {"A", "B", "C", "D"}  # not always the first
+            # the question is the first line of a speech; the two speeches before it, with their speakers
+            i = next(i for i, t in enumerate(play.turns) if t.speaker == speaker and t.lines[0] == line
+                     and (play.turns[i - 2].speaker, play.turns[i - 1].speaker) == (name1, name2))
+            assert play.turns[i - 1].lines[-1].startswith(said2) and play.turns[i - 2].lines[-1].startswith(said1)
+            answers.append(answer)
+        # the options come in a random order, so no letter is right much more often than the others
+        assert set(answers) == {"A", "B", "C", "D"} and len(orders) > 4
+        assert max(answers.count(a) for a in "ABCD") < 0.45 * len(answers)
+    assert speaker_prompt("X", ["P", "Q"], "A line.") == "Who speaks this line in X?\nA line.\nA. P\nB. Q"
 
 
 def test_dpo_pairs_follow_the_prompt_line_and_cut_the_answer_short(tasks, corpus_dir):

@@ -10,10 +10,10 @@ derived deterministically from the corpus and the seed.
                              the line that follows, over the same line cut short
     grpo_{train,eval}.jsonl  {"prompt": [user], "answer": str, "task"}: arithmetic (eval: and speaker)
 
-The tasks are shaped to be learnable by a tiny model in CPU minutes: speaker questions are
-multiple choice among the play's most frequent speakers (lettered, most frequent first, answered
-with the letter), sums add a digit to a number, and only short lines are used. "task" is an extra
-column that TRL ignores and `astrai eval` groups by.
+The tasks are shaped to be learnable by a tiny model in CPU minutes: speaker questions show the
+speeches before the line (who said what) and offer the play's most frequent speakers as lettered
+options in a random order, answered with the letter; sums add a digit to a number; only short
+lines are used. "task" is an extra column that TRL ignores and `astrai eval` groups by.
 """
 from __future__ import annotations
 
@@ -30,8 +30,10 @@ from .corpus import Work, frequent_speakers, load_corpus
 EVAL_PLAYS = ("julius_caesar_gut", "macbeth_gut", "tempest_gut", "twelfth_night_gut")
 
 # Mixtures (fractions of each file's examples); the remainder of SFT is next-line questions.
-SFT_SPEAKER_SHARE = 0.2
-SFT_ARITHMETIC_SHARE = 0.7
+# Sums get most of it: a tiny model learns to read the digits only after some 20k of them, and
+# a CPU demo's SFT has about 400 steps.
+SFT_SPEAKER_SHARE = 0.1
+SFT_ARITHMETIC_SHARE = 0.8
 # Option labels of a speaker question; the answer is one of them.
 CHOICE_LABELS = "ABCDEFGH"
 
@@ -43,6 +45,7 @@ class TaskConfig:
     train_size: int = 4000      # examples in each *_train.jsonl
     eval_size: int = 400        # examples per *_eval.jsonl (grpo_eval: of each kind); fewer if the held-out ones run out
     choices: int = 4            # speakers offered per speaker question: the play's most frequent ones
+    speaker_context: int = 2    # speeches shown before a speaker question's line, as "Name: its last line" (0: the line alone)
     min_line_chars: int = 12    # shorter lines carry too little to guess from
     max_line_chars: int = 60    # longer lines are skipped: short targets are learnable by tiny models
     max_operand: int = 99       # a sum's first number is in [0, max_operand]
@@ -61,13 +64,15 @@ class TaskConfig:
                              f"max_line_chars ({self.max_line_chars})")
 
 
-def speaker_prompt(title: str, choices: list[str], line: str) -> str:
+def speaker_prompt(title: str, choices: list[str], line: str, context: list[tuple[str, str]] = ()) -> str:
     """Multiple choice with lettered options, answered with the letter. Answering with the name
     would ask a 4M-parameter model to copy, token by token, a name it has never seen (the held-out
-    plays' casts) out of the prompt, which it does not learn in a CPU demo's budget: it answers
-    with a name memorised from the training plays instead, right 0-3% of the time."""
+    plays' casts) out of the prompt. `context`: (speaker, line) of the speeches before the line."""
     options = "\n".join(f"{label}. {name}" for label, name in zip(CHOICE_LABELS, choices))
-    return f"Who speaks this line in {title}?\n{line}\n{options}"
+    if not context:
+        return f"Who speaks this line in {title}?\n{line}\n{options}"
+    before = "\n".join(f"{name}: {said}" for name, said in context)
+    return f"Who speaks the last line in {title}?\n{before}\n?: {line}\n{options}"
 
 
 def speaker_choices(prompt: str) -> list[str]:
@@ -127,29 +132,46 @@ def _take(items: list, n: int, rng: random.Random, repeat: bool) -> list:
     return out
 
 
+def _shorten(line: str, limit: int) -> str:
+    """line cut at the last space that keeps it within limit characters (whole when it fits)."""
+    if len(line) <= limit:
+        return line
+    cut = line.rfind(" ", 0, limit)
+    return line[:cut if cut > 0 else limit]
+
+
+SpeakerItem = tuple[str, tuple[str, ...], str, str, tuple[tuple[str, str], ...]]  # title, choices, line, speaker, context
+
+
 class _Pool:
     """Candidate questions of one split (train or eval plays)."""
 
-    def __init__(self, plays: list[Work], cfg: TaskConfig) -> None:
+    def __init__(self, plays: list[Work], cfg: TaskConfig, rng: random.Random) -> None:
         ok = lambda s: cfg.min_line_chars <= len(s) <= cfg.max_line_chars  # noqa: E731
-        self.speaker: list[tuple[str, tuple[str, ...], str, str]] = []  # (title, choices, line, speaker)
+        self.speaker: list[SpeakerItem] = []
         self.next_line: list[tuple[str, str, str]] = []  # (line, next line, play)
+        k = cfg.speaker_context
         for play in plays:
-            # Most frequent first: "the lead speaks most" is a real prior that carries over to
-            # unseen plays, and it teaches a small model to answer with a name from the prompt.
+            # The play's most frequent speakers, in a random order per question: in a fixed order
+            # (most frequent first) a model learns "answer A", which scores the lead's share of
+            # the lines without reading them.
             top = frequent_speakers(play.turns, cfg.choices)
-            for turn in play.turns:
-                if turn.speaker in top:
-                    self.speaker += [(play.title, tuple(top), ln, turn.speaker) for ln in turn.lines if ok(ln)]
+            for i, turn in enumerate(play.turns):
+                # One question per speech, on its first line: the lines of one speech share an
+                # answer, and held-out questions that share answers count as fewer than they are.
+                if turn.speaker in top and i >= k and ok(turn.lines[0]):
+                    context = tuple((t.speaker, _shorten(t.lines[-1], cfg.max_line_chars)) for t in play.turns[i - k:i])
+                    self.speaker.append((play.title, tuple(rng.sample(top, len(top))), turn.lines[0], turn.speaker,
+                                         context))
                 for a, b in zip(turn.lines, turn.lines[1:]):
                     if ok(a) and ok(b) and a != b:
                         self.next_line.append((a, b, play.name))
 
 
-def _speaker_qa(item: tuple[str, tuple[str, ...], str, str]) -> tuple[str, str]:
+def _speaker_qa(item: SpeakerItem) -> tuple[str, str]:
     """(prompt, answer) of a speaker question: the answer is the speaker's letter."""
-    title, top, line, speaker = item
-    return speaker_prompt(title, list(top), line), CHOICE_LABELS[top.index(speaker)]
+    title, choices, line, speaker, context = item
+    return speaker_prompt(title, list(choices), line, list(context)), CHOICE_LABELS[choices.index(speaker)]
 
 
 def _arithmetic_split(cfg: TaskConfig, n_eval: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -225,7 +247,7 @@ def derive_tasks(corpus_dir: str | Path, out_dir: str | Path, cfg: TaskConfig = 
         ("train", train_works, cfg.train_size, _arith(arith_train), True),
         ("eval", eval_works, cfg.eval_size, _arith(arith_eval), False),
     ):
-        pool = _Pool([w for w in group if w.is_play], cfg)
+        pool = _Pool([w for w in group if w.is_play], cfg, random.Random(f"{cfg.seed}-{split}-choices"))
         rng = random.Random(f"{cfg.seed}-{split}")
         for kind, records in _split_records(pool, arith, n, rng, train).items():
             _write_jsonl(out / f"{kind}_{split}.jsonl", records)
