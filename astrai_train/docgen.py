@@ -236,7 +236,7 @@ def cli_sections() -> list[str]:
     from astrai_train.cli import COMMANDS, build_parser
 
     out = ["## Command line: `astrai`", "",
-           "Every subcommand of `astrai` (`astrai_train/cli.py`), from its argparse parser. "
+           "Every subcommand of `astrai` (`astrai_train/cli/`), from its argparse parser. "
            "`astrai COMMAND --help` prints the same.", ""]
     for name in COMMANDS:
         parsers = []

@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .hf_export import export_hf
+    from astrai_train.model.hf_export import export_hf
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     out = export_hf(args.src, args.out, dtype=dtype)

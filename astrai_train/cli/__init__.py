@@ -1,5 +1,9 @@
-"""The `astrai` command. Each subcommand lives in its own module, imported only when chosen,
-so `astrai --help` is instant and the training side never imports the serving side eagerly.
+"""The `astrai` command: one module a subcommand, imported only when chosen, so `astrai --help`
+is instant and the training side never imports the serving side eagerly. The training commands
+live here (tokenizer.py, tasks.py, prepare.py, train.py, export.py, export_hf.py, eval.py), the
+serving ones in astrai_serve/cli/. Runs in the process the user starts; only wiring: a command
+parses its flags and calls the library (model/, tokenizer/, data/, objectives/), which never
+imports this package.
 
 A command module exposes `add_arguments(parser)` and `run(args) -> int | None`.
 """
@@ -11,13 +15,13 @@ import sys
 
 # name -> (module, one-line help). Order is the order `astrai --help` shows.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "tokenizer": ("astrai_train.tokenizer.commands", "train a byte-level BPE tokenizer"),
-    "prepare": ("astrai_train.data.commands", "tokenize text/JSONL into HDF5 for seq|sft|dpo|grpo"),
-    "tasks": ("astrai_train.data.task_commands", "derive seq/sft/dpo/grpo task files from the Shakespeare corpus"),
-    "train": ("astrai_train.objectives.commands", "train with a YAML recipe (SEQ, SFT, DPO, GRPO)"),
-    "export": ("astrai_train.objectives.export_commands", "turn a Lightning checkpoint into a model directory"),
-    "export-hf": ("astrai_train.model.commands", "export a model directory as a Hugging Face Qwen3 directory"),
-    "eval": ("astrai_train.eval_commands", "perplexity and task accuracy of a model directory"),
+    "tokenizer": ("astrai_train.cli.tokenizer", "train a byte-level BPE tokenizer"),
+    "prepare": ("astrai_train.cli.prepare", "tokenize text/JSONL into HDF5 for seq|sft|dpo|grpo"),
+    "tasks": ("astrai_train.cli.tasks", "derive seq/sft/dpo/grpo task files from the Shakespeare corpus"),
+    "train": ("astrai_train.cli.train", "train with a YAML recipe (SEQ, SFT, DPO, GRPO)"),
+    "export": ("astrai_train.cli.export", "turn a Lightning checkpoint into a model directory"),
+    "export-hf": ("astrai_train.cli.export_hf", "export a model directory as a Hugging Face Qwen3 directory"),
+    "eval": ("astrai_train.cli.eval", "perplexity and task accuracy of a model directory"),
     "generate": ("astrai_serve.cli.generate", "generate text offline with the serving engine"),
     "serve": ("astrai_serve.cli.serve", "start the gRPC core and the OpenAI REST facade"),
     "gateway": ("astrai_serve.cli.gateway", "start only the REST facade in front of a remote gRPC core"),
@@ -56,6 +60,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     return int(result or 0)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,7 +17,7 @@ _HELP = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .h5store import COMPRESSIONS
+    from astrai_train.data.h5store import COMPRESSIONS
 
     sub = parser.add_subparsers(dest="objective", metavar="OBJECTIVE", required=True)
     for name, help_text in _HELP.items():
@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .prepare import PrepareConfig, prepare
+    from astrai_train.data.prepare import PrepareConfig, prepare
 
     # Ctrl-C raises KeyboardInterrupt wherever the main thread is; raised inside a __del__ or a
     # callback, Python prints and drops it, and the run would finish as if never interrupted.

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .tasks import EVAL_PLAYS, TaskConfig
+from astrai_train.data.tasks import EVAL_PLAYS, TaskConfig
 
 # The corpus shipped with the project, so `astrai tasks` works from any directory of a checkout.
 SHIPPED_CORPUS = Path(__file__).resolve().parents[2] / "data" / "shakespeare"
@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .tasks import derive_tasks
+    from astrai_train.data.tasks import derive_tasks
 
     try:
         cfg = TaskConfig(train_size=args.train_size, eval_size=args.eval_size, choices=args.choices,
