@@ -56,11 +56,12 @@ class Sizes:
     text_fraction: float  # share of SFT windows that are plain pretraining text (holds perplexity)
 
 
-# Measured on the 2-core CPU machine (docs/demo.md has the run). SFT's 400 steps are about the
-# fewest after which held-out sums are being read digit by digit (at 300 steps they are mostly
-# not); 15% plain-text windows keep SFT's held-out perplexity near the pretrained model's (with
-# none it rose 11-fold).
-CPU = Sizes(vocab=2048, preset="tiny", seq_steps=300, sft_steps=400, dpo_steps=120, grpo_steps=100,
+# About 6 minutes on the idle 2-core CPU machine (docs/demo.md has the run and its stage times;
+# `make setup` adds about 2 more). SFT learns the sums in a jump after a few hundred steps, the
+# later the smaller their share of each batch (300 steps of a mix with twice the speaker
+# questions left held-out sums at 12%); its 15% plain-text windows keep held-out perplexity near
+# the pretrained model's (with none it rose 11-fold).
+CPU = Sizes(vocab=2048, preset="tiny", seq_steps=300, sft_steps=400, dpo_steps=100, grpo_steps=70,
             train_size=6000, eval_limit=200, ppl_tokens=8192, max_operand=99, text_fraction=0.15)
 QUICK = Sizes(vocab=512, preset="tiny", seq_steps=6, sft_steps=6, dpo_steps=4, grpo_steps=2,
               train_size=200, eval_limit=8, ppl_tokens=512, max_operand=9, text_fraction=0.15)
@@ -201,12 +202,19 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
     lines.append(f"{'(held out)':<12}" + "".join(
         f"{_count(first.get(f'{k}_n'), unit):>22}" for (k, _, _), unit in zip(METRICS, UNITS)))
     prev = None
+    misses = []  # stages that did not move their metric beyond noise, said in words under the table
     for stage, r in rows.items():
         cells = []
-        for key, _, better in METRICS:
+        for key, col, better in METRICS:
             cell = _fmt(r.get(key), key)
             if prev is not None and PURPOSE.get(stage) == key:
-                cell += " " + moved(key, better, prev, r)
+                mark = moved(key, better, prev, r)
+                cell += " " + mark
+                if mark != "✓":
+                    value, which = bar(key, better, prev)
+                    against = (f"the prior ({prev.get(f'{key}_prior_rule')}, {_fmt(value, key)})" if which == "prior"
+                               else f"the model it started from ({_fmt(value, key)})")
+                    misses.append(f"{stage.upper()} does not beat {against} on {col} by more than noise.")
             cells.append(f"{cell:>22}")
         lines.append(f"{stage:<12}" + "".join(cells))
         prev = r
@@ -216,6 +224,7 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
     lines.append("✓ / ~ / ✗: the metric the stage is for (SEQ perplexity, SFT speaker id, DPO whole-line "
                  "preference, GRPO arithmetic) against the stronger of the previous stage's model and the "
                  "prior: better by more than noise (2 standard errors) / within noise / worse.")
+    lines += misses
     if "seq" in rows and "sft" in rows and rows["seq"].get("perplexity"):
         ratio = rows["sft"]["perplexity"] / rows["seq"]["perplexity"]
         lines.append(f"SFT's held-out perplexity is {ratio:.2f}x SEQ's.")

@@ -180,3 +180,14 @@ def test_datamodule_batches_real_prepared_dpo(tmp_path, tokenizer_dir):
         AstraiDataModule({"train_path": "x", "window": 3})
     with pytest.raises(ValueError, match="different tokenizer"):
         AstraiDataModule(DataConfig(str(tmp_path / "d.h5"), objective="dpo", tokenizer_hash="other")).setup("fit")
+
+
+def test_shipped_recipes_data_sections_are_valid_data_configs():
+    from astrai_train.objectives.config import load_recipe
+
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted((root / "configs" / "train").glob("*.yaml")):
+        recipe = load_recipe(path)
+        config = DataConfig.from_dict({"objective": recipe.objective, **recipe.data})
+        if path.stem == "sft-tiny":  # the demo's SFT keeps pretraining text in the mix
+            assert config.text_fraction > 0 and config.text_path.endswith("seq_train.h5")

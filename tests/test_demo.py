@@ -69,4 +69,7 @@ def test_table_marks_a_move_against_the_stronger_of_the_previous_model_and_the_p
     assert table[3].split() == ["(held", "out)", "8,192", "tokens", "200", "questions", "200", "pairs", "200", "sums"]
     assert "91.1 ✓" in table[5] and "24.0% ~" in table[6] and "54.5% ✓" in table[7] and "81.5% ✓" in table[8]
     assert "always A, the most frequent answer" in table[9]
+    # a stage that misses its metric is said in words, naming what it failed to beat
+    assert table[-2] == ("SFT does not beat the prior (always A, the most frequent answer, 27.0%) on speaker id acc "
+                         "by more than noise.")
     assert table[-1] == "SFT's held-out perplexity is 1.18x SEQ's."
