@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: %(default)s)")
     parser.add_argument("--choices", type=int, default=d.choices,
                         help="speakers offered per speaker question (default: %(default)s)")
+    parser.add_argument("--speaker-context", type=int, default=d.speaker_context,
+                        help="speeches shown before a speaker question's line (default: %(default)s)")
     parser.add_argument("--max-line-chars", type=int, default=d.max_line_chars,
                         help="longest line used in a question or answer (default: %(default)s)")
     parser.add_argument("--max-operand", type=int, default=d.max_operand,
@@ -37,8 +39,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         cfg = TaskConfig(train_size=args.train_size, eval_size=args.eval_size, choices=args.choices,
-                         max_line_chars=args.max_line_chars, max_operand=args.max_operand,
-                         max_addend=args.max_addend, seed=args.seed)
+                         speaker_context=args.speaker_context, max_line_chars=args.max_line_chars,
+                         max_operand=args.max_operand, max_addend=args.max_addend, seed=args.seed)
         counts = derive_tasks(args.corpus, args.out, cfg)
     except (ValueError, FileNotFoundError) as e:
         print(f"astrai tasks: error: {e}", file=sys.stderr)

@@ -30,8 +30,8 @@ from .corpus import Work, frequent_speakers, load_corpus
 EVAL_PLAYS = ("julius_caesar_gut", "macbeth_gut", "tempest_gut", "twelfth_night_gut")
 
 # Mixtures (fractions of each file's examples); the remainder of SFT is next-line questions.
-# Sums get most of it: a tiny model learns to read the digits only after some 20k of them, and
-# a CPU demo's SFT has about 400 steps.
+# Sums get most of it: the CPU demo's 400 SFT steps show some 17,000 of them, about what a tiny
+# model needs before it reads the digits (with a fifth of the mix speaker questions, it had not).
 SFT_SPEAKER_SHARE = 0.1
 SFT_ARITHMETIC_SHARE = 0.8
 # Option labels of a speaker question; the answer is one of them.
