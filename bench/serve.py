@@ -1,7 +1,7 @@
 """Serving benchmark: astrai's engine and daemon against Hugging Face transformers, same GPU, same
 random-weight model, same requests, one run. Prints one table and writes JSON.
 
-    python bench/serve.py [--preset qwen3-0.6b] [--num-requests 256] [--workloads W1,W2,W3,W4]
+    python bench/serve.py [--preset qwen3-0.6b] [--num-requests 256] [--workloads W1,W2,W3,W4,W5,W6]
                           [--json out.json] [--skip-peer] [--tiny]
 
 W1 throughput   N requests, prompt and output lengths each uniform in 100-1024 (seed 0, ignore_eos):
@@ -15,6 +15,11 @@ W3 latency      batch 1, 512-token prompt, 256 output tokens: decode ms/token vs
 W4 online       the W1 requests through `astrai serve`'s OpenAI REST facade, streamed with the
                 `openai` AsyncOpenAI client at a fixed request rate: TTFT/TPOT p50/p99 and
                 output tok/s vs W1 offline.
+W5 long prompts 64 requests, prompts uniform in 4000-8000, 128 output tokens: output tok/s, and the
+                prefill alone (the same prompts, 1 output token) in TFLOP/s and MFU (matmuls
+                2 x weights x tokens, causal attention 2 x layers x heads x head_dim x L^2 a prompt).
+W6 one long     one 16,384-token prompt, 1 output token: time to first token at the engine's
+                chunking, beside a Hugging Face SDPA forward of the same tokens (last logits only).
 
 --profile runs each offline workload once more under torch.profiler and once under cProfile
 and prints where its time goes (kernels by GPU time, host functions by own time).
@@ -55,11 +60,16 @@ class Sizes:
     w2_output: int = 64                     # W2 output tokens per request
     w3_prompt: int = 512                    # W3 prompt length
     w3_output: int = 256                    # W3 output tokens
+    w5_requests: int = 64                   # W5 requests
+    w5_prompt_range: tuple[int, int] = (4000, 8000)  # W5 prompt lengths, uniform, inclusive
+    w5_output: int = 128                    # W5 output tokens per request
+    w6_prompt: int = 16384                  # W6 prompt length
 
 
 FULL = Sizes()
 TINY = Sizes(num_requests=6, prompt_range=(8, 32), output_range=(4, 12), fixed_output=8, shared_prefix=48,
-             question_range=(4, 12), w2_output=4, w3_prompt=16, w3_output=8)
+             question_range=(4, 12), w2_output=4, w3_prompt=16, w3_output=8, w5_requests=3,
+             w5_prompt_range=(40, 80), w5_output=4, w6_prompt=96)
 
 
 def sizes_from(data: dict[str, Any]) -> Sizes:
@@ -88,6 +98,32 @@ def w3_prompt(s: Sizes, vocab: int) -> list[int]:
     return _ids(random.Random(2), s.w3_prompt, vocab)
 
 
+def w5_prompts(s: Sizes, vocab: int) -> list[list[int]]:
+    rng = random.Random(5)
+    return [_ids(rng, rng.randint(*s.w5_prompt_range), vocab) for _ in range(s.w5_requests)]
+
+
+def w6_prompt(s: Sizes, vocab: int) -> list[int]:
+    return _ids(random.Random(6), s.w6_prompt, vocab)
+
+
+def long_model_len(s: Sizes) -> int:
+    """max_model_len for W5 and W6: the next power of two above their longest sequence."""
+    longest = max(s.w5_prompt_range[1] + s.w5_output, s.w6_prompt + 1)
+    return 1 << (longest - 1).bit_length()
+
+
+def prefill_flops(config: Any, lengths: list[int]) -> float:
+    """FLOPs of prefilling prompts of these lengths: 2 x matmul weights a token (the LM head on the
+    last token only, as the engine computes it) + causal attention, QK^T and PV over L(L+1)/2 pairs."""
+    hd = config.resolved_head_dim
+    per_layer = config.dim * hd * (2 * config.n_heads + 2 * config.n_kv_heads) + 3 * config.dim * config.dim_ffn
+    linear = 2 * config.n_layers * per_layer
+    head = 2 * config.dim * config.vocab_size
+    attention = sum(4 * config.n_layers * config.n_heads * hd * n * (n + 1) / 2 for n in lengths)
+    return linear * sum(lengths) + head * len(lengths) + attention
+
+
 # Metric names depend on the sizes, so phases and placeholders agree on the row keys.
 def var_metric(s: Sizes) -> str:
     return f"output tok/s ({s.output_range[0]}-{s.output_range[1]} out)"
@@ -98,7 +134,8 @@ def fixed_metric(s: Sizes) -> str:
 
 
 CACHE_ON, CACHE_OFF = "astrai (prefix cache on)", "astrai (prefix cache off)"
-HF_CB, HF_GEN = "hf generate_batch", "hf generate"
+HF_CB, HF_GEN, HF_SDPA = "hf generate_batch", "hf generate", "hf sdpa forward"
+TTFT = "time to first token ms"
 
 
 def repeated(fn: Any, repeats: int, budget_s: float) -> list[Any]:
@@ -251,6 +288,45 @@ def phase_astrai_nocache(spec: dict[str, Any], out: common.Sink) -> None:
     out.add(*_w2_rows(run, spec, CACHE_OFF))
 
 
+def phase_astrai_long(spec: dict[str, Any], out: common.Sink) -> None:
+    """W5 and W6: an engine of the same settings whose max_model_len holds their prompts."""
+    import torch
+
+    from astrai_train.model import ModelConfig
+
+    s, vocab, wl = sizes_from(spec["sizes"]), spec["vocab"], spec["workloads"]
+    run = _engine_runner(spec, max_model_len=long_model_len(s))
+    config = ModelConfig.from_json(spec["model_dir"])
+    cuda = spec["device"] == "cuda"
+    peak = None
+    if cuda:
+        from astrai_train.objectives.throughput import peak_flops
+
+        peak = peak_flops(torch.cuda.get_device_name())
+    prompts = w5_prompts(s, vocab)
+    run(prompts[:2], [2, 2])  # warm-up: the long-prompt kernels compile here, not in a timed run
+    if "W5" in wl:
+        fills = repeated(lambda: run(prompts, [1] * len(prompts)), spec["repeats"], spec["budget_s"])
+        secs = common.median([r["secs"] for r in fills])
+        tflops = prefill_flops(config, [len(p) for p in prompts]) / secs / 1e12
+        note = (f"{len(prompts)} prompts of {s.w5_prompt_range[0]}-{s.w5_prompt_range[1]} tokens, 1 output token; "
+                f"median of {len(fills)}")
+        out.add(Row("W5", "astrai", "prefill TFLOP/s", tflops, note=note),
+                Row("W5", "astrai", "prefill MFU %", 100 * tflops * 1e12 / peak if peak else None,
+                    note=f"peak {peak / 1e12:.0f} TFLOP/s" if peak else "no peak FLOP/s known for this device"))
+        runs = repeated(lambda: run(prompts, [s.w5_output] * len(prompts)), spec["repeats"], spec["budget_s"])
+        out.add(Row("W5", "astrai", "output tok/s", common.median([r["tps"] for r in runs]),
+                    note=f"{s.w5_output} out each, ignore_eos; median of {len(runs)}"))
+    if "W6" in wl:
+        prompt = w6_prompt(s, vocab)
+        ttfts = repeated(lambda: run([prompt], [1]), spec["repeats"], spec["budget_s"])
+        chunk = spec["engine"].get("max_num_batched_tokens")
+        out.add(Row("W6", "astrai", TTFT, common.median([r["secs"] for r in ttfts]) * 1e3,
+                    peers=[key("W6", HF_SDPA, TTFT)],
+                    note=f"{s.w6_prompt}-token prompt, cold cache, chunks of {chunk or 'the engine default'} tokens; "
+                         f"median of {len(ttfts)}"))
+
+
 # ---- phases: the Hugging Face peers (serve_hf.py) ----------------------------------------------
 
 def _hf_prompts(s: Sizes, spec: dict[str, Any]) -> list[list[int]]:
@@ -283,8 +359,29 @@ def phase_hf_generate(spec: dict[str, Any], out: common.Sink) -> None:
                      f"of {spec['hf_batch_size']}, left-padded, sorted by prompt length"))
 
 
-PHASES = {"astrai": phase_astrai, "astrai-nocache": phase_astrai_nocache, "hf-cb": phase_hf_cb,
-          "hf-generate": phase_hf_generate}
+def phase_hf_sdpa(spec: dict[str, Any], out: common.Sink) -> None:
+    """W6's peer: one HF forward (SDPA attention) of the whole prompt, logits of its last token."""
+    import torch
+
+    import serve_hf
+
+    s = sizes_from(spec["sizes"])
+    model = serve_hf.load_model(spec["hf_dir"], spec["device"])
+    ids = torch.tensor([w6_prompt(s, spec["vocab"])], device=spec["device"])
+
+    def forward() -> dict[str, Any]:
+        with torch.no_grad():
+            secs, _ = common.timed(lambda: model(ids, logits_to_keep=1, use_cache=False), spec["device"])
+        return {"secs": secs}
+
+    forward()  # warm-up
+    runs = repeated(forward, spec["repeats"], spec["peer_budget_s"])
+    out.add(Row("W6", HF_SDPA, TTFT, common.median([r["secs"] for r in runs]) * 1e3,
+                note=f"one forward of {s.w6_prompt} tokens, no KV cache kept; median of {len(runs)}"))
+
+
+PHASES = {"astrai": phase_astrai, "astrai-nocache": phase_astrai_nocache, "astrai-long": phase_astrai_long,
+          "hf-cb": phase_hf_cb, "hf-generate": phase_hf_generate, "hf-sdpa": phase_hf_sdpa}
 
 
 def expected_rows(phase: str, s: Sizes, wl: list[str]) -> list[Row]:
@@ -292,8 +389,11 @@ def expected_rows(phase: str, s: Sizes, wl: list[str]) -> list[Row]:
     rows = {"astrai": [Row("W1", "astrai", var_metric(s), None), Row("W1", "astrai", fixed_metric(s), None)]
             if "W1" in wl else [],
             "astrai-nocache": [Row("W2", CACHE_OFF, "output tok/s", None)],
+            "astrai-long": ([Row("W5", "astrai", "prefill TFLOP/s", None), Row("W5", "astrai", "output tok/s", None)]
+                            if "W5" in wl else []) + ([Row("W6", "astrai", TTFT, None)] if "W6" in wl else []),
             "hf-cb": [Row("W1", HF_CB, fixed_metric(s), None)],
-            "hf-generate": [Row("W1", HF_GEN, fixed_metric(s), None)]}[phase]
+            "hf-generate": [Row("W1", HF_GEN, fixed_metric(s), None)],
+            "hf-sdpa": [Row("W6", HF_SDPA, TTFT, None)]}[phase]
     if phase == "astrai":
         rows += [Row("W3", "astrai", "decode ms/token", None)] if "W3" in wl else []
         rows += [Row("W2", CACHE_ON, "output tok/s", None)] if "W2" in wl else []
@@ -369,12 +469,15 @@ def run_online(spec: dict[str, Any], rate: float, client_procs: int, daemon: Any
 
 # ---- command line -----------------------------------------------------------------------------
 
+WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/serve.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default=None, help="model preset, random bf16 weights (default qwen3-0.6b; tiny with --tiny)")
     p.add_argument("--num-requests", type=int, default=None, help="requests in W1/W2/W4 (default 256)")
-    p.add_argument("--workloads", default="W1,W2,W3,W4", help="comma-separated subset of W1,W2,W3,W4")
+    p.add_argument("--workloads", default="W1,W2,W3,W4,W5,W6", help="comma-separated subset of W1,W2,W3,W4,W5,W6")
     p.add_argument("--json", default="bench-serve.json", help="where to write the JSON results ('' for none)")
     p.add_argument("--skip-peer", action="store_true", help="do not run the Hugging Face peers")
     p.add_argument("--tiny", action="store_true", help="toy sizes and the tiny preset, for a CPU smoke run")
@@ -410,9 +513,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--phase-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    bad = sorted(set(args.workloads.split(",")) - {"W1", "W2", "W3", "W4"})
+    bad = sorted(set(args.workloads.split(",")) - set(WORKLOADS))
     if bad:
-        p.error(f"--workloads: unknown workload {bad[0]!r} (choose from W1,W2,W3,W4)")
+        p.error(f"--workloads: unknown workload {bad[0]!r} (choose from {','.join(WORKLOADS)})")
     for name in ("num_requests", "repeats", "hf_batch_size", "hf_requests", "client_procs", "api_server_count"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -459,7 +562,7 @@ def _main(args: argparse.Namespace) -> int:
     isolate = device == "cuda" if args.isolate is None else args.isolate
     env = common.environment()
     wl = args.workloads.split(",")
-    peers = not args.skip_peer and "W1" in wl
+    peers = not args.skip_peer and bool({"W1", "W6"} & set(wl))
     preset = args.preset or ("tiny" if args.tiny else "qwen3-0.6b")
     workdir = Path(tempfile.mkdtemp(prefix="astrai-bench-serve-"))
     daemon = None
@@ -475,7 +578,9 @@ def _main(args: argparse.Namespace) -> int:
         spec = build_spec(args, model_dir, hf_dir, vocab, device)
         sizes = sizes_from(spec["sizes"])
         phases = (["astrai"] if set(wl) & {"W1", "W2", "W3"} else []) + (["astrai-nocache"] if "W2" in wl else [])
-        phases += ["hf-cb", "hf-generate"] if peers else []
+        phases += ["astrai-long"] if set(wl) & {"W5", "W6"} else []
+        phases += ["hf-cb", "hf-generate"] if peers and "W1" in wl else []
+        phases += ["hf-sdpa"] if peers and "W6" in wl else []
         rows: list[Row] = []
         # On the GPU the daemon starts after the other systems are done (its KV cache takes most of
         # the memory); on the CPU nothing is shared, so it boots while they run.

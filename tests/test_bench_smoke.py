@@ -66,6 +66,30 @@ def test_serve_bench_tiny(tmp_path, capsys):
     assert json.loads(out.read_text())["settings"]["serve_flags"] == ["--api-server-count", "2"]
     assert _positive(rows, "W4|astrai REST|TTFT p99 ms") >= _positive(rows, "W4|astrai REST|TTFT p50 ms")
     _positive(rows, "W4|astrai REST|TPOT p50 ms")
+    _positive(rows, "W5|astrai|prefill TFLOP/s")
+    _positive(rows, "W5|astrai|output tok/s")
+    ttft = _positive(rows, "W6|astrai|time to first token ms")
+    sdpa = _positive(rows, "W6|hf sdpa forward|time to first token ms")
+    assert rows["W6|astrai|time to first token ms"]["ratios"]["hf sdpa forward"] == pytest.approx(ttft / sdpa)
+
+
+def test_prefill_flops_count_every_matmul_weight_and_the_causal_pairs():
+    # The matmul term from the model's own weights, not from the formula's config arithmetic.
+    import torch
+
+    from astrai_train.model import ModelConfig, Transformer
+
+    serve = _load("serve")
+    config = ModelConfig(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, dim_ffn=96, vocab_size=100)
+    with torch.device("meta"):
+        model = Transformer(config)
+    layer_weights = sum(p.numel() for n, p in model.named_parameters() if n.startswith("layers.") and p.dim() == 2)
+    lengths = [3, 10]
+    hd = config.dim // config.n_heads
+    pairs = sum(n * (n + 1) // 2 for n in lengths)  # a causal prompt of n tokens scores n(n+1)/2 pairs
+    want = (2 * layer_weights * sum(lengths) + 2 * config.dim * config.vocab_size * len(lengths)
+            + config.n_layers * config.n_heads * pairs * 2 * 2 * hd)
+    assert serve.prefill_flops(config, lengths) == pytest.approx(want)
 
 
 def test_train_bench_tiny(tmp_path, capsys):
