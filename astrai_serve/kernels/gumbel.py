@@ -14,7 +14,8 @@ from the engine's own random stream. The hash is murmur3's 32-bit finaliser, app
     h = fmix32(fmix32(i * 0x9E3779B9 + k0) ^ k1),   U = ((h >> 9) + 0.5) / 2**23
 
 The torch version here is the reference (and the CPU path); triton_sampling.py computes the
-same bits on the GPU in one kernel, and `astrai_serve.kernels.gumbel_argmax` picks between them. Keys are made on the host with numpy (vectorised, no sync).
+same bits on the GPU in one kernel, and `astrai_serve.kernels.gumbel_argmax` picks between them.
+Keys are made on the host with numpy (vectorised, no sync).
 """
 from __future__ import annotations
 
