@@ -21,6 +21,14 @@ W5 long prompts 64 requests, prompts uniform in 4000-8000, 128 output tokens: ou
 W6 one long     one 16,384-token prompt, 1 output token: time to first token at the engine's
                 chunking, beside a Hugging Face SDPA forward of the same tokens (last logits only).
 
+S startup      `LLM(model_dir)` twice, each in a fresh process over one fresh compile-cache directory:
+                the first start is cold (Triton and torch.compile compile everything), the second
+                warm (both read their on-disk caches, as every later `astrai serve` does).
+
+Every `astrai` row runs the engine at its defaults (what `astrai serve --model DIR` gives: batch
+limits sized from the GPU, CUDA graphs, compiled decode); W1 also runs with `enforce_eager=True`
+(labelled). Engine flags given here (--max-num-seqs, --engine-arg ...) apply to every astrai row.
+
 --profile runs each offline workload once more under torch.profiler and once under cProfile
 and prints where its time goes (kernels by GPU time, host functions by own time).
 
@@ -135,6 +143,8 @@ def fixed_metric(s: Sizes) -> str:
 
 CACHE_ON, CACHE_OFF = "astrai (prefix cache on)", "astrai (prefix cache off)"
 HF_CB, HF_GEN, HF_SDPA = "hf generate_batch", "hf generate", "hf sdpa forward"
+EAGER = "astrai --enforce-eager"
+COLD, WARM = "astrai cold start", "astrai warm start"
 TTFT = "time to first token ms"
 
 
@@ -183,6 +193,10 @@ def _engine_runner(spec: dict[str, Any], **overrides: Any) -> Any:
     from astrai_serve import LLM, SamplingParams
 
     llm = LLM(spec["model_dir"], **{**spec["engine"], **overrides})
+    engine = llm.engine.config
+    log(f"engine: max_num_seqs={engine.max_num_seqs}, max_num_batched_tokens={engine.max_num_batched_tokens}, "
+        f"graphs={engine.resolved_cuda_graphs()}, compile_decode={engine.resolved_compile_decode()}, "
+        f"fused_kernels={engine.resolved_fused_kernels()}; {llm.engine.startup.describe()}")
 
     def run(prompts: list[list[int]], outs: list[int]) -> dict[str, Any]:
         llm.engine.reset_prefix_cache()  # every run starts cold: a repeat must not hit the last run's cache
@@ -193,6 +207,7 @@ def _engine_runner(spec: dict[str, Any], **overrides: Any) -> Any:
             raise RuntimeError(f"asked for {sum(outs)} tokens with ignore_eos, got {tokens}")
         return {"secs": secs, "tps": tokens / secs, "prompt": sum(r.prompt_tokens for r in res),
                 "cached": sum(r.cached_tokens for r in res)}
+    run.config = engine
     return run
 
 
@@ -289,13 +304,14 @@ def phase_astrai_nocache(spec: dict[str, Any], out: common.Sink) -> None:
 
 
 def phase_astrai_long(spec: dict[str, Any], out: common.Sink) -> None:
-    """W5 and W6: an engine of the same settings whose max_model_len holds their prompts."""
+    """W5 and W6: an engine of the same settings (a max_model_len set for the others grows to hold
+    their prompts; the default, the model's, holds them already)."""
     import torch
 
     from astrai_train.model import ModelConfig
 
     s, vocab, wl = sizes_from(spec["sizes"]), spec["vocab"], spec["workloads"]
-    run = _engine_runner(spec, max_model_len=long_model_len(s))
+    run = _engine_runner(spec, **({"max_model_len": long_model_len(s)} if "max_model_len" in spec["engine"] else {}))
     config = ModelConfig.from_json(spec["model_dir"])
     cuda = spec["device"] == "cuda"
     peak = None
@@ -320,11 +336,46 @@ def phase_astrai_long(spec: dict[str, Any], out: common.Sink) -> None:
     if "W6" in wl:
         prompt = w6_prompt(s, vocab)
         ttfts = repeated(lambda: run([prompt], [1]), spec["repeats"], spec["budget_s"])
-        chunk = spec["engine"].get("max_num_batched_tokens")
         out.add(Row("W6", "astrai", TTFT, common.median([r["secs"] for r in ttfts]) * 1e3,
                     peers=[key("W6", HF_SDPA, TTFT)],
-                    note=f"{s.w6_prompt}-token prompt, cold cache, chunks of {chunk or 'the engine default'} tokens; "
-                         f"median of {len(ttfts)}"))
+                    note=f"{s.w6_prompt}-token prompt, cold cache, chunks of {run.config.max_num_batched_tokens} "
+                         f"tokens; median of {len(ttfts)}"))
+
+
+def phase_astrai_eager(spec: dict[str, Any], out: common.Sink) -> None:
+    """W1 with enforce_eager=True: no CUDA graphs, no torch.compile (the fused kernels stay)."""
+    s, vocab = sizes_from(spec["sizes"]), spec["vocab"]
+    run = _engine_runner(spec, enforce_eager=True)
+    reqs = w1_requests(s, vocab)
+    run([p for p, _ in reqs[:32]], [min(n, 32) for _, n in reqs[:32]])  # warm-up
+    runs = repeated(lambda: run([p for p, _ in reqs], [n for _, n in reqs]), spec["repeats"], spec["budget_s"])
+    out.add(Row("W1", EAGER, var_metric(s), common.median([r["tps"] for r in runs]),
+                peers=[key("W1", "astrai", var_metric(s))],
+                note=f"the W1 requests, engine defaults + enforce_eager=True; median of {len(runs)}; "
+                     "ratio < 1 = slower than the defaults"))
+    profile(spec, "W1 --enforce-eager", lambda: run([p for p, _ in reqs], [n for _, n in reqs]))
+
+
+def phase_astrai_startup(spec: dict[str, Any], out: common.Sink) -> None:
+    """One start of `LLM(model_dir)` over spec["startup_cache_dir"] (cold when it is empty)."""
+    import os
+    import time
+
+    from astrai_serve import LLM
+    from astrai_serve.engine.startup import CACHE_VARS
+
+    cache = Path(spec["startup_cache_dir"])
+    if spec["device"] == "cuda":   # this process only (isolated): the fresh directory, whatever the user set
+        for name, var in CACHE_VARS.items():
+            os.environ[var] = str(cache / name)
+    start = time.perf_counter()
+    llm = LLM(spec["model_dir"], compile_cache_dir=str(cache), **spec["engine"])
+    secs = time.perf_counter() - start
+    t = llm.engine.startup
+    state = "unused (nothing compiles here)" if t.cache is None else "warm" if t.cache.warm else "cold"
+    out.add(Row("S", WARM if spec["startup_run"] else COLD, "startup s", secs,
+                note=f"LLM(model_dir) to ready: weights {t.load_s:.1f} s, KV cache {t.kv_cache_s:.1f} s, "
+                     f"compile + CUDA graphs {t.graphs_s:.1f} s; compile cache {state}"))
 
 
 # ---- phases: the Hugging Face peers (serve_hf.py) ----------------------------------------------
@@ -381,6 +432,7 @@ def phase_hf_sdpa(spec: dict[str, Any], out: common.Sink) -> None:
 
 
 PHASES = {"astrai": phase_astrai, "astrai-nocache": phase_astrai_nocache, "astrai-long": phase_astrai_long,
+          "astrai-eager": phase_astrai_eager, "astrai-startup": phase_astrai_startup,
           "hf-cb": phase_hf_cb, "hf-generate": phase_hf_generate, "hf-sdpa": phase_hf_sdpa}
 
 
@@ -389,6 +441,8 @@ def expected_rows(phase: str, s: Sizes, wl: list[str]) -> list[Row]:
     rows = {"astrai": [Row("W1", "astrai", var_metric(s), None), Row("W1", "astrai", fixed_metric(s), None)]
             if "W1" in wl else [],
             "astrai-nocache": [Row("W2", CACHE_OFF, "output tok/s", None)],
+            "astrai-eager": [Row("W1", EAGER, var_metric(s), None)],
+            "astrai-startup": [Row("S", "astrai", "startup s", None)],
             "astrai-long": ([Row("W5", "astrai", "prefill TFLOP/s", None), Row("W5", "astrai", "output tok/s", None)]
                             if "W5" in wl else []) + ([Row("W6", "astrai", TTFT, None)] if "W6" in wl else []),
             "hf-cb": [Row("W1", HF_CB, fixed_metric(s), None)],
@@ -469,7 +523,7 @@ def run_online(spec: dict[str, Any], rate: float, client_procs: int, daemon: Any
 
 # ---- command line -----------------------------------------------------------------------------
 
-WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6")
+WORKLOADS = ("S", "W1", "W2", "W3", "W4", "W5", "W6")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -477,9 +531,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default=None, help="model preset, random bf16 weights (default qwen3-0.6b; tiny with --tiny)")
     p.add_argument("--num-requests", type=int, default=None, help="requests in W1/W2/W4 (default 256)")
-    p.add_argument("--workloads", default="W1,W2,W3,W4,W5,W6", help="comma-separated subset of W1,W2,W3,W4,W5,W6")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated subset of {','.join(WORKLOADS)}")
     p.add_argument("--json", default="bench-serve.json", help="where to write the JSON results ('' for none)")
     p.add_argument("--skip-peer", action="store_true", help="do not run the Hugging Face peers")
+    p.add_argument("--skip-eager", action="store_true", help="do not run W1 again with enforce_eager=True")
     p.add_argument("--tiny", action="store_true", help="toy sizes and the tiny preset, for a CPU smoke run")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of every system (0 = greedy)")
     p.add_argument("--repeats", type=int, default=3, help="runs per measurement, median reported, while the budget allows")
@@ -494,13 +549,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--client-procs", type=int, default=None, help="W4 client processes (default 4; 1 with --tiny)")
     p.add_argument("--api-server-count", type=int, default=None,
                    help="W4: the daemon's REST facade processes (`astrai serve --api-server-count`; default its own, 1)")
-    p.add_argument("--max-num-seqs", type=int, default=None, help="engine: most sequences at once (default 256)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="engine: tokens per step (default 16384)")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="engine: most sequences at once (default: the engine's)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="engine: tokens per step (default: the engine's)")
     p.add_argument("--gpu-memory-utilization", type=float, default=None, help="engine: share of free GPU memory for KV")
     p.add_argument("--page-size", type=int, default=None, help="engine: tokens per KV page")
     p.add_argument("--attention-impl", default=None, help="engine: torch | triton")
     p.add_argument("--compile-decode", action=argparse.BooleanOptionalAction, default=None,
-                   help="engine: torch.compile the captured decode step (default: the engine's, off)")
+                   help="engine: torch.compile the captured decode step (default: the engine's, on with CUDA graphs)")
     p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="any other EngineConfig setting, e.g. decode_pdl=false (repeatable)")
     p.add_argument("--profile", action="store_true",
@@ -533,10 +588,12 @@ def build_spec(args: argparse.Namespace, model_dir: Path, hf_dir: Path | None, v
         sizes = replace(sizes, num_requests=args.num_requests)
     longest = max(sizes.prompt_range[1] + max(sizes.output_range[1], sizes.fixed_output),
                   sizes.shared_prefix + sizes.question_range[1] + sizes.w2_output, sizes.w3_prompt + sizes.w3_output)
-    engine: dict[str, Any] = {"max_num_seqs": args.max_num_seqs or (8 if args.tiny else 256),
-                              "max_num_batched_tokens": args.max_num_batched_tokens or (256 if args.tiny else 16384),
-                              "max_model_len": 1 << (longest - 1).bit_length()}
-    for name in ("gpu_memory_utilization", "page_size", "attention_impl", "compile_decode"):
+    # The engine's own defaults unless a flag says otherwise; the tiny CPU run keeps its batches
+    # and page tables small so the smoke test stays quick.
+    engine: dict[str, Any] = ({"max_num_seqs": 8, "max_num_batched_tokens": 256,
+                               "max_model_len": 1 << (longest - 1).bit_length()} if args.tiny else {})
+    for name in ("max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization", "page_size", "attention_impl",
+                 "compile_decode"):
         if getattr(args, name) is not None:
             engine[name] = getattr(args, name)
     engine.update(args.engine_overrides)
@@ -576,8 +633,11 @@ def _main(args: argparse.Namespace) -> int:
             hf_dir = export_hf(model_dir, workdir / "hf", dtype=torch.bfloat16)
         vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
         spec = build_spec(args, model_dir, hf_dir, vocab, device)
+        spec["startup_cache_dir"] = str(workdir / "compile-cache")
         sizes = sizes_from(spec["sizes"])
-        phases = (["astrai"] if set(wl) & {"W1", "W2", "W3"} else []) + (["astrai-nocache"] if "W2" in wl else [])
+        phases = ["astrai-startup", "astrai-startup"] if "S" in wl else []    # cold, then warm
+        phases += (["astrai"] if set(wl) & {"W1", "W2", "W3"} else []) + (["astrai-nocache"] if "W2" in wl else [])
+        phases += ["astrai-eager"] if "W1" in wl and not args.skip_eager else []
         phases += ["astrai-long"] if set(wl) & {"W5", "W6"} else []
         phases += ["hf-cb", "hf-generate"] if peers and "W1" in wl else []
         phases += ["hf-sdpa"] if peers and "W6" in wl else []
@@ -585,9 +645,9 @@ def _main(args: argparse.Namespace) -> int:
         # On the GPU the daemon starts after the other systems are done (its KV cache takes most of
         # the memory); on the CPU nothing is shared, so it boots while they run.
         daemon = start_daemon(spec, thread_env) if "W4" in wl and device == "cpu" else None
-        for phase in phases:
-            got, error = common.run_phase(PHASES, phase, spec, isolate, __file__, args.phase_timeout_s, workdir,
-                                          thread_env)
+        for i, phase in enumerate(phases):
+            got, error = common.run_phase(PHASES, phase, {**spec, "startup_run": i}, isolate, __file__,
+                                          args.phase_timeout_s, workdir, thread_env)
             rows += common.fill_missing(got, expected_rows(phase, sizes, wl), error) if error else got
         if "W4" in wl:
             try:

@@ -51,7 +51,12 @@ def test_serve_bench_tiny(tmp_path, capsys):
         assert peer in table
         peer_value = _positive(rows, f"W1|{peer}|{fixed}")
         assert rows[f"W1|astrai|{fixed}"]["ratios"][peer] == pytest.approx(astrai / peer_value)
-    _positive(rows, f"W1|astrai|output tok/s ({s.output_range[0]}-{s.output_range[1]} out)")
+    var = f"output tok/s ({s.output_range[0]}-{s.output_range[1]} out)"
+    default = _positive(rows, f"W1|astrai|{var}")
+    eager = _positive(rows, f"W1|astrai --enforce-eager|{var}")
+    assert rows[f"W1|astrai --enforce-eager|{var}"]["ratios"]["astrai"] == pytest.approx(eager / default)
+    _positive(rows, "S|astrai cold start|startup s")     # the first start over an empty cache directory
+    _positive(rows, "S|astrai warm start|startup s")
     _positive(rows, "W2|astrai (prefix cache on)|output tok/s")
     _positive(rows, "W2|astrai (prefix cache off)|output tok/s")
     assert rows["W2|astrai (prefix cache on)|prompt tokens from cache %"]["value"] > 0

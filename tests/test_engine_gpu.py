@@ -41,7 +41,7 @@ def run_all(engine, prompts, params=GREEDY):
                                    max_num_batched_tokens=7), dict(num_pages=13, page_size=4)])
 def test_greedy_parity_triton(arch, setup):
     model = model_of(arch)
-    engine = LLMEngine.from_model(model, None, attention_impl="triton", **setup)
+    engine = LLMEngine.from_model(model, None, compile_decode=False, attention_impl="triton", **setup)
     outs = run_all(engine, PROMPTS)
     assert [o.token_ids for o in outs] == [recompute_greedy(model, p) for p in PROMPTS]
     assert engine.stats().pages_in_use == 0
@@ -52,8 +52,8 @@ def test_greedy_parity_triton(arch, setup):
 def test_seeded_sampling_and_bf16_on_gpu():
     model = model_of("gqa", torch.bfloat16)
     seeded = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=42)
-    alone = run_all(LLMEngine.from_model(model, None, num_pages=64), [PROMPTS[1]], seeded)[0]
-    engine = LLMEngine.from_model(model, None, num_pages=64, seed=3)
+    alone = run_all(LLMEngine.from_model(model, None, compile_decode=False, num_pages=64), [PROMPTS[1]], seeded)[0]
+    engine = LLMEngine.from_model(model, None, compile_decode=False, num_pages=64, seed=3)
     for i, p in enumerate(PROMPTS[2:5]):
         engine.add_request(f"o{i}", p, SamplingParams(max_tokens=8, temperature=0.8))
     engine.step()                           # the target joins a running batch
@@ -68,7 +68,7 @@ def test_seeded_sampling_and_bf16_on_gpu():
 
 def test_default_budget_uses_free_memory():
     model = model_of("gqa")
-    engine = LLMEngine.from_model(model, None, gpu_memory_utilization=0.05)
+    engine = LLMEngine.from_model(model, None, compile_decode=False, gpu_memory_utilization=0.05)
     total = torch.cuda.mem_get_info()[1]
     assert engine.stats().pages_total > 1000
     assert engine.runner.cache.nbytes <= 0.05 * total
@@ -78,7 +78,7 @@ def test_default_budget_uses_free_memory():
 
 def test_one_host_sync_per_step():
     model = model_of("gqa", torch.bfloat16)
-    engine = LLMEngine.from_model(model, None, num_pages=64, page_size=16)
+    engine = LLMEngine.from_model(model, None, compile_decode=False, num_pages=64, page_size=16)
     for i, p in enumerate(PROMPTS):
         engine.add_request(f"r{i}", p, SamplingParams(max_tokens=6, temperature=0.7, top_k=20,
                                                       seed=i if i % 2 else None))
@@ -108,7 +108,7 @@ def test_prompt_logprobs_on_gpu_equal_a_full_forward(setup, impl, tol):
     token's log-prob equals a float32 full forward's, chunked prefill or not, with no host sync
     added to the Triton path's steps."""
     model = model_of("gqa")
-    engine = LLMEngine.from_model(model, None, attention_impl=impl, **setup)
+    engine = LLMEngine.from_model(model, None, compile_decode=False, attention_impl=impl, **setup)
     params = SamplingParams(max_tokens=4, temperature=0.0, prompt_logprobs=2)
     run_all(engine, PROMPTS[:1], params)   # warm-up: Triton compiles, allocator grows
     torch.cuda.synchronize()
@@ -148,7 +148,7 @@ def test_logit_bias_and_min_tokens_on_gpu_without_a_sync():
     """The sampler's scatter on the GPU: a bias forces token 123, a stop token, which min_tokens
     bans for the first 5 tokens (greedy and sampled rows, bf16 logits); no host sync is added."""
     model = model_of("gqa", torch.bfloat16)
-    engine = LLMEngine.from_model(model, None, num_pages=64, page_size=16)
+    engine = LLMEngine.from_model(model, None, compile_decode=False, num_pages=64, page_size=16)
     forced = SamplingParams(max_tokens=12, temperature=0.0, logit_bias={123: 100.0}, stop_token_ids=[123])
     run_all(engine, PROMPTS[:1], forced)        # warm-up: Triton compiles, allocator grows
     torch.cuda.synchronize()

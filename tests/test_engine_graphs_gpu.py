@@ -65,7 +65,7 @@ def test_graph_decode_equals_eager_and_recompute(arch):
     assert eager.runner.graphs is None
     eager_outs, _ = run_all(eager, PROMPTS, params)
     for overlap in (False, True):
-        engine = LLMEngine.from_model(model, None, cuda_graph_max_batch=6, overlap_steps=overlap, **common)
+        engine = LLMEngine.from_model(model, None, compile_decode=False, cuda_graph_max_batch=6, overlap_steps=overlap, **common)
         graphs = engine.runner.graphs
         assert graphs.sizes == [1, 2, 4, 6] and graphs.capture_seconds > 0
         assert engine.kv.num_pages == engine.runner.cache.num_pages - 1 == graphs.pad_page
@@ -90,7 +90,7 @@ def test_no_host_sync_in_any_step(graphs, overlap):
               SamplingParams(max_tokens=7, temperature=0.9, n=2, seed=3),
               SamplingParams(max_tokens=10, temperature=0.0),
               SamplingParams(max_tokens=6, temperature=0.5, logprobs=True)]
-    engine = LLMEngine.from_model(model, None, num_pages=128, page_size=8, max_num_seqs=16,
+    engine = LLMEngine.from_model(model, None, compile_decode=False, num_pages=128, page_size=8, max_num_seqs=16,
                                   max_num_batched_tokens=24, enable_cuda_graphs=graphs, cuda_graph_max_batch=8,
                                   overlap_steps=overlap)
     first, _ = run_all(engine, prompts, params)           # warm-up: kernels compile, pools grow
@@ -126,7 +126,7 @@ def test_async_steps_have_no_host_sync_and_keep_the_tokens(graphs):
     prompts = PROMPTS[:7]
     outs = {}
     for flag in (False, True):
-        engine = LLMEngine.from_model(model, None, num_pages=128, page_size=8, max_num_seqs=16,
+        engine = LLMEngine.from_model(model, None, compile_decode=False, num_pages=128, page_size=8, max_num_seqs=16,
                                       enable_cuda_graphs=graphs, cuda_graph_max_batch=8, async_scheduling=flag)
         run_all(engine, prompts, params)                  # warm-up: kernels compile, pools grow
         torch.cuda.synchronize()
@@ -146,9 +146,9 @@ def test_async_steps_have_no_host_sync_and_keep_the_tokens(graphs):
 
 def test_capture_budget_keeps_the_largest_graph():
     model = model_of("gqa")
-    full = LLMEngine.from_model(model, None, num_pages=64, page_size=16, max_num_seqs=20)
+    full = LLMEngine.from_model(model, None, compile_decode=False, num_pages=64, page_size=16, max_num_seqs=20)
     assert full.runner.graphs.sizes == graph_batch_sizes(20) == [1, 2, 4, 8, 16, 20]
-    short = LLMEngine.from_model(model, None, num_pages=64, page_size=16, max_num_seqs=8,
+    short = LLMEngine.from_model(model, None, compile_decode=False, num_pages=64, page_size=16, max_num_seqs=8,
                                  cuda_graph_capture_budget_s=1e-9)
     assert short.runner.graphs.sizes == [8]                # one batch of 1 pads up to 8 rows
     used = count_graph_steps(short)
@@ -178,7 +178,7 @@ def test_cascade_graph_decode_equals_recompute(arch, monkeypatch):
     monkeypatch.setattr(model_runner, "CASCADE_MIN_SAVED_TOKENS", 1)
     monkeypatch.setattr(model_runner, "CASCADE_MIN_SHARED_TOKENS", 1)
     model = model_of(arch)
-    engine = LLMEngine.from_model(model, None, num_pages=160, page_size=4, max_num_seqs=10,
+    engine = LLMEngine.from_model(model, None, compile_decode=False, num_pages=160, page_size=4, max_num_seqs=10,
                                   cuda_graph_max_batch=8)
     assert engine.runner.graphs.takes_cascade(8) and (8, True) in engine.runner.graphs.graphs
     shared = []
@@ -224,7 +224,7 @@ def test_no_jit_compile_after_startup(monkeypatch):
                triton_sampling._gumbel_split_kernel, triton_sampling._pick_split_kernel, triton_gemv._gemv_kernel):
         fn.device_caches.clear()                          # forget what earlier tests compiled
     model = model_of("gqa", torch.bfloat16)
-    engine = LLMEngine.from_model(model, None, num_pages=256, page_size=8, max_num_seqs=16,
+    engine = LLMEngine.from_model(model, None, compile_decode=False, num_pages=256, page_size=8, max_num_seqs=16,
                                   max_num_batched_tokens=40, cuda_graph_max_batch=16)
     compiled: list[str] = []
     monkeypatch.setattr(knobs.runtime, "jit_post_compile_hook", lambda **kw: compiled.append(kw["repr"]))
@@ -254,7 +254,7 @@ def test_fp8_cache_graphs_equal_eager(arch):
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in LENGTHS]
     outs = []
     for graphs in (True, False):
-        engine = LLMEngine.from_model(model, None, num_pages=128, page_size=8, max_num_seqs=16,
+        engine = LLMEngine.from_model(model, None, compile_decode=False, num_pages=128, page_size=8, max_num_seqs=16,
                                       enable_cuda_graphs=graphs, cuda_graph_max_batch=8, kv_cache_dtype="fp8")
         assert engine.runner.cache.k.dtype == torch.float8_e4m3fn
         got, _ = run_all(engine, PROMPTS, params)

@@ -355,3 +355,76 @@ def test_graph_settings_are_validated():
         with pytest.raises(ValueError, match=message):
             EngineConfig(**bad)
     assert EngineConfig(max_num_seqs=32, cuda_graph_max_batch=100).resolved_graph_max_batch() == 32
+
+
+def test_batch_limits_and_eager_defaults():
+    """Unset batch limits are sized from the memory the weights leave; enforce_eager turns every
+    graph-bound speed-up off and refuses a flag that asks for one."""
+    gib = 1 << 30
+    auto = EngineConfig()
+    assert auto.batch_limits(None) == (64, 2048)              # a CPU
+    assert auto.batch_limits(70 * gib) == (256, 16384)        # an H100 with a 0.6B model
+    assert auto.batch_limits(20 * gib) == (128, 8192)         # 24 GiB with an 8B model in bf16
+    assert auto.batch_limits(6 * gib) == (64, 4096)
+    assert EngineConfig(max_num_seqs=12).batch_limits(70 * gib) == (12, 16384)   # a field set wins
+    sized = auto.sized(70 * gib)
+    assert (sized.max_num_seqs, sized.max_num_batched_tokens) == (256, 16384)
+    with pytest.raises(RuntimeError, match="sized by the engine"):
+        auto.resolved_graph_max_batch()
+    cpu = EngineConfig(device="cpu")
+    assert not cpu.resolved_compile_decode()
+    with pytest.raises(ValueError, match="compile_decode=True: the compiled forward runs inside CUDA graphs"):
+        EngineConfig(device="cpu", compile_decode=True).resolved_compile_decode()
+    for flag in ("enable_cuda_graphs", "compile_decode", "decode_gemv", "decode_pdl"):
+        with pytest.raises(ValueError, match=f"enforce_eager=True with {flag}=True"):
+            EngineConfig(enforce_eager=True, **{flag: True})
+    with pytest.raises(ValueError, match="enforce_eager=1"):
+        EngineConfig(enforce_eager=1)
+    with pytest.raises(ValueError, match="max_num_seqs=0"):
+        EngineConfig(max_num_seqs=0)
+
+
+def test_engine_sizes_its_batch_limits_at_startup():
+    engine = LLMEngine.from_model(model_of("gqa"), None, num_pages=32)
+    assert (engine.config.max_num_seqs, engine.config.max_num_batched_tokens) == (64, 2048)
+    assert engine.scheduler.max_num_seqs == 64 and engine.scheduler.max_num_batched_tokens == 2048
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_fused_kernels_plumbing_equals_recompute(qk_norm):
+    """fused_kernels: every norm goes through add_rms_norm, SwiGLU's activation through silu_mul
+    and (with QK-norm) the q/k norms and rotary through qk_norm_rope; on the CPU these custom
+    ops run their torch formula, so the tokens must equal a recompute exactly (float32)."""
+    from dataclasses import replace
+
+    from astrai_serve.kernels.fused_ops import FusedOps
+    from astrai_train.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(replace(GQA, use_qk_norm=qk_norm)).eval()
+    fuse_projections(model)
+    engine = LLMEngine.from_model(model, None, num_pages=80, page_size=4, max_num_seqs=8, fused_kernels=True)
+    calls = {"norm": 0, "silu": 0, "qk": 0}
+
+    class Counting(FusedOps):
+        def add_rms_norm(self, x, residual, norm):
+            calls["norm"] += 1
+            return super().add_rms_norm(x, residual, norm)
+
+        def silu_mul_linear(self, gate_up, w):
+            calls["silu"] += 1
+            return super().silu_mul_linear(gate_up, w)
+
+        def qk_norm_rope(self, q, k, q_norm, k_norm, cos, sin):
+            calls["qk"] += q_norm is not None
+            return super().qk_norm_rope(q, k, q_norm, k_norm, cos, sin)
+
+    assert isinstance(engine.runner.ops, FusedOps)
+    engine.runner.ops = Counting()
+    outs = run_all(engine, PROMPTS)
+    assert [o.token_ids for o in outs] == [recompute_greedy(model, p) for p in PROMPTS]
+    layers = model.config.n_layers
+    steps = calls["silu"] // layers
+    assert steps > 0 and calls["norm"] == steps * (2 * layers + 1)
+    assert calls["qk"] == (steps * layers if qk_norm else 0)
+    assert not LLMEngine.from_model(model, None, num_pages=8).config.resolved_fused_kernels()   # CPU default: off

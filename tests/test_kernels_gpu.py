@@ -241,3 +241,78 @@ def test_gemv_pdl_chain_in_a_cuda_graph_equals_plain_launches() -> None:
     gate, up = (out @ weights[0][1].T).chunk(2, dim=-1)             # and the prologue is SwiGLU's math
     assert torch.allclose(DecodeOps(pdl=True).silu_mul_linear(out @ weights[0][1].T, weights[0][2]).float(),
                           F.linear(F.silu(gate) * up, weights[0][2]).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_norm_kernels_match_torch() -> None:
+    from astrai_serve.kernels.triton_norm import selfcheck
+
+    selfcheck()  # fp32/bf16/fp16 through the ops, N 0..256, D up to 8192: ulps from the torch formula
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_norm_ops_have_no_host_sync_and_replay_in_a_cuda_graph(dtype: torch.dtype) -> None:
+    """add_rms_norm (with and without a residual) and silu_mul captured once (qwen3-0.6b's D=1024,
+    K=3072, 4 rows) replay new inputs written in place to the bits of direct calls, and other
+    batch sizes reuse the compiled kernels (N is the grid)."""
+    from astrai_serve.kernels.triton_norm import _rms_norm_kernel, add_rms_norm, silu_mul
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device="cuda", generator=g).mul(3).to(dtype)
+
+    x, res, gate_up = randn(4, 1024), randn(4, 1024), randn(4, 2 * 3072)
+    w = (1 + 0.3 * randn(1024).float()).to(dtype)
+
+    def step() -> list[torch.Tensor]:
+        normed, r = add_rms_norm(x, res, w, 1e-6)
+        first, same = add_rms_norm(x, None, w, 1e-6)
+        assert same is x
+        return [normed, r, first, silu_mul(gate_up)]
+
+    step()                                              # compile outside the checks
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    for _ in range(2):
+        for t in (x, res, gate_up):
+            t.copy_(randn(*t.shape))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(o, w_) for o, w_ in zip(outs, step()))
+
+    caches = getattr(_rms_norm_kernel, "device_caches", None)
+    if caches is None:                                  # another Triton's internals
+        pytest.skip("cannot count this Triton's compiled kernels")
+    compiled = caches[torch.cuda.current_device()][0]
+    before = len(compiled)
+    for n in (1, 7, 300):
+        add_rms_norm(randn(n, 1024), randn(n, 1024), w, 1e-6)
+    assert len(compiled) == before, "a batch size compiled a new kernel"
+
+
+def test_norm_ops_compiled_match_eager() -> None:
+    """Inside a fullgraph torch.compile (Inductor code around the opaque ops) the ops give eager's bits."""
+    from astrai_serve.kernels.triton_norm import add_rms_norm, silu_mul
+
+    w = torch.rand(1024, device="cuda", dtype=torch.bfloat16) + 0.5
+
+    def layer(h: torch.Tensor, res: torch.Tensor, gate_up: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        normed, res = add_rms_norm(h * 1.5, res, w, 1e-6)
+        return normed * 2, res + 1, silu_mul(gate_up * 0.5)
+
+    compiled = torch.compile(layer, fullgraph=True)
+    for n in (1, 5, 64):
+        args = [torch.randn(n, c, device="cuda", dtype=torch.bfloat16) for c in (1024, 1024, 6144)]
+        assert all(torch.equal(g, e) for g, e in zip(compiled(*args), layer(*args))), n

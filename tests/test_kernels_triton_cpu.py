@@ -119,6 +119,25 @@ def test_interpreted_qk_norm_rope_kernel_matches_torch() -> None:
     assert proc.returncode == 0 and "kernel == torch" in proc.stdout, proc.stderr[-3000:]
 
 
+def test_interpreted_norm_kernels_match_torch() -> None:
+    # add_rms_norm (N 1/3/17 x D 64/1000/1024, with and without a residual) and silu_mul (K 64,
+    # 96, 3072), fp32/bf16/fp16, called through the ops: each case launched its Triton kernel.
+    from astrai_serve.kernels.triton_norm import within_tolerance
+
+    proc = interpreted("astrai_serve.kernels.triton_norm", "--json")
+    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    cases = {(r["op"], r["dtype"], r["n"], r["d"], r["residual"]) for r in results}
+    want = {("rms_norm", t, n, d, res) for t in ("float32", "bfloat16", "float16") for n in (1, 3, 17)
+            for d in (64, 1000, 1024) for res in (False, True)}
+    want |= {("silu_mul", t, n, k, False) for t in ("float32", "bfloat16", "float16") for n in (1, 3, 17)
+             for k in (64, 96, 3072)}
+    assert cases == want
+    assert all(r["interpreted"] for r in results)
+    bad = [r for r in results if not within_tolerance(r)]
+    assert not bad, bad
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_qk_norm_rope_op_equals_the_models_qkv(dtype: torch.dtype) -> None:
     """The op's CPU path on the raw (unnormed) q/k views of a fused projection == GQAAttention._qkv."""
@@ -195,3 +214,18 @@ def test_decode_ops_silu_mul_linear_equals_torch() -> None:
             assert torch.equal(DecodeOps(pdl=pdl).silu_mul_linear(gate_up, w), F.linear(F.silu(gate) * up, w))
     with pytest.raises(ValueError, match=r"silu_mul_linear takes gate_up \[\.\.\., 2K\] and w \[N, K\]; got \(2, 40\) and \(7, 24\)"):
         DecodeOps().silu_mul_linear(torch.randn(2, 40), w)
+
+
+def test_rope_qk_op_is_the_models_rotary_on_a_cpu() -> None:
+    """rope_qk (FusedOps' rotary for models without QK-norm): on a CPU the model's apply_rope, and
+    bad shapes are refused by name."""
+    from astrai_serve.kernels.triton_qk_norm_rope import rope_qk
+    from astrai_train.model.layers import apply_rope, rope_tables
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(5, 4, 16, generator=g), torch.randn(5, 2, 16, generator=g)
+    cos, sin = (t[torch.tensor([0, 3, 9, 2, 7])] for t in rope_tables(16, 32, 1e4))
+    got_q, got_k = rope_qk(q, k, cos, sin)
+    assert torch.equal(got_q, apply_rope(q, cos, sin)) and torch.equal(got_k, apply_rope(k, cos, sin))
+    with pytest.raises(ValueError, match=r"cos must be a floating \[N, D\] with N=5, D=16; got \(5, 8\)"):
+        rope_qk(q, k, cos[:, :8], sin)

@@ -64,7 +64,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         flag = "--" + field.name.replace("_", "-")
         default = field.default if field.default is not dataclasses.MISSING else None
-        help_text = f"{comments.get(field.name, field.name)} (default: {default})".replace("%", "%%")
+        # None means "the engine decides" (the comment says how), so say so rather than print None.
+        shown = "auto" if default is None else default
+        help_text = f"{comments.get(field.name, field.name)} (default: {shown})".replace("%", "%%")
         dest = f"engine_{field.name}"
         if kind is bool:
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)

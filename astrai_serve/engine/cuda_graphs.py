@@ -82,7 +82,8 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, cache: PagedKVCache, kernel: PagedAttentionFn,
                  max_batch: int, max_pages: int, pad_page: int, compile: bool = False,
-                 cascade_min_batch: int | None = None, ops: InferenceOps | None = None) -> None:
+                 cascade_min_batch: int | None = None, ops: InferenceOps | None = None,
+                 large_ops: InferenceOps = TORCH_OPS) -> None:
         device = cache.k.device
         self.model, self.cache, self.kernel = model, cache, kernel
         self.compiled = compile
@@ -94,7 +95,8 @@ class DecodeGraphs:
         self.pad_page = pad_page
         self.pad_slot = pad_page * cache.page_size
         self.cascade_min_batch = cascade_min_batch
-        self.small_ops = ops                # for graphs of at most MAX_ROWS rows; torch's above
+        self.small_ops = ops                # for graphs of at most MAX_ROWS rows (None: large_ops)
+        self.ops = large_ops                # for larger graphs and the eager steps (cuBLAS matmuls)
         with torch.inference_mode():
             vocab = model.compute_logits(torch.zeros(1, model.config.dim, device=device,
                                                      dtype=model.lm_weight.dtype)).shape[-1]
@@ -123,7 +125,7 @@ class DecodeGraphs:
         forward the graphs captured: compiled with compile_decode. A mixed step (a new request's
         prefill beside the running decodes) is most steps under steady arrivals (W4), and the
         uncompiled forward spends ~1,600 small kernels on it."""
-        return self._flat(ids, positions, self._attention(self.cache, meta, self.kernel), TORCH_OPS)
+        return self._flat(ids, positions, self._attention(self.cache, meta, self.kernel), self.ops)
 
     def _warm_eager(self) -> None:
         """Run forward_eager once on a small mixed step (a 3-token prefill and a decode, on the
@@ -146,10 +148,10 @@ class DecodeGraphs:
         meta = StepMetadata(slot_mapping=slots, page_table=self.page_table[:b],
                             cu_seqlens_q=self.cu_seqlens[:b + 1], context_lens=context_lens,
                             cascade=self.meta[:p] if cascade else None)
-        ops = self.small_ops if self.small_ops is not None and b <= MAX_ROWS else TORCH_OPS
+        ops = self.small_ops if self.small_ops is not None and b <= MAX_ROWS else self.ops
         hidden = self._flat(ids, positions, self._attention(self.cache, meta, self.kernel), ops)
         out = self.logits[:b]
-        if ops is TORCH_OPS:        # the LM head's matmul writes the shared buffer itself
+        if ops is self.ops:         # the LM head's matmul (cuBLAS) writes the shared buffer itself
             logits = self.model.compute_logits(hidden, lambda x, w: torch.mm(x, w.t(), out=out))
         else:                       # the GEMV's [<= 4, vocab] result is copied
             logits = self.model.compute_logits(hidden, ops.linear)

@@ -13,6 +13,8 @@ emits nothing: the caller that aborts already knows the request ended.
 from __future__ import annotations
 
 import hashlib
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,9 @@ import torch
 
 from astrai_serve.kernels import get_attention_impl
 from astrai_serve.kernels.decode_matmul import DecodeOps
+from astrai_serve.kernels.fused_ops import FUSED_OPS
 from astrai_train.model import Transformer, fuse_projections, kv_layout
+from astrai_train.model.inference_ops import TORCH_OPS
 
 from .config import EngineConfig
 from .kv_manager import KVCacheManager
@@ -33,9 +37,11 @@ from .sampler import PendingSample, SampleResult, Sampler
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledChunk, Scheduler, StepPlan
 from .sequence import Sequence, SeqStatus
+from .startup import StartupTimes, use_compile_cache
 from .transfer import to_device
 
 Prompt = str | list[dict] | list[int]
+log = logging.getLogger("astrai.serve.engine")
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -64,6 +70,7 @@ class LLMEngine:
     def __init__(self, model_dir: str | Path, config: EngineConfig | None = None, **overrides: Any) -> None:
         from astrai_train.tokenizer import Tokenizer
 
+        start = time.perf_counter()
         config = EngineConfig.build(config, **overrides)
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
@@ -72,7 +79,8 @@ class LLMEngine:
         # The engine owns this model: fuse q/k/v and gate/up (from_model leaves a caller's model,
         # whose optimizer may hold its parameters, as it is).
         fuse_projections(model)
-        self._setup(model.eval(), Tokenizer.from_pretrained(model_dir), config)
+        tokenizer = Tokenizer.from_pretrained(model_dir)
+        self._setup(model.eval(), tokenizer, config, StartupTimes(load_s=time.perf_counter() - start), start)
 
     @classmethod
     def from_model(cls, model: Transformer, tokenizer: Any = None, config: EngineConfig | None = None,
@@ -89,14 +97,23 @@ class LLMEngine:
         dtype_name = str(weight.dtype).removeprefix("torch.")
         config = EngineConfig.build(config, device=str(weight.device), dtype=dtype_name)
         engine = cls.__new__(cls)
-        engine._setup(model, tokenizer, config)
+        engine._setup(model, tokenizer, config, StartupTimes(), time.perf_counter())
         return engine
 
-    def _setup(self, model: Transformer, tokenizer: Any, config: EngineConfig) -> None:
-        self.config = config
+    def _setup(self, model: Transformer, tokenizer: Any, config: EngineConfig, times: StartupTimes,
+               start: float) -> None:
+        device = config.torch_device()
+        if device.type == "cuda":     # before anything JIT-compiles: kernels persist between starts
+            times.cache = use_compile_cache(config.compile_cache_dir)
+        mark = time.perf_counter()
+        headroom = None
+        if device.type == "cuda":     # batch limits from what the weights leave of the GPU
+            weights = sum(p.numel() * p.element_size() for p in model.parameters())
+            headroom = torch.cuda.get_device_properties(device).total_memory - weights
+        self.config = config = config.sized(headroom)
         self.model_config = mc = model.config
         self.tokenizer = tokenizer
-        device, dtype, kv_dtype = config.torch_device(), config.torch_dtype(), config.torch_kv_dtype()
+        dtype, kv_dtype = config.torch_dtype(), config.torch_kv_dtype()
         max_len = config.max_model_len or mc.max_len
         if max_len > mc.max_len:
             raise ValueError(f"max_model_len={max_len} exceeds the model's max_len={mc.max_len}")
@@ -122,6 +139,10 @@ class LLMEngine:
                                  f"({layout.bytes_per_token(mc.n_layers, kv_dtype)} bytes per token)")
         # With graphs the cache holds one page more than the pool hands out: padding rows write there.
         cache = PagedKVCache(layout, mc.n_layers, num_pages + int(graphs), config.page_size, kv_dtype, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.kv_cache_s = time.perf_counter() - mark
+        mark = time.perf_counter()
         kernel = get_attention_impl(config.resolved_attention_impl())
         self.kv = KVCacheManager(num_pages, config.page_size, config.enable_prefix_cache)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, max_len)
@@ -129,12 +150,17 @@ class LLMEngine:
         self.runner = ModelRunner(model, cache, kernel, device, config.max_num_seqs, max_len,
                                   pad_page=num_pages if graphs else None, graph_max_batch=graph_batch,
                                   graph_budget_s=config.cuda_graph_capture_budget_s,
-                                  compile_graphs=config.compile_decode and graphs,
+                                  compile_graphs=config.resolved_compile_decode(),
                                   cascade=config.cascade_attention,
-                                  decode_ops=DecodeOps(config.resolved_decode_pdl()) if config.resolved_decode_gemv() else None)
+                                  decode_ops=DecodeOps(config.resolved_decode_pdl()) if config.resolved_decode_gemv() else None,
+                                  ops=FUSED_OPS if config.resolved_fused_kernels() else TORCH_OPS)
         self.sampler = Sampler(device, config.seed)
         if graphs:
             self.sampler.warm_up(mc.vocab_size, dtype)
+        times.graphs_s = time.perf_counter() - mark if graphs else 0.0
+        times.total_s = time.perf_counter() - start
+        self.startup = times
+        log.info("%s", times.describe())
         self._overlap = config.resolved_overlap_steps()
         self._async = config.resolved_async_scheduling()
         self.num_async_steps = 0             # steps launched on ids still on the device (tests, stats)

@@ -31,7 +31,7 @@ import torch
 
 from astrai_serve.kernels import PagedAttentionFn
 from astrai_serve.kernels.cascade import max_chunk_seqs, plan_cascade
-from astrai_train.model.inference_ops import InferenceOps
+from astrai_train.model.inference_ops import TORCH_OPS, InferenceOps
 
 from .cuda_graphs import DecodeGraphs
 from .paged_attention import PagedAttention, PagedKVCache, StepMetadata
@@ -105,15 +105,19 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, cache: PagedKVCache, kernel: PagedAttentionFn,
                  device: torch.device, max_num_seqs: int, max_model_len: int, pad_page: int | None = None,
                  graph_max_batch: int = 0, graph_budget_s: float = 60.0, compile_graphs: bool = False,
-                 cascade: bool = True, decode_ops: InferenceOps | None = None) -> None:
+                 cascade: bool = True, decode_ops: InferenceOps | None = None,
+                 ops: InferenceOps = TORCH_OPS) -> None:
         """pad_page: a cache page outside the page pool, for padding rows (needed with graphs);
         graph_max_batch > 0 captures decode graphs up to that batch size (compiled first with
-        compile_graphs); cascade: use cascade attention for decode steps that share a prefix."""
+        compile_graphs); cascade: use cascade attention for decode steps that share a prefix;
+        ops: the forward's kernels besides attention (kernels/fused_ops.py on a GPU),
+        decode_ops: those of graphs of at most 4 sequences (the decode GEMV)."""
         self.cascade_min_seqs = CASCADE_MIN_SEQS if cascade else None
         self.cascade_min_saved = CASCADE_MIN_SAVED_TOKENS
         self.cascade_min_shared = CASCADE_MIN_SHARED_TOKENS
         self.cascade_max_seqs = max_chunk_seqs(model.config.n_heads // cache.layout.n_kv, cache.layout.k_dim)
         self.model = model
+        self.ops = ops
         self.cache = cache
         self.kernel = kernel
         self.device = device
@@ -126,7 +130,7 @@ class ModelRunner:
             if pad_page is None:
                 raise ValueError("CUDA graphs need a reserved padding page")
             self.graphs = DecodeGraphs(model, cache, kernel, graph_max_batch, width, pad_page, compile_graphs,
-                                       cascade_min_batch=self.cascade_min_seqs, ops=decode_ops)
+                                       cascade_min_batch=self.cascade_min_seqs, ops=decode_ops, large_ops=ops)
             self.graphs.capture(graph_budget_s)
 
     def _indices(self, plan: StepPlan, fed: bool = False) -> dict[str, np.ndarray | int]:
@@ -221,7 +225,8 @@ class ModelRunner:
         if self.graphs is not None:
             hidden = self.graphs.forward_eager(input_ids, positions, meta)
         else:
-            hidden = self.model.forward_flat(input_ids, positions, PagedAttention(self.cache, meta, self.kernel))
+            hidden = self.model.forward_flat(input_ids, positions, PagedAttention(self.cache, meta, self.kernel),
+                                             self.ops)
         tapped = hidden[taps_t] if t else None
         if not (idx["all_sample"] and n == s):        # keep only the rows that sample
             hidden = hidden[rows_t]

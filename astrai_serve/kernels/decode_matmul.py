@@ -15,9 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from astrai_serve.kernels.triton_qk_norm_rope import qk_norm_rope
-from astrai_train.model.inference_ops import InferenceOps
-from astrai_train.model.layers import RMSNorm
+from astrai_serve.kernels.fused_ops import FusedOps
 
 MAX_ROWS = 4
 
@@ -66,13 +64,13 @@ def gemv_config(n: int, k: int) -> tuple[int, int, int, int]:
     return 2, min(2048, 1 << (k - 1).bit_length()), 4, 3
 
 
-class DecodeOps(InferenceOps):
+class DecodeOps(FusedOps):
     """The model's inference kernels for graphed decodes of 1..MAX_ROWS sequences (EngineConfig.decode_gemv):
 
     - linear: the GEMV for x of at most MAX_ROWS rows and a weight contiguous in K, else F.linear;
     - silu_mul_linear: SwiGLU's down projection with silu(gate) * up computed as the GEMV loads
       its input (one launch instead of two);
-    - qk_norm_rope: queries' and keys' RMSNorm and rotary in one launch (triton_qk_norm_rope.py).
+    - the fused norms, activation and QK-norm + rotary of FusedOps (fused_ops.py) otherwise.
 
     pdl: launch the GEMVs with programmatic dependent launch (each reads its first weight tile
     while the kernel before it finishes; Hopper or later, triton_gemv.pdl_supported). On a CPU
@@ -101,8 +99,3 @@ class DecodeOps(InferenceOps):
             return gemv_silu_mul_op(gate_up, w, *gemv_config(w.shape[0], w.shape[1]), pdl=self.pdl)
         return super().silu_mul_linear(gate_up, w)
 
-    def qk_norm_rope(self, q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm | None, k_norm: RMSNorm | None,
-                     cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if q_norm is None:
-            return super().qk_norm_rope(q, k, q_norm, k_norm, cos, sin)
-        return qk_norm_rope(q, k, q_norm.weight, k_norm.weight, cos, sin, q_norm.eps)

@@ -51,9 +51,9 @@ except ImportError:            # CPU-only installs: the op still works, through 
     triton = None
 
 
-def check_qk_norm_rope_args(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor,
-                            k_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """ValueError naming the bad shape or dtype, else None."""
+def check_qk_norm_rope_args(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None,
+                            k_weight: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """ValueError naming the bad shape or dtype, else None (weights None: the rotary alone)."""
     if q.dim() != 3 or k.dim() != 3:
         raise ValueError(f"q must be [N,H,D] and k [N,Hkv,D]; got q {tuple(q.shape)} and k {tuple(k.shape)}")
     n, _, d = q.shape
@@ -65,12 +65,14 @@ def check_qk_norm_rope_args(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Te
     if not q.dtype.is_floating_point or k.dtype != q.dtype:
         raise ValueError(f"q and k must share a floating dtype; got {q.dtype} and {k.dtype}")
     for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
+        if w is None:
+            continue
         if tuple(w.shape) != (d,) or not w.dtype.is_floating_point:
             raise ValueError(f"{name} must be a floating [D] with D={d}; got {tuple(w.shape)} {w.dtype}")
     for name, t in (("cos", cos), ("sin", sin)):
         if tuple(t.shape) != (n, d) or not t.dtype.is_floating_point:
             raise ValueError(f"{name} must be a floating [N, D] with N={n}, D={d}; got {tuple(t.shape)} {t.dtype}")
-    devices = {t.device for t in (q, k, q_weight, k_weight, cos, sin)}
+    devices = {t.device for t in (q, k, q_weight, k_weight, cos, sin) if t is not None}
     if len(devices) != 1:
         raise ValueError(f"q, k, the weights, cos and sin must be on one device; got {sorted(map(str, devices))}")
 
@@ -92,16 +94,20 @@ if triton is not None:
     @triton.jit
     def _norm_rope_head(X, W, O, C, S, t, h, stride_xt, stride_xh, stride_xd, stride_w,
                         stride_ct, stride_cd, stride_st, stride_sd, out_row, eps,
-                        D: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr):
-        """Head h of token t: x [D] at X -> O + out_row (contiguous), both halves at once."""
+                        D: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr, NORM: tl.constexpr):
+        """Head h of token t: x [D] at X -> O + out_row (contiguous), both halves at once;
+        NORM False: rotary only (a model without QK-norm, e.g. Llama; W is not read)."""
         d = tl.arange(0, BLOCK)
         ok = d < HALF
         x_row = X + t * stride_xt + h * stride_xh
         x1 = tl.load(x_row + d * stride_xd, mask=ok, other=0.0).to(tl.float32)
         x2 = tl.load(x_row + (d + HALF) * stride_xd, mask=ok, other=0.0).to(tl.float32)
-        inv = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / D + eps)
-        y1 = x1 * inv * tl.load(W + d * stride_w, mask=ok, other=0.0).to(tl.float32)
-        y2 = x2 * inv * tl.load(W + (d + HALF) * stride_w, mask=ok, other=0.0).to(tl.float32)
+        if NORM:
+            inv = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / D + eps)
+            y1 = x1 * inv * tl.load(W + d * stride_w, mask=ok, other=0.0).to(tl.float32)
+            y2 = x2 * inv * tl.load(W + (d + HALF) * stride_w, mask=ok, other=0.0).to(tl.float32)
+        else:
+            y1, y2 = x1, x2
         c_row, s_row = C + t * stride_ct, S + t * stride_st
         c1 = tl.load(c_row + d * stride_cd, mask=ok, other=0.0).to(tl.float32)
         c2 = tl.load(c_row + (d + HALF) * stride_cd, mask=ok, other=0.0).to(tl.float32)
@@ -120,26 +126,30 @@ if triton is not None:
                              stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
                              stride_qw, stride_kw, stride_ct, stride_cd, stride_st, stride_sd, eps,
                              H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-                             HALF: tl.constexpr, BLOCK: tl.constexpr):
+                             HALF: tl.constexpr, BLOCK: tl.constexpr, NORM: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         if h < H:
             _norm_rope_head(Q, QW, QO, C, S, t, h, stride_qt, stride_qh, stride_qd, stride_qw,
                             stride_ct, stride_cd, stride_st, stride_sd, (t * H + h) * D, eps,
-                            D, HALF, BLOCK)
+                            D, HALF, BLOCK, NORM)
         else:
             _norm_rope_head(K, KW, KO, C, S, t, h - H, stride_kt, stride_kh, stride_kd, stride_kw,
                             stride_ct, stride_cd, stride_st, stride_sd, (t * HKV + (h - H)) * D, eps,
-                            D, HALF, BLOCK)
+                            D, HALF, BLOCK, NORM)
 
 
-def qk_norm_rope_triton(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor,
-                        k_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+def qk_norm_rope_triton(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None,
+                        k_weight: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """`qk_norm_rope_reference` in one Triton launch (fp32 inside, one rounding at the end)."""
+    """`qk_norm_rope_reference` in one Triton launch (fp32 inside, one rounding at the end);
+    weights None: the rotary alone (`rope_reference`)."""
     if triton is None:
         raise RuntimeError("qk_norm_rope_triton needs the triton package")
     check_qk_norm_rope_args(q, k, q_weight, k_weight, cos, sin)
+    norm = q_weight is not None
+    if not norm:
+        q_weight = k_weight = cos          # not read (NORM=False); any tensor fills the slot
     n, n_heads, dim = q.shape
     n_kv = k.shape[1]
     q_out = torch.empty(n, n_heads, dim, dtype=q.dtype, device=q.device)
@@ -152,7 +162,7 @@ def qk_norm_rope_triton(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor
         q, k, q_weight, k_weight, cos, sin, q_out, k_out,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         q_weight.stride(0), k_weight.stride(0), cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
-        float(eps), H=n_heads, HKV=n_kv, D=dim, HALF=half, BLOCK=block,
+        float(eps), H=n_heads, HKV=n_kv, D=dim, HALF=half, BLOCK=block, NORM=norm,
         num_warps=1 if block <= 128 else 4,
     )
     return q_out, k_out
@@ -173,6 +183,30 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
 @qk_norm_rope.register_fake
 def _qk_norm_rope_shape(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
                         cos: torch.Tensor, sin: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's eager rotary (apply_rope) of q and k, contiguous."""
+    return apply_rope(q, cos, sin).contiguous(), apply_rope(k, cos, sin).contiguous()
+
+
+@torch.library.custom_op("astrai::rope_qk", mutates_args=())
+def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE on q [N,H,D] and k [N,Hkv,D] for a model without QK-norm (Llama, Qwen2, Mistral):
+    one launch on CUDA where apply_rope eagerly takes 7 per tensor; the torch math elsewhere.
+    The kernel rotates in fp32 and rounds once; eager rounds x*cos, rotated*sin and the sum."""
+    if q.device.type == "cuda" and triton is not None:
+        return qk_norm_rope_triton(q, k, None, None, cos, sin, 0.0)
+    check_qk_norm_rope_args(q, k, None, None, cos, sin)
+    return rope_reference(q, k, cos, sin)
+
+
+@rope_qk.register_fake
+def _rope_qk_shape(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
@@ -248,6 +282,16 @@ def selfcheck() -> None:
             eager_exact = float((e.float() - x).abs().max())
             assert float(err_exact.max()) <= eager_exact, \
                 f"{name} {which}: kernel {float(err_exact.max()):.3g} vs eager {eager_exact:.3g} from fp32"
+        # The rotary alone (NORM=False, models without QK-norm): one rounding, so within one
+        # ulp of fp32 (of the input's scale: a rotation keeps it) and within eager's 3 roundings.
+        got = qk_norm_rope_triton(q, k, None, None, cos, sin, 0.0)
+        for which, g, x, c in zip("qk", got, rope_reference(q.float(), k.float(), cos.float(), sin.float()),
+                                   rope_reference(q, k, cos, sin)):
+            scale = float(x.abs().max())
+            err = float((g.float() - x).abs().max())
+            bound = 1e-5 * scale if dtype == torch.float32 else 2 ** -7 * scale
+            assert g.is_contiguous() and err <= bound, f"{name} rope {which}: max |kernel - fp32| {err:.3g} > {bound:.3g}"
+            assert err <= float((c.float() - x).abs().max()) + 1e-6 * scale, f"{name} rope {which}: worse than eager"
     print("qk_norm_rope: kernel == torch")
 
 

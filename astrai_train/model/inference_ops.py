@@ -6,7 +6,9 @@ subclass with faster kernels for the shapes where launches dominate (batch-1 dec
 graph: astrai_serve/kernels/decode_matmul.py's DecodeOps), so the model keeps one description of
 its math and the engine picks the kernels.
 
-The three entry points are where a decode step's launches can be merged:
+The entry points are where a step's launches can be merged:
+- `add_rms_norm(x, residual, norm)`: the residual add and the RMSNorm after it (eagerly ~8
+  kernels for the norm and one for the add; one fused kernel can do both).
 - `linear(x, w)`: every projection (y = x @ w.T, no bias).
 - `silu_mul_linear(gate_up, w)`: the down projection of SwiGLU from the fused gate|up output; a
   kernel can compute silu(gate) * up as it loads its input instead of in a launch of its own.
@@ -22,6 +24,12 @@ from .layers import RMSNorm, apply_rope
 
 
 class InferenceOps:
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual); residual None: (norm(x), x)."""
+        residual = x if residual is None else x + residual
+        return norm(residual), residual
+
     def linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.linear(x, w)
 

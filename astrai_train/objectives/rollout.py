@@ -73,10 +73,6 @@ class RolloutSampler:
             if sized:
                 args["num_pages"] = self._pages = 2 * need
             args.setdefault("max_num_seqs", n_seqs)
-            if next(self.model.parameters()).is_cuda:
-                # Rollouts sample at a temperature, so compiling the graphed decode (its bf16
-                # near-ties may flip) costs nothing in fidelity and fuses its small kernels.
-                args.setdefault("compile_decode", True)
             self._llm = LLM.from_model(self.model, self.tokenizer, **args)
         return self._llm
 
