@@ -428,3 +428,32 @@ def test_fused_kernels_plumbing_equals_recompute(qk_norm):
     assert steps > 0 and calls["norm"] == steps * (2 * layers + 1)
     assert calls["qk"] == (steps * layers if qk_norm else 0)
     assert not LLMEngine.from_model(model, None, num_pages=8).config.resolved_fused_kernels()   # CPU default: off
+
+
+def test_compiled_graph_forward_with_fused_ops_equals_recompute(monkeypatch):
+    """compile_decode's tracing on the CPU: DecodeGraphs compiles forward_flat with the fused
+    ops (custom ops: one opaque node each, by their fake shape functions) and the attention
+    behind a graph break. The backend is aot_eager (no C++ compiler needed), so what this
+    checks is Dynamo's and AOTAutograd's view of the ops; the tokens must equal a recompute."""
+    from dataclasses import replace
+
+    from astrai_serve.kernels.fused_ops import FUSED_OPS
+    from astrai_train.model import Transformer
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="aot_eager", **kw))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Transformer(replace(GQA, use_qk_norm=True)).eval()
+    fuse_projections(model)
+    engine = LLMEngine.from_model(model, None, num_pages=80, page_size=4, max_num_seqs=8, fused_kernels=True)
+    mc, kv = engine.model_config, engine.kv
+    cache = PagedKVCache(kv_layout(mc), mc.n_layers, kv.num_pages + 1, kv.page_size, torch.float32,
+                         torch.device("cpu"))
+    engine.runner = ModelRunner(model, cache, get_attention_impl("torch"), torch.device("cpu"), 8, mc.max_len,
+                                pad_page=kv.num_pages, graph_max_batch=4, compile_graphs=True, ops=FUSED_OPS)
+    assert engine.runner.graphs.compiled
+    lengths = [12 - i for i in range(len(PROMPTS))]
+    outs = run_all(engine, PROMPTS, [SamplingParams(max_tokens=n, temperature=0.0) for n in lengths])
+    assert [o.token_ids for o in outs] == [recompute_greedy(model, p, n) for p, n in zip(PROMPTS, lengths)]
+    torch._dynamo.reset()

@@ -45,28 +45,40 @@ class GQAAttention(nn.Module):
         hd = config.resolved_head_dim
         self.n_heads, self.n_kv, self.head_dim = config.n_heads, config.n_kv_heads, hd
         self.scale = 1.0 / math.sqrt(hd)
-        self.q_proj = nn.Linear(config.dim, self.n_heads * hd, bias=False)
-        self.k_proj = nn.Linear(config.dim, self.n_kv * hd, bias=False)
-        self.v_proj = nn.Linear(config.dim, self.n_kv * hd, bias=False)
+        bias = config.qkv_bias
+        self.q_proj = nn.Linear(config.dim, self.n_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(config.dim, self.n_kv * hd, bias=bias)
+        self.v_proj = nn.Linear(config.dim, self.n_kv * hd, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * hd, config.dim, bias=False)
         self.q_norm = RMSNorm(hd, config.norm_eps) if config.use_qk_norm else None
         self.k_norm = RMSNorm(hd, config.norm_eps) if config.use_qk_norm else None
         self.gate = _Gate(config.dim, self.n_heads * hd) if config.use_gated_attention else None
-        self.qkv_weight: torch.Tensor | None = None   # set by fusion.fuse_projections (inference)
+        # Set by fusion.fuse_projections (inference): q|k|v weights [nq + 2 nk, dim] and, with
+        # qkv_bias, their biases concatenated the same way.
+        self.qkv_weight: torch.Tensor | None = None
+        self.qkv_bias: torch.Tensor | None = None
 
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ops: InferenceOps = TORCH_OPS):
         lead, linear = x.shape[:-1], ops.linear
         if self.qkv_weight is not None and not torch.is_grad_enabled():
             # One matmul; gradients would reach only the fused tensor, so training never takes it.
             nq, nk = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-            q, k, v = linear(x, self.qkv_weight).split([nq, nk, nk], dim=-1)
+            qkv = linear(x, self.qkv_weight)
+            if self.qkv_bias is not None:   # added after the matmul: ops.linear has no bias
+                qkv = qkv + self.qkv_bias
+            q, k, v = qkv.split([nq, nk, nk], dim=-1)
         else:
-            q, k, v = linear(x, self.q_proj.weight), linear(x, self.k_proj.weight), linear(x, self.v_proj.weight)
+            q, k, v = (self._project(linear, x, p) for p in (self.q_proj, self.k_proj, self.v_proj))
         q = q.view(*lead, self.n_heads, self.head_dim)
         k = k.view(*lead, self.n_kv, self.head_dim)
         v = v.view(*lead, self.n_kv, self.head_dim)
         q, k = ops.qk_norm_rope(q, k, self.q_norm, self.k_norm, cos, sin)
         return q, k, v
+
+    @staticmethod
+    def _project(linear: Linear, x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
+        y = linear(x, proj.weight)
+        return y if proj.bias is None else y + proj.bias
 
     def _out(self, x: torch.Tensor, o: torch.Tensor, linear: Linear = F.linear) -> torch.Tensor:
         o = o.reshape(*x.shape[:-1], self.n_heads * self.head_dim)

@@ -26,10 +26,20 @@ class ModelConfig:
     dim_ffn: int = 768                # SwiGLU hidden width
     norm_eps: float = 1e-6            # RMSNorm epsilon
     rope_theta: float = 10000.0       # RoPE base
+    rope_type: str = "default"        # RoPE frequency scaling: "default", "linear", "llama3" (Llama 3.1+) or "yarn"
+    rope_factor: float = 1.0          # linear/llama3/yarn: how many times the pretraining context is stretched
+    rope_original_max_len: int | None = None  # llama3/yarn: the pretraining context being stretched; None: max_len
+    rope_low_freq_factor: float = 1.0   # llama3: wavelengths above original/low_freq_factor are divided by rope_factor
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original/high_freq_factor are kept; between, blended
+    rope_beta_fast: float = 32.0      # yarn: dims turning more often than this over the original context are kept
+    rope_beta_slow: float = 1.0       # yarn: dims turning less often than this are divided by rope_factor
+    rope_truncate: bool = True        # yarn: round the blend range outwards to whole dims (HF's `truncate`)
+    rope_attention_factor: float | None = None  # yarn: multiplier on cos/sin; None: 0.1 * ln(rope_factor) + 1
     max_len: int = 2048               # longest sequence (RoPE table size, serving context)
     tie_weight: bool = True           # LM head shares the embedding matrix
     use_qk_norm: bool = False         # RMSNorm on each query/key head before RoPE (Qwen3)
     use_gated_attention: bool = False  # sigmoid gate on the attention output, per channel
+    qkv_bias: bool = False            # q/k/v projections have a bias, the output projection none (Qwen2)
     attention: str = "gqa"            # "gqa" or "mla" (multi-head latent attention)
     kv_lora_rank: int = 0             # MLA: width of the compressed KV latent (what the cache stores)
     qk_nope_head_dim: int = 0         # MLA: per-head query/key channels without RoPE
@@ -51,6 +61,9 @@ class ModelConfig:
             raise bad("norm_eps", "must be > 0")
         if self.rope_theta <= 0:
             raise bad("rope_theta", "must be > 0")
+        self._check_rope(bad)
+        if self.qkv_bias and self.attention != "gqa":
+            raise bad("qkv_bias", 'is only supported with attention="gqa"')
         if self.attention == "gqa":
             if self.n_heads % self.n_kv_heads:
                 raise bad("n_kv_heads", f"n_heads={self.n_heads} must be divisible by n_kv_heads")
@@ -69,6 +82,31 @@ class ModelConfig:
             if self.use_qk_norm:
                 raise bad("use_qk_norm", 'is not supported with attention="mla" (MLA normalises its latent)')
 
+    def _check_rope(self, bad) -> None:
+        # Which fields each rope_type reads; a field it ignores must keep its default, so a config
+        # never carries a setting that silently does nothing.
+        uses = {"default": (), "linear": ("rope_factor",),
+                "llama3": ("rope_factor", "rope_original_max_len", "rope_low_freq_factor", "rope_high_freq_factor"),
+                "yarn": ("rope_factor", "rope_original_max_len", "rope_beta_fast", "rope_beta_slow",
+                         "rope_truncate", "rope_attention_factor")}
+        if self.rope_type not in uses:
+            why = ("its frequencies depend on the current sequence length, which a paged KV cache of "
+                   "rotated keys cannot follow; " if self.rope_type == "dynamic" else "")
+            raise bad("rope_type", why + "must be one of " + ", ".join(map(repr, uses)))
+        for name in _ROPE_FIELDS:
+            default = _ROPE_DEFAULTS[name]
+            if name not in uses[self.rope_type] and getattr(self, name) != default:
+                raise bad(name, f"has no effect with rope_type={self.rope_type!r} (leave it at {default!r})")
+        if not self.rope_factor > 0:
+            raise bad("rope_factor", "must be > 0")
+        if self.rope_original_max_len is not None and (not isinstance(self.rope_original_max_len, int)
+                                                       or self.rope_original_max_len <= 0):
+            raise bad("rope_original_max_len", "must be a positive integer or null")
+        if self.rope_type == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor > 0:
+            raise bad("rope_high_freq_factor", f"must exceed rope_low_freq_factor={self.rope_low_freq_factor} (> 0)")
+        if self.rope_attention_factor is not None and not self.rope_attention_factor > 0:
+            raise bad("rope_attention_factor", "must be > 0 or null")
+
     @property
     def resolved_head_dim(self) -> int:
         if self.attention == "mla":
@@ -78,6 +116,15 @@ class ModelConfig:
     @property
     def rope_dim(self) -> int:
         return self.qk_rope_head_dim if self.attention == "mla" else self.resolved_head_dim
+
+    @property
+    def rope_scaling(self) -> dict[str, Any]:
+        """layers.rope_tables' keyword arguments for this config's frequency scaling."""
+        return dict(rope_type=self.rope_type, factor=self.rope_factor,
+                    original_max_len=self.rope_original_max_len or self.max_len,
+                    low_freq_factor=self.rope_low_freq_factor, high_freq_factor=self.rope_high_freq_factor,
+                    beta_fast=self.rope_beta_fast, beta_slow=self.rope_beta_slow, truncate=self.rope_truncate,
+                    attention_factor=self.rope_attention_factor)
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -126,6 +173,11 @@ class ModelConfig:
         data = yaml.safe_load(path.read_text()) or {}
         data.update(overrides)
         return cls.from_dict(data, source=str(path))
+
+
+_ROPE_FIELDS = ("rope_factor", "rope_original_max_len", "rope_low_freq_factor", "rope_high_freq_factor",
+                "rope_beta_fast", "rope_beta_slow", "rope_truncate", "rope_attention_factor")
+_ROPE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in _ROPE_FIELDS}
 
 
 def presets() -> list[str]:

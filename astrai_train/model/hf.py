@@ -1,10 +1,12 @@
-"""Hugging Face interop, the translation: HF config.json and weight names <-> ours, for
-Qwen3ForCausalLM and LlamaForCausalLM. Pure functions of dicts; reading and writing directories
-is io.py's (import) and hf_export.py's (export).
+"""Hugging Face interop, the translation: HF config.json and weight names <-> ours. Pure functions
+of dicts; reading and writing directories is io.py's (import) and hf_export.py's (export).
 
-Our parameter names are HF's minus the `model.` prefix, so the mapping is mostly a prefix.
-Qwen3 is GQA + QK-norm; without QK-norm the same weights are a Llama model. Gated attention and
-MLA have no stock `transformers` architecture and are refused.
+Our parameter names are HF's minus the `model.` prefix, so the mapping is mostly a prefix. The
+families are options of one Transformer: Llama is GQA + SwiGLU + RoPE (with the `linear`,
+`llama3` or `yarn` frequency scaling); Qwen3 adds QK-norm; Qwen2 adds a bias on q/k/v; Mistral
+without a sliding window is Llama. A config is read as `transformers` reads it (its class
+defaults fill missing keys), and any key that would change the math in a way we do not
+reproduce is refused with a ConfigError naming it. docs/models.md lists what is supported.
 """
 from __future__ import annotations
 
@@ -13,36 +15,139 @@ from typing import Any
 import torch
 
 from .config import ConfigError, ModelConfig
+from .layers import yarn_mscale
 
-def _rope_theta(data: dict[str, Any]) -> float:
-    params = data.get("rope_parameters") or {}
-    scaling = data.get("rope_scaling") or {}
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        raise ConfigError(f"rope scaling type {rope_type!r} is not supported (only plain RoPE)")
-    return float(params.get("rope_theta", data.get("rope_theta", 10000.0)))
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")   # HF model_types config_from_hf loads
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")              # HF rope types we reproduce exactly
+
+# transformers' config-class defaults for the keys a config.json may leave out.
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": dict(num_key_value_heads=None, head_dim=None, max_position_embeddings=2048),
+    "mistral": dict(num_key_value_heads=8, head_dim=None, max_position_embeddings=131072, sliding_window=4096),
+    "qwen2": dict(num_key_value_heads=32, head_dim=None, max_position_embeddings=32768),
+    "qwen3": dict(num_key_value_heads=32, head_dim=128, max_position_embeddings=32768),
+}
+# Keys each rope type reads beside rope_type/type/rope_theta/partial_rotary_factor.
+_ROPE_KEYS = {"default": (), "linear": ("factor",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+              "yarn": ("factor", "original_max_position_embeddings", "attention_factor", "beta_fast",
+                       "beta_slow", "mscale", "mscale_all_dim", "truncate")}
+
+
+def _refuse(source: str, field: str, value: Any, why: str) -> ConfigError:
+    return ConfigError(f"{source}: {field}={value!r} is not supported: {why}")
+
+
+def _rope(data: dict[str, Any], max_pos: int, source: str) -> dict[str, Any]:
+    """ModelConfig's rope fields (and max_len) from HF's rope_scaling / rope_parameters."""
+    # transformers: a `rope_scaling` dict wins over `rope_parameters`; rope_theta comes from the
+    # dict, else the top level.
+    field = "rope_scaling" if data.get("rope_scaling") else "rope_parameters"
+    params = dict(data.get(field) or {})
+    if any(isinstance(v, dict) for v in params.values()):
+        raise _refuse(source, field, params, "RoPE parameters per layer type are not supported")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    theta = float(params.get("rope_theta", data.get("rope_theta", 10000.0)))
+    partial = params.get("partial_rotary_factor", data.get("partial_rotary_factor"))
+    if partial is not None and partial != 1.0:
+        raise _refuse(source, "partial_rotary_factor", partial, "RoPE rotates the whole head")
+    if rope_type == "dynamic":
+        raise _refuse(source, f"{field}.rope_type", rope_type,
+                      "dynamic NTK recomputes the frequencies of the whole sequence whenever it grows past "
+                      "max_position_embeddings, so a key's rotation would depend on how long its sequence "
+                      "later became; a paged KV cache of rotated keys (and a prefix cache shared across "
+                      "lengths) cannot reproduce that. Up to max_position_embeddings it is plain RoPE: "
+                      "remove the rope scaling entry to serve it at that length")
+    if rope_type not in ROPE_TYPES:
+        raise _refuse(source, f"{field}.rope_type", rope_type, f"supported rope types: {', '.join(ROPE_TYPES)}")
+    known = {"rope_type", "type", "rope_theta", "partial_rotary_factor", *_ROPE_KEYS[rope_type]}
+    extra = sorted(k for k, v in params.items() if k not in known and v is not None)
+    if extra:
+        raise _refuse(source, f"{field}.{extra[0]}", params[extra[0]], f"not a parameter of rope_type {rope_type!r}")
+
+    def need(key: str) -> Any:
+        if params.get(key) is None:
+            raise ConfigError(f"{source}: {field}.{key} is required for rope_type {rope_type!r}")
+        return params[key]
+
+    out: dict[str, Any] = dict(rope_theta=theta, rope_type=rope_type, max_len=max_pos)
+    # transformers prefers a top-level original_max_position_embeddings (Phi-3 style), then the
+    # dict's, then max_position_embeddings.
+    original = data.get("original_max_position_embeddings") or params.get("original_max_position_embeddings") \
+        or max_pos
+    if rope_type == "linear":
+        out.update(rope_factor=float(need("factor")))
+    elif rope_type == "llama3":
+        out.update(rope_factor=float(need("factor")), rope_original_max_len=int(original),
+                   rope_low_freq_factor=float(need("low_freq_factor")),
+                   rope_high_freq_factor=float(need("high_freq_factor")))
+    elif rope_type == "yarn":
+        factor = params.get("factor")
+        factor = float(max_pos / original if factor is None else factor)
+        attention_factor = params.get("attention_factor")
+        if attention_factor is None:
+            mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+            attention_factor = (yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+                                if mscale and mscale_all_dim else yarn_mscale(factor))
+        # YaRN's point is the stretched context: serve original * factor when the config's
+        # max_position_embeddings still names the original (as Qwen2.5's instructions do).
+        out.update(rope_factor=factor, rope_original_max_len=int(original),
+                   rope_beta_fast=float(params.get("beta_fast") or 32), rope_beta_slow=float(params.get("beta_slow") or 1),
+                   rope_truncate=bool(params.get("truncate", True)), rope_attention_factor=float(attention_factor),
+                   max_len=max(max_pos, int(original * factor)))
+    return out
+
+
+def _check_attention_layout(data: dict[str, Any], model_type: str, source: str) -> None:
+    """Refuse sliding windows and biases we do not reproduce; only keys the HF class reads."""
+    if model_type == "mistral":
+        window = data.get("sliding_window", _DEFAULTS["mistral"]["sliding_window"])
+        if window is not None:
+            raise _refuse(source, "sliding_window", window, "sliding-window attention is not implemented yet "
+                          "(a Mistral config with sliding_window null loads as Llama)")
+    if model_type in ("qwen2", "qwen3"):
+        if data.get("use_sliding_window"):
+            raise _refuse(source, "use_sliding_window", data["use_sliding_window"],
+                          "sliding-window attention is not implemented yet")
+        layer_types = data.get("layer_types") or []
+        other = sorted({t for t in layer_types if t != "full_attention"})
+        if other:
+            raise _refuse(source, "layer_types", other[0], "only full_attention layers are supported")
+    if model_type in ("llama", "qwen3") and data.get("attention_bias"):
+        raise _refuse(source, "attention_bias", data["attention_bias"],
+                      f"{model_type} puts a bias on q/k/v and o_proj; astrai has q/k/v biases only (Qwen2's)")
+    if model_type == "llama" and data.get("mlp_bias"):
+        raise _refuse(source, "mlp_bias", data["mlp_bias"], "the SwiGLU MLP has no biases")
 
 
 def config_from_hf(data: dict[str, Any], source: str = "config.json") -> ModelConfig:
     model_type = data.get("model_type")
-    if model_type not in ("qwen3", "llama"):
-        raise ConfigError(f"{source}: model_type {model_type!r} is not supported "
-                          "(astrai loads its own directories and Qwen3/Llama ones)")
-    if data.get("attention_bias") or data.get("mlp_bias"):
-        raise ConfigError(f"{source}: attention_bias/mlp_bias=true is not supported")
-    if data.get("use_sliding_window"):
-        raise ConfigError(f"{source}: use_sliding_window=true is not supported")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(f"{source}: model_type {model_type!r} is not supported (astrai loads its own "
+                          f"directories and these Hugging Face ones: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    defaults = _DEFAULTS[model_type]
+    if data.get("quantization_config"):
+        method = (data["quantization_config"] or {}).get("quant_method", "?")
+        raise _refuse(source, "quantization_config.quant_method", method, "load an unquantized checkpoint")
     if data.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"{source}: hidden_act={data['hidden_act']!r} is not supported (SwiGLU uses silu)")
+        raise _refuse(source, "hidden_act", data["hidden_act"], "SwiGLU uses silu")
+    if data.get("attention_dropout"):
+        raise _refuse(source, "attention_dropout", data["attention_dropout"], "attention has no dropout")
+    _check_attention_layout(data, model_type, source)
+    missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                           "intermediate_size") if data.get(k) is None]
+    if missing:
+        raise ConfigError(f"{source}: {missing[0]} is missing")
     n_heads = data["num_attention_heads"]
+    head_dim = data.get("head_dim", defaults["head_dim"]) or data["hidden_size"] // n_heads
+    max_pos = data.get("max_position_embeddings", defaults["max_position_embeddings"])
     return ModelConfig(
         vocab_size=data["vocab_size"], dim=data["hidden_size"], n_layers=data["num_hidden_layers"],
-        n_heads=n_heads, n_kv_heads=data.get("num_key_value_heads") or n_heads,
-        head_dim=data.get("head_dim") or data["hidden_size"] // n_heads,
-        dim_ffn=data["intermediate_size"], norm_eps=data.get("rms_norm_eps", 1e-6),
-        rope_theta=_rope_theta(data), max_len=data.get("max_position_embeddings", 2048),
-        tie_weight=bool(data.get("tie_word_embeddings", model_type == "qwen3")),
-        use_qk_norm=model_type == "qwen3", init_std=data.get("initializer_range", 0.02),
+        n_heads=n_heads, n_kv_heads=data.get("num_key_value_heads", defaults["num_key_value_heads"]) or n_heads,
+        head_dim=head_dim, dim_ffn=data["intermediate_size"], norm_eps=data.get("rms_norm_eps", 1e-6),
+        tie_weight=bool(data.get("tie_word_embeddings", False)),
+        use_qk_norm=model_type == "qwen3", qkv_bias=model_type == "qwen2",
+        init_std=data.get("initializer_range", 0.02), **_rope(data, max_pos, source),
     )
 
 
@@ -59,14 +164,42 @@ def state_dict_from_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> d
     return out
 
 
-def hf_config(config: ModelConfig, special: dict[str, int | None]) -> dict[str, Any]:
+def hf_architecture(config: ModelConfig) -> tuple[str, str]:
+    """(transformers class, model_type) that computes what `config` computes; ConfigError if none."""
     if config.attention == "mla":
         raise ConfigError("attention='mla' cannot be exported to Hugging Face: no stock transformers "
                           "architecture has this MLA variant")
     if config.use_gated_attention:
-        raise ConfigError("use_gated_attention=true cannot be exported to Hugging Face: neither Qwen3 "
-                          "nor Llama has an attention output gate")
-    arch, model_type = ("Qwen3ForCausalLM", "qwen3") if config.use_qk_norm else ("LlamaForCausalLM", "llama")
+        raise ConfigError("use_gated_attention=true cannot be exported to Hugging Face: no stock "
+                          "transformers architecture has an attention output gate")
+    if config.qkv_bias and config.use_qk_norm:
+        raise ConfigError("qkv_bias=true with use_qk_norm=true cannot be exported to Hugging Face: Qwen3's "
+                          "attention_bias also biases o_proj, and Qwen2 has no QK-norm")
+    if config.qkv_bias:
+        return "Qwen2ForCausalLM", "qwen2"
+    return ("Qwen3ForCausalLM", "qwen3") if config.use_qk_norm else ("LlamaForCausalLM", "llama")
+
+
+def _hf_rope(config: ModelConfig) -> dict[str, Any]:
+    """HF's rope_parameters for our rope fields, every derived value written out explicitly."""
+    c = config
+    original = c.rope_original_max_len or c.max_len
+    extra: dict[str, Any] = {
+        "default": {},
+        "linear": dict(factor=c.rope_factor),
+        "llama3": dict(factor=c.rope_factor, low_freq_factor=c.rope_low_freq_factor,
+                       high_freq_factor=c.rope_high_freq_factor, original_max_position_embeddings=original),
+        "yarn": dict(factor=c.rope_factor, original_max_position_embeddings=original,
+                     beta_fast=c.rope_beta_fast, beta_slow=c.rope_beta_slow, truncate=c.rope_truncate,
+                     attention_factor=float(c.rope_attention_factor if c.rope_attention_factor is not None
+                                            else yarn_mscale(c.rope_factor))),
+    }[c.rope_type]
+    return {"rope_type": c.rope_type, **extra}
+
+
+def hf_config(config: ModelConfig, special: dict[str, int | None]) -> dict[str, Any]:
+    arch, model_type = hf_architecture(config)
+    rope = _hf_rope(config)
     data = {
         "architectures": [arch], "model_type": model_type,
         "vocab_size": config.vocab_size, "hidden_size": config.dim,
@@ -75,14 +208,17 @@ def hf_config(config: ModelConfig, special: dict[str, int | None]) -> dict[str, 
         "head_dim": config.resolved_head_dim, "hidden_act": "silu",
         "max_position_embeddings": config.max_len, "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
-        "rope_scaling": None,
-        "tie_word_embeddings": config.tie_weight, "attention_bias": False, "attention_dropout": 0.0,
+        "rope_parameters": {**rope, "rope_theta": config.rope_theta},
+        # transformers 4.x reads rope_scaling (5.x prefers it too when set): the same dict
+        "rope_scaling": rope if config.rope_type != "default" else None,
+        "tie_word_embeddings": config.tie_weight, "attention_dropout": 0.0,
         "initializer_range": config.init_std, "use_cache": True, "torch_dtype": "float32",
         **{k: v for k, v in special.items() if v is not None},
     }
-    if model_type == "qwen3":
+    if model_type in ("qwen2", "qwen3"):
         data.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.n_layers)
-    else:
-        data.update(mlp_bias=False, pretraining_tp=1)
+    if model_type == "qwen3":
+        data.update(attention_bias=False)
+    if model_type == "llama":
+        data.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
     return data

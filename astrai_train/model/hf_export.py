@@ -1,5 +1,6 @@
 """`astrai export-hf`: an astrai model directory -> a directory `transformers` loads with no
-custom code (Qwen3ForCausalLM with QK-norm, LlamaForCausalLM without), tokenizer files copied."""
+custom code (Qwen3ForCausalLM with QK-norm, Qwen2ForCausalLM with q/k/v biases, LlamaForCausalLM
+otherwise; RoPE scaling carried over), tokenizer files copied."""
 from __future__ import annotations
 
 import json

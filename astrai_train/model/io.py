@@ -1,7 +1,7 @@
 """Model directories on disk: config.json + model.safetensors (sharded with an index when large).
 
-Loading never unpickles. A directory written by `transformers` for Qwen3 or Llama loads too:
-its config and weight names are translated by hf.py.
+Loading never unpickles. A directory written by `transformers` for Llama, Mistral, Qwen2 or Qwen3
+loads too: its config and weight names are translated by hf.py.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def read_state_dict(directory: Path, device: str | torch.device = "cpu") -> dict
 
 
 def load_config(directory: str | Path) -> tuple[ModelConfig, str]:
-    """(config, source format) where the format is "astrai", "qwen3" or "llama"."""
+    """(config, source format) where the format is "astrai" or the HF model_type (hf.SUPPORTED_MODEL_TYPES)."""
     from .hf import config_from_hf
 
     directory = Path(directory)

@@ -62,7 +62,7 @@ class Transformer(nn.Module):
     def _build_rope(self, device: torch.device | str | None = None) -> None:
         c = self.config
         device = self.embed_tokens.weight.device if device is None else device
-        cos, sin = rope_tables(c.rope_dim, c.max_len, c.rope_theta, device=device)
+        cos, sin = rope_tables(c.rope_dim, c.max_len, c.rope_theta, device=device, **c.rope_scaling)
         # Non-persistent: derived from the config, never stored in checkpoints. Computed in fp32;
         # a cast of the model to bf16 rounds the tables exactly as HF rounds its cos/sin.
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -78,6 +78,8 @@ class Transformer(nn.Module):
             if isinstance(module, nn.Linear):
                 s = out_std if name.endswith(("o_proj", "down_proj")) else std
                 nn.init.normal_(module.weight, mean=0.0, std=s)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             elif isinstance(module, RMSNorm):
