@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .structured_spec import StructuredOutput
+
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit; also bounds the per-step top-k over the vocabulary
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 effectively bans a token, +100 effectively forces it
 
@@ -35,10 +37,13 @@ class SamplingParams:
     prompt_logprobs: int | None = None    # k: the log-prob of every prompt token given its prefix, and its k most likely alternatives; None = off
     skip_special_tokens: bool = True      # leave special tokens out of the returned text
     detokenize: bool = True               # False: token ids only, no text (saves the host time, e.g. GRPO rollouts)
+    structured: StructuredOutput | None = None  # the output must match a JSON Schema / regex / choice / grammar / tool call (structured_spec.py)
     # Out of the hash: a dict is unhashable. Ids past the vocabulary are refused by the engine, which knows it.
     logit_bias: dict[int, float] | None = field(default=None, hash=False)  # token id -> bias in [-100, 100] added to its logit
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured, dict):   # from_dict / JSON: the spec's own fields
+            object.__setattr__(self, "structured", StructuredOutput(**self.structured))
         # Accept a single string / list for the tuple fields, as OpenAI clients send either.
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
@@ -106,6 +111,8 @@ class SamplingParams:
             raise bad("stop", "stop strings need the text: set detokenize=True or use stop_token_ids")
         if self.top_logprobs and not self.logprobs:
             raise bad("top_logprobs", "needs logprobs=True")
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise bad("structured", "must be a StructuredOutput or None")
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
                 raise bad("logit_bias", "must be a dict of token id -> bias, or None")
