@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tasks": ("astrai_train.cli.tasks", "derive seq/sft/dpo/grpo task files from the Shakespeare corpus"),
     "train": ("astrai_train.cli.train", "train with a YAML recipe (SEQ, SFT, DPO, GRPO)"),
     "export": ("astrai_train.cli.export", "turn a Lightning checkpoint into a model directory"),
-    "export-hf": ("astrai_train.cli.export_hf", "export a model directory as a Hugging Face Qwen3 directory"),
+    "export-hf": ("astrai_train.cli.export_hf", "export a model directory as a Hugging Face Llama/Qwen2/Qwen3 directory"),
     "eval": ("astrai_train.cli.eval", "perplexity and task accuracy of a model directory"),
     "generate": ("astrai_serve.cli.generate", "generate text offline with the serving engine"),
     "serve": ("astrai_serve.cli.serve", "start the gRPC core and the OpenAI REST facade"),

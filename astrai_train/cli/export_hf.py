@@ -1,4 +1,4 @@
-"""`astrai export-hf SRC OUT`: write a model directory as a Hugging Face Qwen3/Llama directory."""
+"""`astrai export-hf SRC OUT`: write a model directory as a Hugging Face Llama/Qwen2/Qwen3 directory."""
 from __future__ import annotations
 
 import argparse

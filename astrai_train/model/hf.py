@@ -60,9 +60,11 @@ def _rope(data: dict[str, Any], max_pos: int, source: str) -> dict[str, Any]:
                       "remove the rope scaling entry to serve it at that length")
     if rope_type not in ROPE_TYPES:
         raise _refuse(source, f"{field}.rope_type", rope_type, f"supported rope types: {', '.join(ROPE_TYPES)}")
+    # A scaled type with a key it does not read is some variant we do not know (e.g. mrope_section);
+    # plain RoPE reads nothing but rope_theta, in transformers as here, so its extras are moot.
     known = {"rope_type", "type", "rope_theta", "partial_rotary_factor", *_ROPE_KEYS[rope_type]}
     extra = sorted(k for k, v in params.items() if k not in known and v is not None)
-    if extra:
+    if extra and rope_type != "default":
         raise _refuse(source, f"{field}.{extra[0]}", params[extra[0]], f"not a parameter of rope_type {rope_type!r}")
 
     def need(key: str) -> Any:
@@ -92,7 +94,8 @@ def _rope(data: dict[str, Any], max_pos: int, source: str) -> dict[str, Any]:
         # YaRN's point is the stretched context: serve original * factor when the config's
         # max_position_embeddings still names the original (as Qwen2.5's instructions do).
         out.update(rope_factor=factor, rope_original_max_len=int(original),
-                   rope_beta_fast=float(params.get("beta_fast") or 32), rope_beta_slow=float(params.get("beta_slow") or 1),
+                   rope_beta_fast=float(params.get("beta_fast") or 32),
+                   rope_beta_slow=float(params.get("beta_slow") or 1),
                    rope_truncate=bool(params.get("truncate", True)), rope_attention_factor=float(attention_factor),
                    max_len=max(max_pos, int(original * factor)))
     return out

@@ -1,6 +1,6 @@
 """The decoder-only Transformer: embedding, pre-norm blocks (attention + SwiGLU), final norm, LM head.
 
-Parameter names follow Hugging Face's Qwen3/Llama layout (minus the `model.` prefix), so the
+Parameter names follow Hugging Face's Llama/Qwen2/Qwen3 layout (minus the `model.` prefix), so the
 model directory maps onto `transformers` checkpoints name for name.
 """
 from __future__ import annotations
