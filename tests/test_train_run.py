@@ -209,3 +209,51 @@ def test_grpo_num_iterations_must_be_a_positive_integer(data, tokenizer_dir, tmp
 
     with pytest.raises(RecipeError, match=r"grpo.num_iterations=0: must be an integer >= 1"):
         run("grpo", data, tokenizer_dir, tmp_path, "bad", 1, "grpo.num_iterations=0", batch_size=2)
+
+
+class _Payload:
+    """A pickle that runs a shell command when loaded without weights_only."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_checkpoints_load_weights_only_and_resume_falls_back_past_a_broken_last(
+        data, tokenizer_dir, tmp_path, capsys) -> None:
+    from astrai_train.cli import main
+    from astrai_train.objectives.checkpointing import CheckpointError, resolve_resume
+
+    model_dir = run("seq", data, tokenizer_dir, tmp_path, "ckpt", 4, every=2)
+    run_dir = model_dir.parent
+    folder = run_dir / "checkpoints"
+    assert resolve_resume("last", run_dir) == str(folder / "last.ckpt")   # intact: taken as it is
+    # A malicious pickle: refused by export and by --resume, and its command never runs.
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": _Payload(marker)}, evil)
+    capsys.readouterr()
+    assert main(["export", str(evil), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {evil} was refused" in err and "system" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(CheckpointError, match="was refused"):
+        resolve_resume(str(evil), run_dir)
+    assert not marker.exists()
+    # A truncated last.ckpt: --resume last takes the newest intact step checkpoint, saying so.
+    last = folder / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])
+    newest = max(folder.glob("step-*.ckpt"))
+    assert resolve_resume("last", run_dir) == str(newest)
+    assert f"checkpoint {last} is truncated or corrupt" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match=f"checkpoint {last} is truncated"):
+        resolve_resume(str(last), run_dir)            # a file named explicitly: no fall-back
+    resumed = run("seq", data, tokenizer_dir, tmp_path, "ckpt", 4, every=2, resume="last")
+    assert resumed.is_dir()
+    # Nothing intact left: one error naming every file.
+    for path in folder.glob("*.ckpt"):
+        path.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="no intact checkpoint") as info:
+        resolve_resume("last", run_dir)
+    assert "is empty (0 bytes)" in str(info.value)

@@ -7,7 +7,10 @@ temporary file in the same directory, are fsync'ed, and replace the target with 
 from __future__ import annotations
 
 import os
+import pickle
+import sys
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -76,12 +79,74 @@ class LastCheckpoint(L.Callback):
             trainer.save_checkpoint(self.path)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: empty, truncated, corrupt or unsafe (one line)."""
+
+
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """torch.load(path) with weights_only=True: tensors, plain containers and numbers only, so a
+    checkpoint from elsewhere cannot run code while it loads (a pickle may name any callable;
+    the weights-only unpickler refuses every one outside torch's allowlist). Our checkpoints
+    need nothing more (base._rng_state stores the generators' states as tensors). mmap: map the
+    tensors instead of reading them (a cheap full check of a large file).
+
+    Every failure is a CheckpointError naming the file: empty, not a torch zip archive
+    (truncated or corrupt), or refused by the weights-only unpickler."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): a run was killed while writing it?")
+    if not zipfile.is_zipfile(path):   # torch.save writes a zip; a cut-off file has no central directory
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({path.stat().st_size} bytes, "
+                              "not a complete torch.save archive)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        # torch's message is a page of advice; the line that names the refused callable is the news
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        first = next((ln.removeprefix("WeightsUnpickler error: ") for ln in lines
+                      if "GLOBAL" in ln or "WeightsUnpickler error" in ln), type(err).__name__)
+        raise CheckpointError(f"checkpoint {path} was refused: it holds objects other than tensors and plain "
+                              f"data, which could run code when loaded ({first})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, KeyError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupt ({type(err).__name__}: {first})") from None
+
+
+def _step_of(path: Path) -> int:
+    digits = path.stem.removeprefix("step-")
+    return int(digits) if digits.isdigit() else -1
+
+
 def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
-    """`--resume last` -> <run>/checkpoints/last.ckpt; a path must exist."""
+    """The checkpoint to resume from, checked before training starts (read_checkpoint, mmap'ed).
+
+    `--resume last`: <run>/checkpoints/last.ckpt, or, when that file is empty, truncated or
+    corrupt, the newest intact step-*.ckpt beside it (saying so on stderr). A path given
+    explicitly must be intact itself: no fall-back from a file the user named."""
     if resume is None:
         return None
-    path = run_dir / "checkpoints" / "last.ckpt" if resume == "last" else Path(resume)
-    if not path.exists():
-        hint = " (no checkpoint has been written for this run yet)" if resume == "last" else ""
-        raise FileNotFoundError(f"checkpoint to resume from not found: {path}{hint}")
-    return str(path)
+    if resume != "last":
+        path = Path(resume)
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint to resume from not found: {path}")
+        read_checkpoint(path, mmap=True)
+        return str(path)
+    folder = run_dir / "checkpoints"
+    last = folder / "last.ckpt"
+    steps = sorted(folder.glob("step-*.ckpt"), key=_step_of, reverse=True) if folder.is_dir() else []
+    if not last.exists() and not steps:
+        raise FileNotFoundError(f"checkpoint to resume from not found: {last} "
+                                "(no checkpoint has been written for this run yet)")
+    problems = []
+    for path in ([last] if last.exists() else []) + steps:
+        try:
+            read_checkpoint(path, mmap=True)
+        except CheckpointError as err:
+            problems.append(str(err))
+            continue
+        if problems:
+            print(f"[astrai] {problems[0]}; resuming from {path} instead", file=sys.stderr)
+        return str(path)
+    raise CheckpointError(f"no intact checkpoint to resume from in {folder}: {'; '.join(problems)}")

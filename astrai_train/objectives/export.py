@@ -9,6 +9,7 @@ import torch
 
 from astrai_train.model import ModelConfig, Transformer
 from astrai_train.objectives.base import CKPT_KEY
+from astrai_train.objectives.checkpointing import read_checkpoint
 
 _PREFIX = "model."  # the Transformer is the LightningModule's `model` attribute
 _WRAPPED = "_checkpoint_wrapped_module."  # activation checkpointing's wrapper, if it leaked into names
@@ -18,11 +19,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a directory; export takes a single-file Lightning checkpoint (.ckpt)")
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    # Our checkpoints hold only tensors and plain containers, plus RNG states (numpy arrays):
-    # weights_only=False is needed for those, and the file is one this program wrote.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    # weights_only: a checkpoint handed over from elsewhere must not run code (checkpointing.py)
+    return read_checkpoint(path)
 
 
 def model_from_checkpoint(checkpoint: dict[str, Any], source: str = "checkpoint") -> tuple[Transformer, dict[str, Any]]:

@@ -169,8 +169,9 @@ def setup_run(args: argparse.Namespace, env: dict[str, str] | None = None) -> tu
 
 
 def fit(trainer: Any, module: Any, prepared: Prepared, export: bool = True) -> Path | None:
-    trainer.fit(module, datamodule=prepared.datamodule, ckpt_path=prepared.resume)
-    return finish(trainer, prepared.recipe, export=export)
+    # weights_only: Lightning 2.6 defaults to a full unpickle; a checkpoint must not run code (checkpointing.py)
+    trainer.fit(module, datamodule=prepared.datamodule, ckpt_path=prepared.resume, weights_only=True)
+    return finish(trainer, prepared.recipe, export=export, resumed_from=prepared.resume)
 
 
 def train(args: argparse.Namespace, env: dict[str, str] | None = None) -> Path | None:
@@ -178,8 +179,10 @@ def train(args: argparse.Namespace, env: dict[str, str] | None = None) -> Path |
     return fit(*setup_run(args, env), export=not args.no_export)
 
 
-def finish(trainer: Any, recipe: Recipe, export: bool = True) -> Path | None:
-    """On rank 0: the model directory (from last.ckpt, written at the final step) and the plot."""
+def finish(trainer: Any, recipe: Recipe, export: bool = True, resumed_from: str | None = None) -> Path | None:
+    """On rank 0: the model directory (from last.ckpt, written at the final step) and the plot.
+    A run resumed past a broken last.ckpt at its final step trains no step and writes no new
+    last.ckpt: its model comes from the checkpoint it resumed from."""
     last = recipe.run_dir / "checkpoints" / "last.ckpt"
     if not trainer.is_global_zero:
         return None
@@ -192,9 +195,15 @@ def finish(trainer: Any, recipe: Recipe, export: bool = True) -> Path | None:
     png = plot_loss_curve(recipe.run_dir / "logs", recipe.run_dir / "loss.png", f"{recipe.objective} - {recipe.name}")
     out = None
     if export:
+        from astrai_train.objectives.checkpointing import CheckpointError
         from astrai_train.objectives.export import export_checkpoint
 
-        out = export_checkpoint(last, recipe.run_dir / "model")
+        try:
+            out = export_checkpoint(last, recipe.run_dir / "model")
+        except CheckpointError:
+            if resumed_from is None or Path(resumed_from) == last:
+                raise
+            out = export_checkpoint(resumed_from, recipe.run_dir / "model")
     print(f"[astrai] {recipe.objective} run finished at step {trainer.global_step}: checkpoints in "
           f"{last.parent}, logs in {recipe.run_dir / 'logs'}" + (f", loss curve {png}" if png else "")
           + (f", model directory {out}" if out else ""), file=sys.stderr)
