@@ -54,6 +54,7 @@ class EvalConfig:
     batch_size: int = 16        # sequences per forward pass / generation batch
     max_new_tokens: int = 12    # generation budget for speaker and arithmetic answers
     device: str = "cpu"         # torch device
+    progress: bool = True       # a tqdm bar per metric (batches done, refreshed at least once a second)
 
     def __post_init__(self) -> None:
         for name in ("limit", "ppl_tokens", "window", "batch_size", "max_new_tokens"):
@@ -101,14 +102,25 @@ def majority(answers: list[str]) -> tuple[float, str]:
 
 
 @torch.no_grad()
-def perplexity(model, tok, text: str, n_tokens: int, window: int, batch_size: int, device: str) -> tuple[float, int]:
+def _batches(n: int, batch_size: int, desc: str, progress: bool) -> Any:
+    """Start offsets of the batches of n items, under a progress bar when asked (stderr)."""
+    starts = range(0, n, batch_size)
+    if not progress:
+        return starts
+    from tqdm import tqdm
+
+    return tqdm(starts, desc=f"eval {desc}", unit="batch", mininterval=1.0, dynamic_ncols=True, leave=False)
+
+
+def perplexity(model, tok, text: str, n_tokens: int, window: int, batch_size: int, device: str,
+               progress: bool = False) -> tuple[float, int]:
     """exp(mean next-token NLL) over the first n_tokens tokens of text, in non-overlapping windows."""
     ids = held_out_ids(tok, text, n_tokens)
     window = min(window, model.config.max_len)
     rows = [ids[i:i + window + 1] for i in range(0, len(ids) - 1, window)]
     rows = [r for r in rows if len(r) > 1]
     total, count = 0.0, 0
-    for b in range(0, len(rows), batch_size):
+    for b in _batches(len(rows), batch_size, "perplexity", progress):
         chunk = rows[b:b + batch_size]
         length = max(len(r) for r in chunk)
         x = torch.full((len(chunk), length), tok.pad_id, dtype=torch.long)
@@ -127,12 +139,13 @@ def perplexity(model, tok, text: str, n_tokens: int, window: int, batch_size: in
 
 
 @torch.no_grad()
-def exact_match(model, tok, records: list[dict[str, Any]], batch_size: int, max_new_tokens: int) -> float:
+def exact_match(model, tok, records: list[dict[str, Any]], batch_size: int, max_new_tokens: int,
+                progress: bool = False, desc: str = "answers") -> float:
     """Fraction of prompts whose greedy answer, stripped, equals the record's answer."""
     from astrai_train.model.generate import generate
 
     hits = 0
-    for b in range(0, len(records), batch_size):
+    for b in _batches(len(records), batch_size, desc, progress):
         chunk = records[b:b + batch_size]
         prompts = [encode_record("grpo", r, tok)["prompt"].tolist() for r in chunk]
         outs = generate(model, prompts, max_new_tokens, eos_ids=tok.stop_ids)
@@ -153,10 +166,11 @@ def _sequence_logprobs(model, ids: list[list[int]], masks: list[list[int]], pad_
     return (logp * m[:, 1:]).sum(-1).cpu()
 
 
-def preference_accuracy(model, tok, records: list[dict[str, Any]], batch_size: int, device: str) -> float:
+def preference_accuracy(model, tok, records: list[dict[str, Any]], batch_size: int, device: str,
+                        progress: bool = False) -> float:
     """Fraction of pairs where the chosen completion gets the higher total log-prob."""
     wins = 0
-    for b in range(0, len(records), batch_size):
+    for b in _batches(len(records), batch_size, "preference", progress):
         enc = [encode_record("dpo", r, tok) for r in records[b:b + batch_size]]
         ids = [e["chosen"].tolist() for e in enc] + [e["rejected"].tolist() for e in enc]
         masks = [e["chosen_mask"].tolist() for e in enc] + [e["rejected_mask"].tolist() for e in enc]
@@ -206,7 +220,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {}
     if files["seq_eval.txt"].is_file():
         text = files["seq_eval.txt"].read_text(encoding="utf-8")
-        ppl, n = perplexity(model, tok, text, cfg.ppl_tokens, cfg.window, cfg.batch_size, cfg.device)
+        ppl, n = perplexity(model, tok, text, cfg.ppl_tokens, cfg.window, cfg.batch_size, cfg.device, cfg.progress)
         results["perplexity"] = {"value": ppl, "n": n, "chance": float(tok.vocab_size),
                                  "prior": unigram_perplexity(held_out_ids(tok, text, cfg.ppl_tokens)),
                                  "prior_rule": "unigram of the held-out tokens"}
@@ -214,13 +228,15 @@ def evaluate(cfg: EvalConfig) -> dict[str, dict[str, float]]:
         speaker = _read_jsonl(files["grpo_eval.jsonl"], "speaker", cfg.limit)
         if speaker:
             prior, letter = majority([r["answer"] for r in speaker])
-            results["speaker_accuracy"] = {"value": exact_match(model, tok, speaker, cfg.batch_size, cfg.max_new_tokens),
+            results["speaker_accuracy"] = {"value": exact_match(model, tok, speaker, cfg.batch_size, cfg.max_new_tokens,
+                                                                  cfg.progress, "speaker"),
                                            "n": len(speaker), "chance": speaker_chance(speaker), "prior": prior,
                                            "prior_rule": f"always {letter}, the most frequent answer"}
         arith = _read_jsonl(files["grpo_eval.jsonl"], "arithmetic", cfg.limit)
         if arith:
             prior, total = majority([r["answer"] for r in arith])
-            results["arithmetic_accuracy"] = {"value": exact_match(model, tok, arith, cfg.batch_size, cfg.max_new_tokens),
+            results["arithmetic_accuracy"] = {"value": exact_match(model, tok, arith, cfg.batch_size, cfg.max_new_tokens,
+                                                                     cfg.progress, "arithmetic"),
                                               "n": len(arith), "chance": 1.0 / (largest_sum + 1), "prior": prior,
                                               "prior_rule": f"always {total}, the most frequent sum"}
     if files["dpo_eval.jsonl"].is_file():
@@ -228,7 +244,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, dict[str, float]]:
         if pairs:
             # No chance level: the pairs differ in length by construction, so a length rule scores
             # 0 (the shorter) or 1 (the longer); the bar a model must pass is the model it started from.
-            results["whole_line_preference"] = {"value": preference_accuracy(model, tok, pairs, cfg.batch_size, cfg.device),
+            results["whole_line_preference"] = {"value": preference_accuracy(model, tok, pairs, cfg.batch_size, cfg.device,
+                                                                                cfg.progress),
                                                 "n": len(pairs), "prior": shorter_reply_share(tok, pairs),
                                                 "prior_rule": "always the reply with fewer tokens"}
     return results

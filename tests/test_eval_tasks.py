@@ -40,9 +40,12 @@ def test_cli_prints_every_metric_with_a_prior_computed_from_the_data(tiny_model_
     out = tmp_path / "r.json"
     assert cli(["eval", "--model", str(tiny_model_dir), "--data", str(tasks), "--limit", "6",
                 "--ppl-tokens", "600", "--json", str(out)]) == 0
-    table = capsys.readouterr().out
+    captured = capsys.readouterr()
+    table = captured.out
     for label in ("perplexity", "speaker accuracy", "whole-line preference", "arithmetic accuracy", "prior"):
         assert label in table
+    for bar in ("eval perplexity", "eval speaker", "eval arithmetic", "eval preference"):   # tqdm, on stderr
+        assert bar in captured.err
     r = json.loads(out.read_text())
     assert r["speaker_accuracy"]["n"] == r["arithmetic_accuracy"]["n"] == r["whole_line_preference"]["n"] == 6
     # each prior is what a rule that reads only the held-out items scores on those very items

@@ -20,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="generation budget of a speaker or arithmetic answer (default: %(default)s)")
     parser.add_argument("--device", default=d.device, help="torch device (default: %(default)s)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,7 +28,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         cfg = EvalConfig(model=args.model, data=args.data, limit=args.limit, ppl_tokens=args.ppl_tokens,
-                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, device=args.device)
+                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, device=args.device,
+                         progress=not args.no_progress)
         results = evaluate(cfg)
     except (ValueError, FileNotFoundError) as e:
         print(f"astrai eval: error: {e}", file=sys.stderr)
