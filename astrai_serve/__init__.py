@@ -6,7 +6,7 @@ One folder per process or layer, each importing only the ones below it:
     facade/   the OpenAI REST facade, a gRPC client of the core            (its own process)
     core/     the gRPC core and its glue to the engine                     (the `astrai serve` process)
     engine/   scheduler, KV cache, model runner, sampler, `LLM`            (the engine process, or in-process)
-    kernels/  attention, sampling, GEMV, K/V store: torch + Triton         (called by the engine)
+    kernels/  attention, sampling, GEMV, K/V store, MoE: torch + Triton    (called by the engine)
     proto/    the gRPC contract: generated stubs and shared constants      (both ends of the wire)
 
 auth.py (the API key, both protocols) and child_process.py (how processes are started) are shared

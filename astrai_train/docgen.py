@@ -122,8 +122,10 @@ def preset_table() -> list[str]:
         c = ModelConfig.from_preset(path.stem)
         attention = c.attention if c.attention == "gqa" else (
             f"mla (latent {c.kv_lora_rank}, rope {c.qk_rope_head_dim})")
+        ffn = (f"{c.n_experts} experts × {c.resolved_moe_dim_ffn}, top-{c.n_experts_per_token}" if c.n_experts
+               else c.dim_ffn)
         out.append(f"| `{path.stem}` | {c.vocab_size} | {c.dim} | {c.n_layers} | {c.n_heads} | "
-                   f"{c.n_kv_heads if c.attention == 'gqa' else '—'} | {c.resolved_head_dim} | {c.dim_ffn} | "
+                   f"{c.n_kv_heads if c.attention == 'gqa' else '—'} | {c.resolved_head_dim} | {ffn} | "
                    f"{c.max_len} | {attention} | {'yes' if c.tie_weight else 'no'} | "
                    f"{'yes' if c.use_qk_norm else 'no'} | {cell(_yaml_description(path))} |")
     return out + [""]

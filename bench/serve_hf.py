@@ -20,6 +20,9 @@ def load_model(hf_dir: str, device: str, dtype: str = "bfloat16") -> Any:
 
     torch_dtype = getattr(torch, dtype) if device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch_dtype, attn_implementation="sdpa")
+    experts = getattr(model.config, "_experts_implementation", None)
+    if getattr(model.config, "num_experts_per_tok", None) and experts:   # MoE: say which expert path HF ran
+        common.log(f"hf experts_implementation={experts}")
     return model.to(device).eval()
 
 

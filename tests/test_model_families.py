@@ -207,8 +207,8 @@ def _llama(**kw) -> dict:
     (_llama(model_type="qwen2", layer_types=["full_attention", "sliding_attention"]), "layer_types"),
     (_llama(model_type="mistral", sliding_window=4096), "sliding_window=4096"),
     (_llama(model_type="mistral"), "sliding_window=4096"),   # transformers' default when the key is absent
-    (_llama(model_type="qwen3_moe"), "model_type 'qwen3_moe'"),
-    (_llama(model_type="mixtral"), "model_type 'mixtral'"),
+    (_llama(model_type="qwen2_moe"), "model_type 'qwen2_moe'"),   # MoE families: tests/test_model_moe.py
+    (_llama(model_type="deepseek_v3"), "model_type 'deepseek_v3'"),
     (_llama(hidden_size=None), "hidden_size"),
 ])
 def test_unsupported_options_are_refused_by_name(data, field):

@@ -14,6 +14,9 @@ graphs without compile, the prefill steps) run ~10 kernels per layer:
     qk_norm_rope   q and k norms and both rotaries in one launch (triton_qk_norm_rope.py);
                    without QK-norm (Llama) the two rotaries in one launch (rope_qk)
     silu_mul       silu(gate) * up in one launch (triton_norm.py), then the down projection
+    moe            a mixture-of-experts MLP: the router and its top-k in torch, then every
+                   expert's gate|up (silu * up in its epilogue) and every expert's down as two
+                   grouped-GEMM launches over tokens sorted by expert (triton_moe.py)
 
 Projections stay cuBLAS (F.linear); DecodeOps (decode_matmul.py) overrides `linear` with the
 Triton GEMV for the graphed decodes of 1-4 sequences. Each op is a torch custom op, so a
@@ -24,10 +27,12 @@ from __future__ import annotations
 
 import torch
 
+from astrai_serve.kernels.triton_moe import moe_experts
 from astrai_serve.kernels.triton_norm import add_rms_norm, silu_mul
 from astrai_serve.kernels.triton_qk_norm_rope import qk_norm_rope, rope_qk
 from astrai_train.model.inference_ops import InferenceOps
 from astrai_train.model.layers import RMSNorm
+from astrai_train.model.moe import route
 
 
 class FusedOps(InferenceOps):
@@ -43,6 +48,11 @@ class FusedOps(InferenceOps):
         if q_norm is None:       # (Llama: the rotary alone, same kernel)
             return rope_qk(q, k, cos, sin)
         return qk_norm_rope(q, k, q_norm.weight, k_norm.weight, cos, sin, q_norm.eps)
+
+    def moe(self, x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+            top_k: int, normalize: bool) -> torch.Tensor:
+        weights, ids = route(self.linear(x, router), top_k, normalize)
+        return moe_experts(x, gate_up, down, weights, ids)
 
 
 FUSED_OPS = FusedOps()

@@ -23,7 +23,7 @@ class ModelConfig:
     n_heads: int = 4                  # query heads
     n_kv_heads: int = 2               # key/value heads (GQA); n_heads must be a multiple
     head_dim: int | None = None       # per-head width; None means dim // n_heads
-    dim_ffn: int = 768                # SwiGLU hidden width
+    dim_ffn: int = 768                # SwiGLU hidden width (MoE: dense layers; experts too unless moe_dim_ffn)
     norm_eps: float = 1e-6            # RMSNorm epsilon
     rope_theta: float = 10000.0       # RoPE base
     rope_type: str = "default"        # RoPE frequency scaling: "default", "linear", "llama3" (Llama 3.1+) or "yarn"
@@ -45,6 +45,11 @@ class ModelConfig:
     qk_nope_head_dim: int = 0         # MLA: per-head query/key channels without RoPE
     qk_rope_head_dim: int = 0         # MLA: per-head query/key channels with RoPE (key part shared by heads)
     v_head_dim: int = 0               # MLA: per-head value width
+    n_experts: int = 0                # MoE: routed SwiGLU experts per sparse layer; 0: a dense model
+    n_experts_per_token: int = 2      # MoE: experts each token goes to (top-k of the router's softmax over all experts)
+    moe_dim_ffn: int | None = None    # MoE: each expert's hidden width; None: dim_ffn
+    moe_norm_topk: bool = True        # MoE: rescale the top-k probabilities to sum 1 (Qwen3-MoE's norm_topk_prob)
+    moe_dense_layers: tuple[int, ...] = ()  # MoE: layers with one dense SwiGLU of dim_ffn (HF's mlp_only_layers)
     init_std: float = 0.02            # normal init std; output projections are scaled by 1/sqrt(2*n_layers)
 
     def __post_init__(self) -> None:
@@ -62,6 +67,7 @@ class ModelConfig:
         if self.rope_theta <= 0:
             raise bad("rope_theta", "must be > 0")
         self._check_rope(bad)
+        self._check_moe(bad)
         if self.qkv_bias and self.attention != "gqa":
             raise bad("qkv_bias", 'is only supported with attention="gqa"')
         if self.attention == "gqa":
@@ -106,6 +112,41 @@ class ModelConfig:
             raise bad("rope_high_freq_factor", f"must exceed rope_low_freq_factor={self.rope_low_freq_factor} (> 0)")
         if self.rope_attention_factor is not None and not self.rope_attention_factor > 0:
             raise bad("rope_attention_factor", "must be > 0 or null")
+
+    def _check_moe(self, bad) -> None:
+        # JSON and YAML give a list; the frozen config keeps a tuple (hashable, compares equal).
+        if isinstance(self.moe_dense_layers, list):
+            object.__setattr__(self, "moe_dense_layers", tuple(self.moe_dense_layers))
+        if not isinstance(self.n_experts, int) or isinstance(self.n_experts, bool) or self.n_experts < 0:
+            raise bad("n_experts", "must be an integer >= 0 (0: a dense model)")
+        if self.n_experts == 0:   # dense: the MoE fields would silently do nothing
+            for name in _MOE_FIELDS:
+                if getattr(self, name) != _MOE_DEFAULTS[name]:
+                    raise bad(name, f"has no effect with n_experts=0 (leave it at {_MOE_DEFAULTS[name]!r})")
+            return
+        k = self.n_experts_per_token
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.n_experts:
+            raise bad("n_experts_per_token", f"must be an integer in 1..n_experts={self.n_experts}")
+        if self.moe_dim_ffn is not None and (not isinstance(self.moe_dim_ffn, int) or self.moe_dim_ffn <= 0):
+            raise bad("moe_dim_ffn", "must be a positive integer or null")
+        if not isinstance(self.moe_norm_topk, bool):
+            raise bad("moe_norm_topk", "must be true or false")
+        dense = self.moe_dense_layers
+        if not isinstance(dense, tuple) or any(not isinstance(i, int) or isinstance(i, bool)
+                                               or not 0 <= i < self.n_layers for i in dense):
+            raise bad("moe_dense_layers", f"must be a list of layer indices in 0..{self.n_layers - 1}")
+        if list(dense) != sorted(set(dense)):
+            raise bad("moe_dense_layers", "must be increasing, without repeats")
+        if len(dense) == self.n_layers:
+            raise bad("moe_dense_layers", "names every layer: that is a dense model (set n_experts=0)")
+
+    @property
+    def resolved_moe_dim_ffn(self) -> int:
+        return self.moe_dim_ffn if self.moe_dim_ffn is not None else self.dim_ffn
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether block `layer` routes its tokens to experts (else its MLP is one dense SwiGLU)."""
+        return self.n_experts > 0 and layer not in self.moe_dense_layers
 
     @property
     def resolved_head_dim(self) -> int:
@@ -178,6 +219,8 @@ class ModelConfig:
 _ROPE_FIELDS = ("rope_factor", "rope_original_max_len", "rope_low_freq_factor", "rope_high_freq_factor",
                 "rope_beta_fast", "rope_beta_slow", "rope_truncate", "rope_attention_factor")
 _ROPE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in _ROPE_FIELDS}
+_MOE_FIELDS = ("n_experts_per_token", "moe_dim_ffn", "moe_norm_topk", "moe_dense_layers")
+_MOE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in _MOE_FIELDS}
 
 
 def presets() -> list[str]:

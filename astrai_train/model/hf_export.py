@@ -1,6 +1,7 @@
 """`astrai export-hf`: an astrai model directory -> a directory `transformers` loads with no
 custom code (Qwen3ForCausalLM with QK-norm, Qwen2ForCausalLM with q/k/v biases, LlamaForCausalLM
-otherwise; RoPE scaling carried over), tokenizer files copied."""
+otherwise; with experts Qwen3MoeForCausalLM or MixtralForCausalLM; RoPE scaling carried over),
+tokenizer files copied."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .hf import hf_config, state_dict_from_hf
+from .hf import hf_config, state_dict_from_hf, state_dict_to_hf
 from .io import load_config, read_state_dict, write_safetensors
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -35,10 +36,8 @@ def export_hf(src: str | Path, out: str | Path, dtype: torch.dtype | None = None
     state = read_state_dict(src)
     if fmt != "astrai":
         state = state_dict_from_hf(state, config)
-    hf_state = {}
-    for key, tensor in state.items():
-        name = key if key == "lm_head.weight" else f"model.{key}"
-        hf_state[name] = (tensor.to(dtype) if dtype else tensor).contiguous()
+    hf_state = {name: (tensor.to(dtype) if dtype else tensor).contiguous()
+                for name, tensor in state_dict_to_hf(state, config).items()}
     out.mkdir(parents=True, exist_ok=True)
     if dtype is not None:
         data["torch_dtype"] = str(dtype).removeprefix("torch.")

@@ -14,6 +14,10 @@ The entry points are where a step's launches can be merged:
   kernel can compute silu(gate) * up as it loads its input instead of in a launch of its own.
 - `qk_norm_rope(q, k, q_norm, k_norm, cos, sin)`: per-head RMSNorm of queries and keys, then
   rotary; one launch for both instead of one each.
+- `moe(x, router, gate_up, down, top_k, normalize)`: a mixture-of-experts MLP (moe.py): the
+  router, then every expert's matmuls. Here the grouped torch reference (one host sync a layer
+  for the expert sizes) or, while a CUDA graph is being captured, every expert on every token;
+  a kernel does each projection of all experts in one grouped GEMM launch.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .layers import RMSNorm, apply_rope
+from .moe import experts_dense, experts_reference, route
 
 
 class InferenceOps:
@@ -43,6 +48,14 @@ class InferenceOps:
         if q_norm is not None:
             q, k = q_norm(q), k_norm(k)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    def moe(self, x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+            top_k: int, normalize: bool) -> torch.Tensor:
+        """x [N, D] through the experts (router [E, D], gate_up [E, 2I, D], down [E, D, I]) -> [N, D]."""
+        weights, ids = route(self.linear(x, router), top_k, normalize)
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return experts_dense(x, gate_up, down, weights, ids)   # the reference reads sizes back
+        return experts_reference(x, gate_up, down, weights, ids)
 
 
 TORCH_OPS = InferenceOps()

@@ -1,6 +1,6 @@
 """Model directories on disk: config.json + model.safetensors (sharded with an index when large).
 
-Loading never unpickles. A directory written by `transformers` for Llama, Mistral, Qwen2 or Qwen3
+Loading never unpickles. A directory written by `transformers` for any family hf.SUPPORTED_MODEL_TYPES
 loads too: its config and weight names are translated by hf.py.
 """
 from __future__ import annotations

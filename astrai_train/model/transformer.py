@@ -1,4 +1,5 @@
-"""The decoder-only Transformer: embedding, pre-norm blocks (attention + SwiGLU), final norm, LM head.
+"""The decoder-only Transformer: embedding, pre-norm blocks (attention + SwiGLU or routed SwiGLU
+experts, moe.py), final norm, LM head.
 
 Parameter names follow Hugging Face's Llama/Qwen2/Qwen3 layout (minus the `model.` prefix), so the
 model directory maps onto `transformers` checkpoints name for name.
@@ -18,15 +19,17 @@ from .backend import AttentionBackend, Linear
 from .config import ModelConfig
 from .inference_ops import TORCH_OPS, InferenceOps
 from .layers import RMSNorm, SwiGLU, rope_tables
+from .moe import Experts, MoE
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.self_attn = MLAAttention(config) if config.attention == "mla" else GQAAttention(config)
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
-        self.mlp = SwiGLU(config.dim, config.dim_ffn)
+        self.mlp = (MoE(config.dim, config.resolved_moe_dim_ffn, config.n_experts, config.n_experts_per_token,
+                        config.moe_norm_topk) if config.is_moe_layer(layer) else SwiGLU(config.dim, config.dim_ffn))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
@@ -51,7 +54,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.lm_head = None if config.tie_weight else nn.Linear(config.dim, config.vocab_size, bias=False)
         self._build_rope()
@@ -84,6 +87,8 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+            elif isinstance(module, Experts):
+                module.reset_parameters(std, out_std)
 
     @property
     def lm_weight(self) -> torch.Tensor:

@@ -42,9 +42,12 @@ def peak_flops(device_name: str) -> float | None:
 
 def flops_per_token(config: ModelConfig, n_params: int, seq_len: int) -> float:
     """Training FLOPs per token: 6 N over the weights used in matmuls + the attention term.
-    The input embedding is a lookup, not a matmul: with untied weights it is left out of N."""
+    The input embedding is a lookup, not a matmul: with untied weights it is left out of N; so are
+    the experts of a MoE layer a token is not routed to (all but top-k of n_experts)."""
     if not config.tie_weight:
         n_params -= config.vocab_size * config.dim
+    sparse = sum(config.is_moe_layer(i) for i in range(config.n_layers))
+    n_params -= sparse * (config.n_experts - config.n_experts_per_token) * 3 * config.dim * config.resolved_moe_dim_ffn
     head_dim = config.v_head_dim if config.attention == "mla" else config.resolved_head_dim
     attention = 12 * config.n_layers * config.n_heads * head_dim * seq_len
     return 6 * n_params + attention
