@@ -469,7 +469,7 @@ BAD = [  # (id, path, body (dict -> JSON, bytes -> raw), status, param)
     ("max_tokens negative with echo", COMP, {"prompt": "hi", "echo": True, "max_tokens": -1}, 400, "max_tokens"),
     ("stream_options without stream", CHAT, {**OK_CHAT, "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ("unrecognized argument", CHAT, {**OK_CHAT, "frobnicate": 1}, 400, "frobnicate"),
-    ("unsupported tools", CHAT, {**OK_CHAT, "tools": [{"type": "function"}]}, 400, "tools"),
+    ("tool without a function", CHAT, {**OK_CHAT, "tools": [{"type": "function"}]}, 400, "tools[0].function"),
     ("logit_bias not an object", CHAT, {**OK_CHAT, "logit_bias": [[5, 1]]}, 400, "logit_bias"),
     ("logit_bias key not an id", COMP, {"prompt": "hi", "logit_bias": {"abc": 1}}, 400, "logit_bias"),
     ("logit_bias negative key", CHAT, {**OK_CHAT, "logit_bias": {"-5": 1}}, 400, "logit_bias"),

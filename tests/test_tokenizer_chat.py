@@ -100,7 +100,10 @@ def test_qwen_style_reasoning_is_generated_text(qwen_style: Tokenizer) -> None:
 @pytest.mark.parametrize(
     ("messages", "error"),
     [
-        ([{"role": "user", "content": "hi"}, {"role": "tool", "content": "x"}], r"message 1 has role 'tool'; allowed roles are system, user, assistant"),
+        ([{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}], r"message 1 has role 'robot'; allowed roles are system, user, assistant, tool"),
+        ([{"role": "user", "content": None}], r"message 0 \(user\) content must be a string, got NoneType"),
+        ([{"role": "user", "content": "x", "tool_calls": [{"function": {"name": "f"}}]}], r"message 0 \(user\) has tool_calls"),
+        ([{"role": "assistant", "content": None, "tool_calls": [{"function": {"arguments": {}}}]}], r"tool_calls\[0\] must be a dict with a function name"),
         ([{"role": "user"}], r"message 0 has no 'content'"),
         ([{"content": "hi"}], r"message 0 has no 'role'"),
         ([{"role": "user", "content": ["a"]}], r"message 0 \(user\) content must be a string, got list"),

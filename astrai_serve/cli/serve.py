@@ -3,7 +3,8 @@
     astrai serve --model DIR [--host 127.0.0.1] [--grpc-port 50051] [--http-port 8000] [--no-http]
                  [--api-server-count N] [--http-in-process] [--engine-in-process]
                  [--api-key KEY | env ASTRAI_API_KEY]
-                 [--served-model-name NAME] [--shutdown-timeout S] [engine options]
+                 [--served-model-name NAME] [--shutdown-timeout S] [--tool-call-parser auto|hermes|none]
+                 [engine options]
 
 The daemon's process runs only I/O: the gRPC core on the main thread's event loop. The engine
 steps in a child process (engine_process.py), so the core's per-message Python never competes
@@ -63,6 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", default=None, help="model name clients send and see (default: the directory's name)")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="seconds in-flight requests may keep running after SIGTERM before they are aborted (default 30)")
+    parser.add_argument("--tool-call-parser", default="auto", choices=["auto", "hermes", "none"],
+                        help="how the model writes tool calls, for OpenAI tool calling (as vLLM's flag): 'hermes' is "
+                             "Qwen's and Hermes' <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>; 'none' "
+                             "refuses tool_choice other than \"none\"; 'auto' (default) is hermes when the chat "
+                             "template writes <tool_call> blocks, else none")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log verbosity")
     add_engine_arguments(parser)
 
@@ -174,7 +180,8 @@ def _facade(args: argparse.Namespace, grpc_target: str, api_key: str | None) -> 
 async def _serve(args: argparse.Namespace, engine_loop: Any, name: str, api_key: str | None) -> int:
     from astrai_serve.core.server import CoreServer, GenerationServicer
 
-    core = CoreServer(GenerationServicer(engine_loop, name), args.host, args.grpc_port, api_key)
+    core = CoreServer(GenerationServicer(engine_loop, name, tool_call_parser=args.tool_call_parser),
+                      args.host, args.grpc_port, api_key)
     grpc_target = f"{_connect_host(args.host)}:{core.port}"
     facade = None if args.no_http else _facade(args, grpc_target, api_key)
     engine_loop.start()

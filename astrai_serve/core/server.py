@@ -39,7 +39,7 @@ from astrai_serve.core.metrics import ServerMetrics
 from astrai_serve.proto import generate_pb2 as pb
 from astrai_serve.proto import generate_pb2_grpc as pb_grpc
 from astrai_serve.proto.contract import ERROR_CODE_KEY, ERROR_PARAM_KEY, MAX_MESSAGE_BYTES
-from astrai_serve.core.request_checks import InvalidRequest, RequestChecker
+from astrai_serve.core.request_checks import InvalidRequest, RequestChecker, resolve_tool_call_parser
 
 log = logging.getLogger("astrai.serve.grpc")
 
@@ -79,7 +79,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     """Create inside the running event loop that will serve it (it batches deliveries to it)."""
 
     def __init__(self, engine_loop: EngineHandle, model_name: str, metrics: ServerMetrics | None = None,
-                 prompt_logprobs_per_message: int = PROMPT_LOGPROBS_PER_MESSAGE):
+                 prompt_logprobs_per_message: int = PROMPT_LOGPROBS_PER_MESSAGE, tool_call_parser: str = "auto"):
         if prompt_logprobs_per_message < 1:
             raise ValueError(f"prompt_logprobs_per_message must be >= 1, got {prompt_logprobs_per_message}")
         self.loop = engine_loop
@@ -88,7 +88,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self.tokenizer = engine_loop.tokenizer
         self.max_len = engine_loop.max_seq_len  # the model's context, or less when the KV pool is smaller
         self.vocab_size = engine_loop.vocab_size
-        self.checker = RequestChecker(self.tokenizer, self.max_len, self.vocab_size)
+        self.tool_call_parser = resolve_tool_call_parser(tool_call_parser, self.tokenizer)  # "hermes" or ""
+        self.checker = RequestChecker(self.tokenizer, self.max_len, self.vocab_size, self.tool_call_parser)
         self.batcher = StepBatcher(asyncio.get_running_loop())
         engine_loop.add_flush_hook(self.batcher.flush)
         self.accepting = True  # False once shutdown began: new Generate calls get UNAVAILABLE
@@ -138,7 +139,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             await self._abort(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down and admits no new requests")
         try:
             ids, input_field = await asyncio.to_thread(self.checker.prompt_ids, request)
-            params = self.checker.sampling_params(request.params, len(ids), input_field)
+            params = self.checker.sampling_params(request.params, len(ids), input_field, request)
         except InvalidRequest as exc:
             self.metrics.count_finished("rejected")
             await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.param, exc.code)
@@ -153,7 +154,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         except EngineDeadError as exc:
             await self._abort(context, grpc.StatusCode.UNAVAILABLE, f"the engine is not running: {exc}")
         self.active += 1
-        stream = _Stream(self, request_id, num_samples(params), ids, start, echo)
+        stream = _Stream(self, request_id, num_samples(params), ids, start, echo,
+                         params if request.params.include_stop_str_in_output and params.stop else None)
         scoring = params.prompt_logprobs is not None
         try:
             while not stream.done:
@@ -176,7 +178,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 stream.done = True
                 if isinstance(marker, Rejected):
                     self.metrics.count_finished("rejected")
-                    await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(marker.error), input_field)
+                    await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(marker.error),
+                                      _rejected_param(params, str(marker.error), input_field))
                 elif isinstance(marker, EngineFailed):
                     self.metrics.count_finished("error")
                     await self._abort(context, grpc.StatusCode.INTERNAL, f"the engine failed: {marker.message}")
@@ -210,7 +213,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         tok = self.tokenizer
         return pb.ModelInfoResponse(name=self.model_name, context_length=self.max_len, vocab_size=self.vocab_size,
                                     eos_id=int(tok.eos_id), stop_token_ids=sorted(int(t) for t in tok.stop_ids),
-                                    tokenizer_hash=str(getattr(tok, "hash", "")))
+                                    tokenizer_hash=str(getattr(tok, "hash", "")),
+                                    tool_call_parser=self.tool_call_parser)
 
     async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.GetStatsResponse:
         s = self.loop.stats()
@@ -224,12 +228,25 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             histograms=self.metrics.histograms(), requests_finished_total=self.metrics.finished())
 
 
+def _rejected_param(params: Any, message: str, input_field: str) -> str:
+    """The field an engine rejection names: its output constraint when that is what the engine
+    could not compile, else the prompt."""
+    structured = getattr(params, "structured", None)
+    if structured is None or not any(w in message.lower() for w in ("structured", "grammar", "schema", "regex")):
+        return input_field
+    return "tool_choice" if structured.kind == "tool_calls" else "structured"
+
+
 class _Stream:
     """One Generate call's bookkeeping: turns engine outputs into GenerateResponses, one message
-    per sample per batch of outputs, and keeps usage and the latency metrics."""
+    per sample per batch of outputs, and keeps usage and the latency metrics.
+
+    keep_stop (include_stop_str_in_output, the request's params): a sample that a stop string
+    ended gets that string back at the end of its text. The engine cuts the text before it; which
+    one matched is read off the sample's tokens, decoded past where the text was cut."""
 
     def __init__(self, servicer: GenerationServicer, request_id: str, n: int, prompt: list[int], start: float,
-                 echo: str | None = None):
+                 echo: str | None = None, keep_stop: Any = None):
         self.servicer, self.metrics = servicer, servicer.metrics
         self.request_id, self.n, self.start = request_id, n, start
         self.prompt_tokens, self.cached_tokens = len(prompt), 0
@@ -242,6 +259,9 @@ class _Stream:
         self.generated: dict[int, int] = {}      # sample -> completion tokens so far
         self.finished: set[int] = set()
         self.done = False                        # the last message went out (or a marker ended the call)
+        self.keep_stop = keep_stop               # params, when the stop string stays in the text
+        self.sample_ids: dict[int, list[int]] = {}   # with keep_stop: sample -> its tokens so far
+        self.sample_text: dict[int, list[str]] = {}  # with keep_stop: sample -> its text so far
 
     def build_prompt_logprobs(self, outputs: list[Any]) -> None:
         """For each sample whose output carries the prompt log-probs: the messages of all parts but
@@ -308,9 +328,14 @@ class _Stream:
         if self.echo is not None and index not in self.echoed:
             self.echoed.add(index)
             response.prompt_text = self.echo
+        if self.keep_stop is not None:
+            self.sample_ids.setdefault(index, []).extend(token_ids)
+            self.sample_text.setdefault(index, []).append(text)
         if last.finished:
             self.finished.add(index)
             response.finish_reason = last.finish_reason or "stop"
+            if self.keep_stop is not None and response.finish_reason == "stop":
+                response.text += self._stop_string(index)
             self.metrics.count_finished(response.finish_reason)
             if last.completion_tokens > 1 and index in self.first_token:
                 self.metrics.tpot.observe((now - self.first_token[index]) / (last.completion_tokens - 1))
@@ -319,6 +344,17 @@ class _Stream:
                 response.usage.CopyFrom(self._usage())
                 self.metrics.e2e.observe(now - self.start)
         return response
+
+    def _stop_string(self, index: int) -> str:
+        """The stop string that ended sample `index` ("" when a stop token did)."""
+        params, ids = self.keep_stop, self.sample_ids.get(index, [])
+        if not ids or ids[-1] in params.stop_token_ids or ids[-1] in self.servicer.tokenizer.stop_ids:
+            return ""
+        text = "".join(self.sample_text.get(index, []))
+        full = self.servicer.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
+        found = [(full.find(s, len(text)), s) for s in params.stop if s in full[len(text):]]
+        exact = [s for s in params.stop if full.startswith(s, len(text))]
+        return max(exact, key=len) if exact else min(found)[1] if found else ""
 
     def abort_responses(self) -> list[pb.GenerateResponse]:
         """Shutdown aborted the request: end every open sample with "abort", usage on the last."""

@@ -47,6 +47,7 @@ class EngineConfig:
     decode_pdl: bool | None = None           # those GEMVs launch with programmatic dependent launch; default on where supported (Hopper+)
     cascade_attention: bool = True           # decode reads a prefix neighbouring sequences share once per chunk
     compile_cache_dir: str | None = None     # where torch.compile and Triton keep compiled kernels between starts; default ~/.cache/astrai
+    structured_compile_wait_s: float = 0.02  # add_request waits this long for a new structured-output grammar to compile (a bad one then fails the call; 0 = never wait); a longer compile runs on while the request waits in the queue
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -89,6 +90,9 @@ class EngineConfig:
         budget = self.cuda_graph_capture_budget_s
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
             raise bad("cuda_graph_capture_budget_s", "must be a positive number of seconds")
+        wait = self.structured_compile_wait_s
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait < float("inf"):
+            raise bad("structured_compile_wait_s", "must be a number of seconds >= 0")
 
     @classmethod
     def build(cls, config: "EngineConfig | None" = None, **overrides: Any) -> "EngineConfig":

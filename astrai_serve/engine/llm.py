@@ -4,6 +4,15 @@
     llm = LLM("path/to/model", max_num_seqs=32)
     results = llm.generate(["To be, or not", "Once more unto"], SamplingParams(max_tokens=32))
     print(results[0].text)
+
+Structured output: the text must match a JSON Schema (or a regex, a choice, a Lark grammar, a tool
+call: see StructuredOutput), enforced token by token:
+
+    import json
+    from astrai_serve.engine.structured_spec import StructuredOutput
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    params = SamplingParams(max_tokens=64, structured=StructuredOutput(json=json.dumps(schema)))
+    person = json.loads(llm.generate("Name a king:", params)[0].text)   # when finish_reason == "stop"
 """
 from __future__ import annotations
 
@@ -79,7 +88,8 @@ class LLM:
 
     def generate(self, prompts: Any, params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[GenerationResult]:
-        """Complete every prompt; results come back in the order of the prompts."""
+        """Complete every prompt; results come back in the order of the prompts. A bad request
+        (a bad parameter, a structured-output schema that does not compile) raises ValueError."""
         prompts = _as_prompt_list(prompts)
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
@@ -100,6 +110,8 @@ class LLM:
             logprobs: dict[tuple[str, int], list] = {}
             while engine.has_unfinished_requests():
                 for out in engine.step():
+                    if out.error is not None:   # failed after add_request accepted it (a grammar that did not compile)
+                        raise ValueError(out.error)
                     if out.prompt_logprobs is not None:
                         results[out.request_id].prompt_logprobs = out.prompt_logprobs
                     if out.logprobs is not None:

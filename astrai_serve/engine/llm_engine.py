@@ -6,6 +6,17 @@
 Requests with prompt_logprobs also score their prompt positions in the prefill steps
 (prompt_logprobs.py), between the forward and the sampler.
 
+Structured output (SamplingParams.structured; structured/): each constrained sample has a grammar
+matcher, advanced by its new token right after `Scheduler.update`; the next step's sampling masks
+its row with the matcher's token bitmask (filled on the host while that step's forward runs on
+the device). With async scheduling the decode launched ahead runs its forward at once, on the
+previous step's ids still on the device, and only its SAMPLING waits until the host has read
+those ids, advanced the matchers and filled the masks (`_Deferred`). The cost, in steps with a
+constrained row only: the sampling of step N+1 is enqueued after step N's host sync plus the
+matcher updates and the mask fill (llguidance: 20-70 µs a constrained row on a 2-core CPU),
+instead of with the forward; the device idles only if that host work outlasts step N+1's
+forward. Steps without a constrained row launch exactly as before.
+
 The engine is single-threaded: add_request / abort_request / step must be called from one
 thread (the daemon's engine loop does exactly that). abort_request frees the pages at once and
 emits nothing: the caller that aborts already knows the request ended.
@@ -38,6 +49,7 @@ from .sampling_params import SamplingParams
 from .scheduler import ScheduledChunk, Scheduler, StepPlan
 from .sequence import Sequence, SeqStatus
 from .startup import StartupTimes, use_compile_cache
+from .structured.runtime import StructuredRuntime, constrained
 from .transfer import to_device
 
 Prompt = str | list[dict] | list[int]
@@ -64,6 +76,14 @@ class EngineStats:
     prompt_tokens_total: int             # prompt tokens of all accepted requests
     generation_tokens_total: int         # tokens generated
     num_preemptions_total: int           # sequences preempted for lack of pages (recomputed later)
+
+
+@dataclass
+class _Deferred:
+    """A launched forward whose sampling waits for the host (a constrained decode launched ahead)."""
+
+    logits: torch.Tensor
+    sampling: list[ScheduledChunk]
 
 
 class LLMEngine:
@@ -168,6 +188,10 @@ class LLMEngine:
         self._requests: dict[str, list[Sequence]] = {}
         # Sequences whose prompt log-probs are still to compute (empty: no step looks for any).
         self._scoring: set[Sequence] = set()
+        # Grammars for structured output (None without a tokenizer): its llguidance tokenizer
+        # starts building on a worker thread now, so the first constrained request finds it.
+        self._structured = (StructuredRuntime(tokenizer, mc.vocab_size, device, config.structured_compile_wait_s)
+                            if tokenizer is not None else None)
         self._next_id = 0
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
@@ -209,6 +233,8 @@ class LLMEngine:
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
+        if params.structured is not None and self._structured is None:
+            raise ValueError("structured output needs a tokenizer; this engine has none")
         vocab = self.model_config.vocab_size
         bad = next((t for t in params.logit_bias or () if t >= vocab), None)
         if bad is not None:   # out of range it would index past the logits inside a batched step
@@ -226,22 +252,60 @@ class LLMEngine:
             seed = None if params.seed is None else sample_seed(params.seed, i)
             seq.state = new_state(seq, self.tokenizer, seed, scores)
             samples.append(seq)
+        # A grammar compiled in time (or cached) starts the request now; one still compiling holds
+        # it outside the scheduler (step() admits it once compiled); a bad one raises here.
+        held = params.structured is not None and not self._structured.admit(request_id, params.structured, samples)
         if scores is not None:
             samples[0].score_prompt = True
             self._scoring.add(samples[0])
-        self.scheduler.add(samples)
+        if not held:
+            self.scheduler.add(samples)
         self._requests[request_id] = samples
         self._prompt_tokens_total += len(ids)
 
     def abort_request(self, request_id: str) -> None:
+        if self._structured is not None:
+            self._structured.cancel(request_id)
         for seq in self._requests.pop(request_id, []):
             self._scoring.discard(seq)
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
                 self.sampler.release(seq.seq_id)
+                self._release_grammar(seq)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or self._inflight is not None
+        return (self.scheduler.has_unfinished() or self._inflight is not None
+                or (self._structured is not None and bool(self._structured.held)))
+
+    def _release_grammar(self, seq: Sequence) -> str | None:
+        """Drop a finished sample's matcher; the error it ended with, if any."""
+        m = seq.state.grammar
+        if m is None:
+            return None
+        seq.state.grammar = None
+        self._structured.live -= 1
+        return m.error
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Start the held requests whose grammar has compiled; end those whose grammar failed
+        (their one output carries the error). Waits a little when nothing else could run."""
+        idle = self._inflight is None and not self.scheduler.has_unfinished()
+        outputs = []
+        for held, error in self._structured.take_ready(block=idle):
+            if self._requests.get(held.request_id) is not held.samples:
+                continue                     # aborted meanwhile
+            if error is None:
+                self.scheduler.add(held.samples)
+                continue
+            log.warning("request %s failed: %s", held.request_id, error)
+            self._requests.pop(held.request_id)
+            for seq in held.samples:
+                self._scoring.discard(seq)
+                self.scheduler.finish(seq, "abort")
+                out = make_output(seq, finished=True)
+                out.error = error
+                outputs.append(out)
+        return outputs
 
     # ---- one step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -257,11 +321,12 @@ class LLMEngine:
         schedules. A sequence that turns out to have stopped has computed one token for nothing,
         which the next update drops.
         """
+        early = self._admit_compiled() if self._structured is not None and self._structured.held else []
         inflight, self._inflight = self._inflight, None
         if inflight is None:
             inflight = self._launch(self.scheduler.schedule())
             if inflight is None:
-                return []
+                return early
         plan, seqs, pending = inflight
         ahead = self._launch_ahead(plan, pending) if self._async else None
         result = pending.result() if pending is not None else SampleResult([], [])  # the one host sync
@@ -271,6 +336,8 @@ class LLMEngine:
                 if lp is not None and not seq.is_finished and seq.params.max_tokens:
                     seq.state.logprobs.append(lp)
         grew = self.scheduler.update(plan, result.token_ids)
+        if self._structured is not None and self._structured.live:
+            self._structured.advance(grew)     # before the stop checks: the grammar may have ended
         self._generation_tokens_total += len(grew)
         if self._scoring:
             for seq in grew:            # its prompt is computed: scored, and free to use the cache
@@ -278,30 +345,42 @@ class LLMEngine:
                     seq.score_prompt = False
                     self._scoring.discard(seq)
         reasons, later = finish_reasons(grew, self.scheduler.max_seq_len)
-        for seq, reason in zip(grew, reasons):
+        errors: dict[int, str] = {}
+        if self._structured is not None and self._structured.live:
+            for i, seq in enumerate(grew):
+                if seq.state.grammar is not None and seq.state.grammar.error is not None:
+                    reasons[i] = "abort"            # the matcher failed (a grammar limit): end it, say why
+        for i, (seq, reason) in enumerate(zip(grew, reasons)):
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 self.sampler.release(seq.seq_id)
+                if seq.state.grammar is not None and (error := self._release_grammar(seq)) is not None:
+                    errors[i] = error
                 if not seq.params.max_tokens:   # grew by no token: max_tokens=0
                     self._generation_tokens_total -= 1
         if ahead is not None:
+            if isinstance(ahead[2], _Deferred):   # the matchers are up to date now: sample
+                ahead = (ahead[0], ahead[1], self._sample(ahead[2].logits, ahead[2].sampling))
             self._inflight = ahead
         elif self._overlap:
             self._inflight = self._launch(self.scheduler.schedule())
         advance_text(grew, reasons, later)
-        outputs = []
-        for seq, reason in zip(grew, reasons):
+        outputs = early
+        for i, (seq, reason) in enumerate(zip(grew, reasons)):
             if reason is None and not seq.stream:
                 continue
             outputs.append(make_output(seq, finished=reason is not None))
+            if i in errors:
+                outputs[-1].error = errors[i]
             if reason is not None and all(s.is_finished for s in self._requests.get(seq.request_id, [])):
                 self._requests.pop(seq.request_id, None)
         return outputs
 
-    def _launch(self, plan: StepPlan, fed: torch.Tensor | None = None
-                ) -> tuple[StepPlan, list[Sequence], PendingSample | None] | None:
+    def _launch(self, plan: StepPlan, fed: torch.Tensor | None = None, defer: bool = False
+                ) -> tuple[StepPlan, list[Sequence], PendingSample | _Deferred | None] | None:
         """Enqueue a step's forward and sampling on the device; nothing waits for it here.
-        fed: a decode's input ids on the device (see `_launch_ahead`)."""
+        fed: a decode's input ids on the device (see `_launch_ahead`); defer: enqueue the forward
+        only, and return what `_sample` needs later."""
         if not plan.chunks:
             return None
         spans = spans_of(plan.chunks, self._scoring) if self._scoring else None
@@ -314,6 +393,13 @@ class LLMEngine:
         seqs = [c.seq for c in sampling]
         if not seqs:
             return plan, seqs, None
+        if defer:
+            return plan, seqs, _Deferred(logits, sampling)
+        return plan, seqs, self._sample(logits, sampling)
+
+    def _sample(self, logits: torch.Tensor, sampling: list[ScheduledChunk]) -> PendingSample:
+        """Enqueue the sampling of a launched forward's rows (one per sampling chunk)."""
+        seqs = [c.seq for c in sampling]
         params = [s.params for s in seqs]
         histories = keys = None
         if any(p.uses_penalties for p in params):
@@ -327,8 +413,11 @@ class LLMEngine:
             # below min_tokens (counting what it has before this step's token), a row may not stop
             banned = [s.state.stop_ids if pos - s.num_prompt_tokens < s.params.min_tokens else None
                       for s, pos in zip(seqs, positions)]
-        return plan, seqs, self.sampler.sample_async(logits, params, [s.state.seed for s in seqs],
-                                                     positions, histories, keys, banned)
+        grammar = None
+        if self._structured is not None and self._structured.live and constrained(seqs):
+            grammar = self._structured.masks(seqs)
+        return self.sampler.sample_async(logits, params, [s.state.seed for s in seqs], positions,
+                                         histories, keys, banned, grammar)
 
     def _launch_ahead(self, plan: StepPlan, pending: PendingSample | None
                       ) -> tuple[StepPlan, list[Sequence], PendingSample | None] | None:
@@ -340,7 +429,9 @@ class LLMEngine:
           a free slot): the normal schedule admits it one step sooner;
         - a sequence needs a page and none is free (the normal schedule preempts).
         Sequences that reach max_tokens at `plan` are left out; ones that stop on a stop token
-        or string are not known yet: their extra token is dropped by the next update."""
+        or string are not known yet: their extra token is dropped by the next update. With a
+        constrained row, only the forward is enqueued here (step() samples once the matchers
+        have the ids)."""
         if pending is None or not all(c.num_tokens == 1 and c.samples for c in plan.chunks):
             return None
         sched, running = self.scheduler, SeqStatus.RUNNING
@@ -365,14 +456,16 @@ class LLMEngine:
         if len(rows) < len(plan.chunks):
             fed = fed[to_device(rows, torch.int64, fed.device)]
         self.num_async_steps += 1
-        return self._launch(StepPlan(chunks), fed)
+        defer = self._structured is not None and self._structured.live > 0 and constrained([c.seq for c in chunks])
+        return self._launch(StepPlan(chunks), fed, defer)
 
     # ---- state -------------------------------------------------------------------------------
     def stats(self) -> EngineStats:
         cached = self.kv.num_cached_only()
         return EngineStats(
             pages_total=self.kv.num_pages, pages_in_use=self.kv.pool.num_used - cached, pages_cached=cached,
-            num_running=len(self.scheduler.running), num_waiting=self.scheduler.num_waiting,
+            num_running=len(self.scheduler.running),
+            num_waiting=self.scheduler.num_waiting + (self._structured.num_held if self._structured else 0),
             prefix_cache_hit_tokens_total=self.scheduler.prefix_cache_hit_tokens_total,
             prompt_tokens_total=self._prompt_tokens_total,
             generation_tokens_total=self._generation_tokens_total,

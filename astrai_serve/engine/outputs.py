@@ -7,7 +7,9 @@ Stop rules, checked after every new token:
   returned, as OpenAI does). While stop strings are set, the last len(longest)-1 characters
   are held back from the deltas, so a stop string split across tokens never leaks out;
 - max_tokens generated, or the context full -> "length". With max_tokens=0 a sample ends as
-  soon as its prompt is computed, with nothing generated ("length").
+  soon as its prompt is computed, with nothing generated ("length");
+- under structured output, a token after which the grammar admits nothing more -> "stop"; that
+  token is text (a closing brace, say), so it stays in the text, unlike an eos.
 
 Below min_tokens generated tokens the sampler never draws a stop token (the engine bans them),
 and stop strings are not looked for (as vLLM: a stop string that ends before then never stops
@@ -18,6 +20,7 @@ A request with prompt_logprobs gets them once per sample, in that sample's first
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from astrai_train.tokenizer import IncrementalDetokenizer
 from astrai_train.tokenizer.detokenizer import push_many
@@ -42,6 +45,10 @@ class RequestOutput:
     logprobs: list[Logprob] | None = None  # per new token: (id, logprob, [(top id, logprob), ...])
     # With prompt_logprobs, in the sample's first output: one per prompt token, the first None.
     prompt_logprobs: list[Logprob | None] | None = None
+    # Set when the request failed inside the engine after add_request accepted it (a grammar that
+    # turned out not to compile): finished, finish_reason "abort", no tokens. A client mistake,
+    # worded as add_request's ValueError would have been.
+    error: str | None = None
     # The sequence's token list (prompt + output; it only ever grows): token_ids is cut from it on
     # demand, since copying every generated token into every step's output is O(length) a step.
     _all_ids: list[int] = field(default_factory=list, repr=False, compare=False)
@@ -66,6 +73,7 @@ class SampleState:
     holdback: int = 0                               # chars held back while stop strings may complete
     pushed_from: int = 0                            # len(text) before the last pushed token's text
     prompt_scores: PromptScores | None = None       # the request's prompt log-probs until this sample's first output
+    grammar: Any = None                             # structured output: the sample's SequenceMatcher (structured/matcher.py)
 
 
 def new_state(seq: Sequence, tokenizer, seed: int | None, prompt_scores: PromptScores | None = None) -> SampleState:
@@ -95,6 +103,8 @@ def check_stop(seq: Sequence, max_seq_len: int) -> str | None:
             st.text += st.detok.push([token])
             if p.stop and seq.num_completion_tokens >= p.min_tokens and _cut_at_stop(st, p.stop, before):
                 return "stop"
+    if reason is None and st.grammar is not None and st.grammar.done:
+        reason = "stop"
     if reason is None and (seq.num_completion_tokens >= p.max_tokens or seq.num_tokens >= max_seq_len):
         reason = "length"
     if reason is not None and st.detok is not None:
@@ -128,14 +138,14 @@ def finish_reasons(seqs: list[Sequence], max_seq_len: int) -> tuple[list[str | N
         if not p.max_tokens:        # max_tokens=0: done once the prompt is in, no token, no text
             reasons[i] = "length"
             continue
-        if seq.token_ids[-1] in st.stop_ids:
+        if seq.token_ids[-1] in st.stop_ids or (st.grammar is not None and st.grammar.done):
             reasons[i] = "stop"
         elif seq.num_completion_tokens >= p.max_tokens or seq.num_tokens >= max_seq_len:
             reasons[i] = "length"
         if st.detok is not None:
             (now if p.stop else later).append(i)
     if now:
-        pushing = [i for i in now if reasons[i] != "stop"]
+        pushing = [i for i in now if not _on_stop_token(seqs[i])]
         _push(seqs, pushing)
         for i in pushing:
             seq = seqs[i]
@@ -156,10 +166,16 @@ def advance_text(seqs: list[Sequence], reasons: list[str | None], later: list[in
     samples that push was the largest host phase of an offline decode step (1.4 ms of W2's ~6 ms
     on an H200). The detokenizer's contract (deltas + flush == decode of all ids) makes the two
     texts equal."""
-    _push(seqs, [i for i in later if reasons[i] != "stop" and seqs[i].stream])
+    _push(seqs, [i for i in later if not _on_stop_token(seqs[i]) and seqs[i].stream])
     done = [i for i in later if reasons[i] is not None]
     _push_all(seqs, [i for i in done if not seqs[i].stream], reasons)
     _flush(seqs, done)
+
+
+def _on_stop_token(seq: Sequence) -> bool:
+    """Whether the newest token is a stop token (which adds no text), as opposed to a sample that
+    stopped on a stop string or at the end of its grammar."""
+    return seq.token_ids[-1] in seq.state.stop_ids
 
 
 def _push(seqs: list[Sequence], which: list[int]) -> None:
@@ -177,7 +193,7 @@ def _push_all(seqs: list[Sequence], which: list[int], reasons: list[str | None])
     text, as in the per-step path)."""
     if not which:
         return
-    ids = [seqs[i].token_ids[seqs[i].num_prompt_tokens:len(seqs[i].token_ids) - (reasons[i] == "stop")]
+    ids = [seqs[i].token_ids[seqs[i].num_prompt_tokens:len(seqs[i].token_ids) - _on_stop_token(seqs[i])]
            for i in which]
     for i, delta in zip(which, push_many([seqs[i].state.detok for i in which], ids)):
         seqs[i].state.text += delta

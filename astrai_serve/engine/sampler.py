@@ -1,6 +1,7 @@
 """Sampler: logits of a batch -> next tokens (+ log-probs), vectorized on the device.
 
-Order per row: logit_bias (added to the listed tokens' logits; first, as vLLM applies it) and
+Order per row: the grammar mask of a row under structured output (its disallowed tokens set to
+-inf: structured/bitmask.py) -> logit_bias (added to the listed tokens' logits; first, as vLLM applies it) and
 banned tokens (the stop tokens of a row below its min_tokens, set to -inf; one scatter with the
 bias) -> penalties (repetition on prompt+output tokens; presence and frequency on output tokens, as OpenAI
 defines them) -> greedy argmax when temperature is 0 -> otherwise temperature, top-k, top-p and
@@ -13,7 +14,8 @@ so the same seed gives the same tokens whatever else is in the batch, with no pe
 generator and no per-row launch; rows without a seed take keys from the sampler's own stream.
 
 Log-probs are those of the model's distribution (log_softmax of the raw logits, before
-logit_bias, penalties and temperature), as vLLM reports them by default (its raw_logprobs).
+logit_bias, penalties and temperature), as vLLM reports them by default (its raw_logprobs); under
+a grammar, of that distribution over the tokens the grammar allows (vLLM masks before it too).
 
 No host sync but one: `sample_async` only enqueues device work, ending in ONE non-blocking copy
 of the sampled ids (and the log-probs, packed into the same transfer) into pinned memory;
@@ -34,6 +36,7 @@ from astrai_serve.kernels.gumbel import seeded_keys, split_keys
 
 from .penalty_counts import PenaltyCounts
 from .sampling_params import SamplingParams
+from .structured.bitmask import DeviceMask, apply_bitmask
 from .transfer import HostCopy, to_device
 
 Logprob = tuple[int, float, list[tuple[int, float]]]  # (token, logprob, [(top token, logprob), ...])
@@ -69,7 +72,8 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], seeds: list[int | None] | None = None,
                  positions: list[int] | None = None, histories: list[tuple[list[int], int]] | None = None,
                  history_keys: list[int] | None = None,
-                 banned: list[Collection[int] | None] | None = None) -> SampleResult:
+                 banned: list[Collection[int] | None] | None = None,
+                 grammar: DeviceMask | None = None) -> SampleResult:
         """logits [S, V] (float32, or bf16/fp16 as the model makes them: the draw and argmax
         read them as they are, log-probs and penalties widen to float32 first); per row: its
         params, its sample's seed (or None), the position it samples (the sequence's length;
@@ -78,15 +82,20 @@ class Sampler:
         history_keys (one stable key per row, e.g. the sequence id) the penalty counts are
         kept on the device and advanced by each step's new tokens (release a key when its
         sequence ends); without, they are rebuilt from the histories. banned: per row, token
-        ids it must not sample this step (None = none), e.g. its stop tokens below min_tokens."""
-        return self.sample_async(logits, params, seeds, positions, histories, history_keys, banned).result()
+        ids it must not sample this step (None = none), e.g. its stop tokens below min_tokens.
+        grammar: the token bitmasks of the rows under structured output (the others untouched)."""
+        return self.sample_async(logits, params, seeds, positions, histories, history_keys, banned,
+                                 grammar).result()
 
     @torch.inference_mode()
     def sample_async(self, logits: torch.Tensor, params: list[SamplingParams], seeds: list[int | None] | None = None,
                      positions: list[int] | None = None, histories: list[tuple[list[int], int]] | None = None,
                      history_keys: list[int] | None = None,
-                     banned: list[Collection[int] | None] | None = None) -> "PendingSample":
+                     banned: list[Collection[int] | None] | None = None,
+                     grammar: DeviceMask | None = None) -> "PendingSample":
         """Enqueue the sampling of every row; the result comes with `.result()`."""
+        if grammar is not None:
+            logits = apply_bitmask(logits, grammar)      # a copy: the runner's logits stay as they are
         want_lp = any(p.logprobs for p in params)
         raw_logprobs = logits.float().log_softmax(-1) if want_lp else None
         edits = (self._edits(params, banned, logits.shape[1])

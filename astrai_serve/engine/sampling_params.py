@@ -113,6 +113,9 @@ class SamplingParams:
             raise bad("top_logprobs", "needs logprobs=True")
         if self.structured is not None and not isinstance(self.structured, StructuredOutput):
             raise bad("structured", "must be a StructuredOutput or None")
+        if self.structured is not None and self.ignore_eos:
+            # The grammar decides where a structured output ends (and allows eos only there).
+            raise bad("ignore_eos", "cannot be combined with structured output: the grammar decides where it ends")
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
                 raise bad("logit_bias", "must be a dict of token id -> bias, or None")

@@ -6,7 +6,8 @@ engine compiles it into a token-level grammar (astrai_serve/engine/structured/) 
 constrained sample's logits with it; compiled grammars are cached by `key()`.
 
 Exactly one of the constraint fields is set:
-- json: a JSON Schema, as JSON text (canonicalised here: key order and spacing do not split the cache)
+- json: a JSON Schema, as JSON text (canonicalised here: spacing does not split the cache; key order
+  is kept, since a schema's property order is the order the output writes them in)
 - json_object: any JSON object (OpenAI's `response_format: {"type": "json_object"}`)
 - regex: a regular expression the whole output must match
 - choice: the output is exactly one of these strings
@@ -27,8 +28,15 @@ KINDS = ("json", "json_object", "regex", "choice", "grammar", "tool_calls")
 
 
 def canonical_json(value: Any) -> str:
-    """One text per JSON value: sorted keys, no spaces (the cache key of a schema)."""
+    """One text per JSON value: sorted keys, no spaces."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def compact_json(value: Any) -> str:
+    """A schema's text without its spacing, its keys in their order: the properties of an object
+    are generated in the order the schema lists them (as OpenAI's strict mode does), so two
+    orders are two grammars, and two cache entries."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 @dataclass(frozen=True)
@@ -62,7 +70,7 @@ class StructuredOutput:
                 raise bad("json", f"is not valid JSON ({err})") from None
             if not isinstance(schema, (dict, bool)):
                 raise bad("json", "a JSON Schema is an object (or true/false)")
-            object.__setattr__(self, "json", canonical_json(schema))
+            object.__setattr__(self, "json", compact_json(schema))
         if self.regex is not None:
             if not isinstance(self.regex, str) or not self.regex:
                 raise bad("regex", "must be a non-empty string")
@@ -86,7 +94,7 @@ class StructuredOutput:
                     schema = None
                 if not isinstance(schema, dict):
                     raise bad("tool_calls", "each entry must be a JSON Schema object as JSON text")
-                canon.append(canonical_json(schema))
+                canon.append(compact_json(schema))
             object.__setattr__(self, "tool_calls", tuple(canon))
         if not isinstance(self.parallel_tool_calls, bool):
             raise bad("parallel_tool_calls", "must be true or false")

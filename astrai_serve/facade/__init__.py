@@ -1,8 +1,11 @@
 """The REST facade: an OpenAI-compatible HTTP API that is only a gRPC client of the core.
 
 app.py is the FastAPI app (chat/completions, completions, models, tokenize, health, metrics);
-protocol.py turns OpenAI request bodies into GenerateRequests and responses.py turns
-GenerateResponses back into OpenAI JSON and SSE chunks; core_client.py is the async gRPC client;
+protocol.py turns OpenAI request bodies into GenerateRequests (chat.py: messages, tools,
+tool_choice and template options; structured.py: response_format / structured_outputs / guided_*;
+errors.py: OpenAI's error shape) and responses.py turns GenerateResponses back into OpenAI JSON
+and SSE chunks, reading tool calls out of the text with tool_parser.py; core_client.py is the
+async gRPC client;
 prometheus.py renders GetStats for /metrics; server.py runs the app under uvicorn (`astrai gateway`
 is that whole process) and process.py is how `astrai serve` starts it as a child.
 

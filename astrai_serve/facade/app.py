@@ -3,7 +3,7 @@
 It holds no model state — the served name and context length come from the core's ModelInfo,
 metrics from its GetStats — so it can run in the daemon's process (`astrai serve`) or beside a
 remote core (`astrai gateway`). Request validation and the status codes chosen are documented in
-openai_protocol.py (400 for every malformed request, as OpenAI does).
+protocol.py (400 for every malformed request, as OpenAI does).
 
 A client that disconnects — mid-stream or while waiting for a whole response — has its gRPC
 call cancelled, which aborts the request in the engine and frees its pages.
@@ -25,7 +25,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from astrai_serve.auth import bearer_matches
 from astrai_serve.facade.core_client import CoreClient, api_error
 from astrai_serve.facade.prometheus import render_prometheus
-from astrai_serve.facade.protocol import ApiError, ParsedRequest, parse_request
+from astrai_serve.facade.errors import ApiError
+from astrai_serve.facade.protocol import ParsedRequest, parse_request
 from astrai_serve.facade.responses import Assembler
 from astrai_serve.facade.tokenize_protocol import parse_detokenize, parse_tokenize
 
@@ -71,8 +72,11 @@ async def _until_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
 
 
 def _call_error(parsed: ParsedRequest, i: int, err: grpc.aio.AioRpcError) -> ApiError:
-    """A core error on prompt i's call; in a batch, an error blamed on the prompt names which one."""
+    """A core error on prompt i's call; in a batch, an error blamed on the prompt names which one.
+    One blamed on the output constraint names the body field that set it (response_format, ...)."""
     error = api_error(err)
+    if error.param and error.param.split(".")[0] == "structured" and parsed.structured_param:
+        error.param = parsed.structured_param
     if len(parsed.requests) > 1 and error.param == parsed.input_param:
         error.param = f"{parsed.input_param}[{i}]"
         error.message = f"{error.param}: {error.message}"
@@ -202,7 +206,7 @@ def create_app(config: FacadeConfig) -> FastAPI:
         check_auth(request)
         body = await read_json(request)
         info = await model_info()
-        parsed = parse_request(kind, body, info.name, info.context_length)
+        parsed = parse_request(kind, body, info.name, info.context_length, info.tool_call_parser)
         assembler = Assembler(parsed, info.name)
         calls = [state["core"].generate(r) for r in parsed.requests]  # a batch of prompts: one call each
         streaming = False

@@ -6,7 +6,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from astrai_serve.proto.contract import ERROR_CODE_KEY, ERROR_PARAM_KEY, MAX_MESSAGE_BYTES
-from astrai_serve.facade.protocol import ApiError
+from astrai_serve.facade.errors import ApiError
 from astrai_serve.proto import generate_pb2 as pb
 from astrai_serve.proto import generate_pb2_grpc as pb_grpc
 

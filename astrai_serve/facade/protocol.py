@@ -17,9 +17,16 @@ the logprobs (prompt tokens first, the first with a null log-prob; the core scor
 with prompt_logprobs = N), and `max_tokens` may be 0 there: with echo + logprobs that is how
 lm-evaluation-harness scores a continuation. Chat has no echo (nor has OpenAI's).
 
+Chat takes tools, tool_choice, parallel_tool_calls and tool messages (chat.py), and both endpoints
+take an output constraint: response_format, structured_outputs or guided_* (structured.py).
+
 Extensions beyond OpenAI (as vLLM spells them): top_k, min_p, repetition_penalty, ignore_eos,
-stop_token_ids, skip_special_tokens, min_tokens. Arguments OpenAI has but this server cannot honour (tools,
-suffix, ...) are refused with 400 instead of being silently ignored.
+stop_token_ids, skip_special_tokens, min_tokens, include_stop_str_in_output, request_id (the
+response's id is "chatcmpl-<request_id>" / "cmpl-<request_id>", as vLLM makes it), priority (only 0:
+the scheduler has no priorities, and vLLM too refuses others when priority scheduling is off), and
+on chat chat_template_kwargs, add_generation_prompt and continue_final_message. Arguments OpenAI
+has but this server cannot honour (suffix, audio, ...) are refused with 400 instead of being
+silently ignored; so are unknown ones.
 """
 from __future__ import annotations
 
@@ -28,19 +35,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from astrai_serve.facade import chat as chat_input
+from astrai_serve.facade.errors import ApiError, bad as _bad, get_bool as _get_bool, type_name as _type_name
+from astrai_serve.facade.structured import FIELDS as STRUCTURED_FIELDS, output_constraint
 from astrai_serve.proto import generate_pb2 as pb
-
-
-class ApiError(Exception):
-    """An error answered in OpenAI's shape {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 @dataclass(frozen=True)
@@ -57,6 +55,9 @@ class ParsedRequest:
     echo: bool = False           # completions: the prompt comes first in each choice's text (and logprobs)
     # with echo, per prompt: its text as the client sent it, or None for token ids (the core decodes them)
     echo_texts: tuple[str | None, ...] = ()
+    tool_parser: str = ""        # chat with tools (tool_choice not "none"): how to read calls from the text ("hermes")
+    named_tool: bool = False     # tool_choice named a function: finish_reason stays "stop", as OpenAI's does
+    structured_param: str | None = None  # the body field of the output constraint (for the core's errors about it)
 
     @property
     def num_choices(self) -> int:
@@ -74,34 +75,18 @@ MAX_LOGIT_BIAS_TOKENS = 300  # entries per request, as OpenAI caps it
 # Accepted and ignored: they change nothing about the generated text.
 IGNORED = {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"}
 # Accepted only with their default (neutral) value.
-NEUTRAL = {"tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
-           "function_call": (None, "none", "auto"), "parallel_tool_calls": (None, True, False),
-           "response_format": (None, {"type": "text"}), "modalities": (None, ["text"]), "audio": (None,),
+NEUTRAL = {"functions": (None, []), "function_call": (None, "none", "auto"),
+           "modalities": (None, ["text"]), "audio": (None,),
            "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1), "prediction": (None,),
            "reasoning_effort": (None,), "web_search_options": (None,)}
 COMMON = {"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "n", "stop", "seed",
           "presence_penalty", "frequency_penalty", "logprobs", "logit_bias",
           "top_k", "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids", "skip_special_tokens",
-          "min_tokens"}
-CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
+          "min_tokens", "include_stop_str_in_output", "request_id", "priority", *STRUCTURED_FIELDS}
+CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
+                        "parallel_tool_calls", *chat_input.TEMPLATE_FIELDS}
 COMPLETION_FIELDS = COMMON | {"prompt", "echo"}   # chat keeps echo NEUTRAL: it has none
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-
-
-def _type_name(value: Any) -> str:
-    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
-            dict: "object", type(None): "null"}.get(type(value), type(value).__name__)
-
-
-def _bad(param: str, message: str) -> ApiError:
-    return ApiError(400, message, param=param)
-
-
-def _get_bool(body: dict, name: str) -> bool | None:
-    value = body.get(name)
-    if value is not None and not isinstance(value, bool):
-        raise _bad(name, f"'{name}' must be a boolean, got {_type_name(value)} {value!r}")
-    return value
+MAX_REQUEST_ID = 256
 
 
 def _get_int(body: dict, name: str, lo: int, hi: int) -> int | None:
@@ -174,45 +159,6 @@ def _get_logit_bias(body: dict) -> dict[int, float]:
     return out
 
 
-def _content(message: dict, i: int) -> str:
-    content = message.get("content")
-    if content is None and message.get("role") == "assistant":
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # content parts: only text
-        texts = []
-        for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise _bad(f"messages[{i}].content[{j}]",
-                           f"messages[{i}].content[{j}] must be a text part {{'type': 'text', 'text': ...}}; "
-                           "this model reads text only")
-            texts.append(part["text"])
-        return "".join(texts)
-    raise _bad(f"messages[{i}].content",
-               f"messages[{i}].content must be a string or an array of text parts, got {_type_name(content)}")
-
-
-def _messages(body: dict) -> pb.ChatMessages:
-    messages = body.get("messages")
-    if messages is None:
-        raise _bad("messages", "'messages' is required")
-    if not isinstance(messages, list):
-        raise _bad("messages", f"'messages' must be an array, got {_type_name(messages)}")
-    if not messages:
-        raise _bad("messages", "'messages' must contain at least one message")
-    out = pb.ChatMessages()
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise _bad(f"messages[{i}]", f"messages[{i}] must be an object, got {_type_name(m)}")
-        role = m.get("role")
-        if role not in ROLES:
-            raise _bad(f"messages[{i}].role",
-                       f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
-        out.messages.add(role=ROLES[role], content=_content(m, i))
-    return out
-
-
 def _prompt_element(value: Any, param: str) -> str | list[int]:
     if isinstance(value, str):
         if not value:
@@ -255,8 +201,38 @@ def check_model(body: dict, model_name: str) -> None:
                        param="model", code="model_not_found")
 
 
-def parse_request(kind: str, body: Any, model_name: str, context_length: int) -> ParsedRequest:
-    """Validate an OpenAI chat ("chat") or completions ("completion") body. Raises ApiError."""
+def _request_id(body: dict, kind: str) -> str:
+    prefix = "chatcmpl" if kind == "chat" else "cmpl"
+    given = body.get("request_id")
+    if given is None:
+        return f"{prefix}-{uuid.uuid4().hex}"
+    if not isinstance(given, str) or not given or len(given) > MAX_REQUEST_ID or not given.isprintable():
+        raise _bad("request_id", f"'request_id' must be a non-empty printable string of at most {MAX_REQUEST_ID} "
+                                 f"characters, got {given!r:.80}")
+    return f"{prefix}-{given}"
+
+
+def _chat(body: dict, request: pb.GenerateRequest, tool_call_parser: str) -> chat_input.ToolChoice:
+    """messages, tools, tool_choice and the template options into `request`."""
+    chat = chat_input.messages(body)
+    tools = chat_input.tools(body)
+    chat.tools.extend(tools)
+    choice = chat_input.tool_choice(body, [t.name for t in tools], tool_call_parser)
+    generation = chat_input.template_options(body, chat)
+    request.messages.CopyFrom(chat)
+    if generation is not None:
+        request.add_generation_prompt = generation
+    request.tool_choice.mode, request.tool_choice.function_name = choice.mode, choice.function
+    parallel = _get_bool(body, "parallel_tool_calls")
+    if parallel is not None:
+        request.parallel_tool_calls = parallel
+    return choice
+
+
+def parse_request(kind: str, body: Any, model_name: str, context_length: int,
+                  tool_call_parser: str = "") -> ParsedRequest:
+    """Validate an OpenAI chat ("chat") or completions ("completion") body. Raises ApiError.
+    tool_call_parser: the core's (ModelInfoResponse.tool_call_parser); "" = no tool calling."""
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {_type_name(body)}")
     allowed = CHAT_FIELDS if kind == "chat" else COMPLETION_FIELDS
@@ -279,13 +255,18 @@ def parse_request(kind: str, body: Any, model_name: str, context_length: int) ->
             raise _bad("stream_options", "'stream_options' must be an object like {\"include_usage\": true}")
         include_usage = bool(_get_bool(options, "include_usage"))
 
-    request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+    request_id = _request_id(body, kind)
+    priority = _get_int(body, "priority", -(2**31), 2**31 - 1)
+    if priority:
+        raise _bad("priority", f"'priority' {priority} cannot be honoured: this server's scheduler has no priorities "
+                               "(as vLLM without priority scheduling); send 0 or leave it out")
     request = pb.GenerateRequest(request_id=request_id)
     p = request.params
     prompts: list[str | list[int]] = []
     echo = False
+    choice = chat_input.ToolChoice("none")
     if kind == "chat":
-        request.messages.CopyFrom(_messages(body))
+        choice = _chat(body, request, tool_call_parser)
         max_tokens = _get_int(body, "max_completion_tokens", 1, context_length)
         if max_tokens is None:
             max_tokens = _get_int(body, "max_tokens", 1, context_length)
@@ -340,6 +321,13 @@ def parse_request(kind: str, body: Any, model_name: str, context_length: int) ->
     if skip is not None:
         p.skip_special_tokens = skip
     p.logprobs, p.top_logprobs = logprobs, top_logprobs
+    p.include_stop_str_in_output = bool(_get_bool(body, "include_stop_str_in_output"))
+    structured, structured_param = output_constraint(body)
+    if structured is not None:
+        if choice.constrains:
+            raise _bad("tool_choice", f"'tool_choice' {choice.mode!r} constrains the output to tool calls, and "
+                                      f"'{structured_param}' constrains it too: set only one")
+        p.structured.CopyFrom(structured)
     requests = [request] if kind == "chat" else []
     for i, prompt in enumerate(prompts):
         one = pb.GenerateRequest()
@@ -355,4 +343,7 @@ def parse_request(kind: str, body: Any, model_name: str, context_length: int) ->
     return ParsedRequest(kind=kind, id=request_id, requests=tuple(requests), stream=stream,
                          include_usage=include_usage, n=n, logprobs=logprobs, top_logprobs=top_logprobs,
                          input_param="messages" if kind == "chat" else "prompt", echo=echo,
-                         echo_texts=tuple(q if isinstance(q, str) else None for q in prompts) if echo else ())
+                         echo_texts=tuple(q if isinstance(q, str) else None for q in prompts) if echo else (),
+                         tool_parser=tool_call_parser if choice.mode != "none" else "",
+                         named_tool=choice.mode == "function",
+                         structured_param="tool_choice" if choice.constrains else structured_param)

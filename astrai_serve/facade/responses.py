@@ -5,6 +5,13 @@ Mirrors OpenAI's shapes: a chat stream opens each choice with a `{"role": "assis
 stream_options.include_usage every chunk has `"usage": null` and one last chunk with no
 choices carries the usage.
 
+Chat with tools (ParsedRequest.tool_parser): each choice's text goes through a tool-call parser
+(tool_parser.py). A whole response has message.tool_calls ([{id, type: "function", function:
+{name, arguments}}]) and the text outside the calls as content (null when none is left); a stream
+sends them as OpenAI does: `delta.tool_calls` with the call's index, id, type and name in its
+first chunk, then `function.arguments` fragments. finish_reason is "tool_calls" where the model
+called a tool and stopped, except for a named tool_choice, where OpenAI keeps "stop".
+
 A batch of prompts is one Assembler: the facade renumbers each response's index to the choice's
 (prompt i's sample j is i * n + j), and the usage of all the prompts is summed.
 
@@ -27,6 +34,7 @@ import time
 from typing import Any
 
 from astrai_serve.facade.protocol import ParsedRequest
+from astrai_serve.facade.tool_parser import Arguments, CallStart, Content, Event, HermesToolParser, parse_whole
 from astrai_serve.proto import generate_pb2 as pb
 
 
@@ -64,6 +72,9 @@ class Assembler:
         self.echoed: set[int] = set()
         self.prompt_parts: dict[int, list[Any]] = {}   # choice -> PromptLogprobs of its parts so far
         self.usage: dict[str, Any] | None = None
+        # choice -> its tool-call parser (streaming only; a whole response parses its text at the end)
+        self.tool_parsers: dict[int, HermesToolParser] = (
+            {i: HermesToolParser() for i in choices} if parsed.tool_parser == "hermes" and parsed.stream else {})
 
     # ---- shared ----------------------------------------------------------------------------
     def _absorb(self, r: pb.GenerateResponse) -> tuple[str, list[dict] | None, dict | None]:
@@ -153,17 +164,29 @@ class Assembler:
                 self.started.add(i)
                 out.append(self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                                          "logprobs": None, "finish_reason": None}]))
-            if r.text or chat_lp:
-                out.append(self._chunk([{"index": i, "delta": {"content": r.text},
-                                         "logprobs": {"content": chat_lp} if chat_lp is not None else None,
+            lp = {"content": chat_lp} if chat_lp is not None else None
+            parser = self.tool_parsers.get(i)
+            if parser is None:
+                deltas = [{"content": r.text}] if r.text or chat_lp else []
+            else:
+                events = parser.feed(r.text) if r.text else []
+                if r.finish_reason:
+                    events += parser.finish()
+                deltas = _deltas(events) or ([{}] if chat_lp else [])   # log-probs go out with something
+            for k, delta in enumerate(deltas):
+                out.append(self._chunk([{"index": i, "delta": delta, "logprobs": lp if k == 0 else None,
                                          "finish_reason": None}]))
             if r.finish_reason:
+                called = parser is not None and parser.called
                 out.append(self._chunk([{"index": i, "delta": {}, "logprobs": None,
-                                         "finish_reason": r.finish_reason}]))
+                                         "finish_reason": self._finish_reason(r.finish_reason, called)}]))
         elif text or legacy_lp or r.finish_reason:
             out.append(self._chunk([{"index": i, "text": text, "logprobs": legacy_lp,
                                      "finish_reason": r.finish_reason or None}]))
         return out
+
+    def _finish_reason(self, reason: str | None, called: bool) -> str | None:
+        return "tool_calls" if called and reason == "stop" and not self.parsed.named_tool else reason
 
     def usage_chunk(self) -> dict[str, Any]:
         chunk = self._chunk([])
@@ -179,9 +202,16 @@ class Assembler:
         for i in sorted(self.text):
             text = "".join(self.text[i])
             if self.parsed.kind == "chat":
-                choices.append({"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
+                message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+                finish = self.finish[i]
+                if self.parsed.tool_parser == "hermes":
+                    message["content"], calls = parse_whole(text)
+                    if calls:
+                        message["tool_calls"] = calls
+                        finish = self._finish_reason(finish, True)
+                choices.append({"index": i, "message": message,
                                 "logprobs": {"content": self.chat_logprobs[i]} if self.parsed.logprobs else None,
-                                "finish_reason": self.finish[i]})
+                                "finish_reason": finish})
             else:
                 choices.append({"index": i, "text": text,
                                 "logprobs": self.legacy_logprobs[i] if self.parsed.logprobs else None,
@@ -192,3 +222,22 @@ class Assembler:
         if self.parsed.kind == "chat":
             result["system_fingerprint"] = None
         return result
+
+
+def _deltas(events: list[Event]) -> list[dict[str, Any]]:
+    """Tool-parser events -> chat deltas, one per event (a call's adjacent argument fragments
+    joined), in OpenAI's streaming shape."""
+    out: list[dict[str, Any]] = []
+    for e in events:
+        if isinstance(e, Content):
+            out.append({"content": e.text})
+        elif isinstance(e, CallStart):
+            out.append({"tool_calls": [{"index": e.index, "id": e.id, "type": "function",
+                                        "function": {"name": e.name, "arguments": ""}}]})
+        elif isinstance(e, Arguments):
+            last = out[-1]["tool_calls"][0] if out and "tool_calls" in out[-1] else None
+            if last is not None and last["index"] == e.index and "id" not in last:
+                last["function"]["arguments"] += e.text
+            else:
+                out.append({"tool_calls": [{"index": e.index, "function": {"arguments": e.text}}]})
+    return out

@@ -3,8 +3,10 @@
 The facade has no tokenizer: both go to the core over gRPC. As in vLLM:
 
 - POST /tokenize {"prompt": str} or {"messages": [...], "add_generation_prompt"?: bool (default
-  true)}, each with "add_special_tokens"? (default true for a prompt, false for messages, whose
-  chat template writes its special tokens itself) -> {"count", "max_model_len", "tokens"};
+  true), "continue_final_message"?, "tools"?, "chat_template_kwargs"?} (rendered as
+  /v1/chat/completions renders them, so a client can see the prompt a chat makes), each with
+  "add_special_tokens"? (default true for a prompt, false for messages, whose chat template
+  writes its special tokens itself) -> {"count", "max_model_len", "tokens"};
 - POST /detokenize {"tokens": [int, ...]} -> {"prompt": str} (special tokens kept).
 
 `model` may be omitted, as on the other endpoints. Bad input is a 400 in OpenAI's error shape
@@ -14,10 +16,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from astrai_serve.facade.protocol import ApiError, _bad, _get_bool, _messages, _type_name, check_model
+from astrai_serve.facade import chat as chat_input
+from astrai_serve.facade.errors import ApiError, bad as _bad, get_bool as _get_bool, type_name as _type_name
+from astrai_serve.facade.protocol import check_model
 from astrai_serve.proto import generate_pb2 as pb
 
-TOKENIZE_FIELDS = {"model", "prompt", "messages", "add_generation_prompt", "add_special_tokens"}
+TOKENIZE_FIELDS = {"model", "prompt", "messages", "add_special_tokens", "tools", *chat_input.TEMPLATE_FIELDS}
 DETOKENIZE_FIELDS = {"model", "tokens"}
 
 
@@ -40,13 +44,16 @@ def parse_tokenize(body: Any, model_name: str) -> pb.TokenizeRequest:
         prompt = body["prompt"]
         if not isinstance(prompt, str):
             raise _bad("prompt", f"'prompt' must be a string, got {_type_name(prompt)}")
-        if "add_generation_prompt" in body:
-            raise _bad("add_generation_prompt", "'add_generation_prompt' applies to 'messages' only")
+        for name in ("tools", *chat_input.TEMPLATE_FIELDS):
+            if name in body:
+                raise _bad(name, f"'{name}' applies to 'messages' only")
         request.text = prompt
     else:
-        request.messages.CopyFrom(_messages(body))
-        generation = _get_bool(body, "add_generation_prompt")
-        request.add_generation_prompt = True if generation is None else generation
+        chat = chat_input.messages(body)
+        chat.tools.extend(chat_input.tools(body))
+        generation = chat_input.template_options(body, chat)
+        request.messages.CopyFrom(chat)
+        request.add_generation_prompt = not chat.continue_final_message if generation is None else generation
     special = _get_bool(body, "add_special_tokens")
     if special is not None:
         request.add_special_tokens = special

@@ -8,12 +8,14 @@ template renders here exactly as it does in `transformers`.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from typing import Any, Sequence
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 import jinja2.nodes
 import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -99,8 +101,25 @@ def plain_data(value: Any, where: str) -> Any:
     raise ValueError(f"{where}: values of type {type(value).__name__} cannot be passed to a chat template")
 
 
+def _check_tool_calls(calls: Any, i: int) -> None:
+    """An assistant's tool_calls, in transformers' shape: [{"type": "function", "id"?, "function":
+    {"name": str, "arguments": dict or JSON text}}] (a bare {"name", "arguments"} too)."""
+    if not isinstance(calls, (list, tuple)) or not calls:
+        raise ValueError(f"message {i} (assistant) tool_calls must be a non-empty list, got {calls!r:.80}")
+    for j, call in enumerate(calls):
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise ValueError(f"message {i} (assistant) tool_calls[{j}] must be a dict with a function name, "
+                             f"got {call!r:.80}")
+        if not isinstance(function.get("arguments", {}), (dict, str)):
+            raise ValueError(f"message {i} (assistant) tool_calls[{j}] arguments must be a dict or JSON text")
+
+
 def validate_messages(messages: Any) -> list[dict[str, Any]]:
-    """Check roles and contents; return plain copies. Errors name the message index and value."""
+    """Check roles and contents; return plain copies. Errors name the message index and value.
+
+    An assistant message may carry `tool_calls` (its content may then be None), a "tool" message
+    answers one; the template decides how both read."""
     if not isinstance(messages, (list, tuple)):
         raise ValueError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
     out = []
@@ -113,22 +132,72 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
         role, content = message["role"], message["content"]
         if role not in CHAT_ROLES:
             raise ValueError(f"message {i} has role {role!r}; allowed roles are {', '.join(CHAT_ROLES)}")
-        if not isinstance(content, str):
+        calls = message.get("tool_calls")
+        if calls is not None:
+            if role != "assistant":
+                raise ValueError(f"message {i} ({role}) has tool_calls; only assistant messages make tool calls")
+            _check_tool_calls(calls, i)
+        if not isinstance(content, str) and not (content is None and calls):
             raise ValueError(f"message {i} ({role}) content must be a string, got {type(content).__name__}: {content!r}")
         out.append(plain_data(message, f"message {i}"))
     return out
 
 
+def check_tools(tools: Any) -> list[dict[str, Any]] | None:
+    """Tools as transformers passes them to a template: JSON-schema dicts, usually
+    {"type": "function", "function": {"name", "description", "parameters"}}; None = no tools."""
+    if tools is None:
+        return None
+    if not isinstance(tools, (list, tuple)) or not all(isinstance(t, dict) for t in tools):
+        raise ValueError(f"tools must be a list of JSON-schema dicts, got {tools!r:.80}")
+    return plain_data(list(tools), "tools") or None
+
+
+@dataclass(frozen=True)
+class TemplateFeatures:
+    """What a chat template does with tools, read from its source (for clear errors rather than
+    tools silently left out of the prompt)."""
+
+    tools: bool           # it reads the `tools` variable (renders tool signatures)
+    tool_calls: bool      # it reads messages' tool_calls (renders an assistant's calls)
+    hermes_calls: bool    # its tool-call format is Hermes / Qwen: <tool_call>{json}</tool_call>
+
+
+@lru_cache(maxsize=16)
+def template_features(source: str) -> TemplateFeatures:
+    env = compile_template(source).environment
+    variables = jinja2.meta.find_undeclared_variables(env.parse(source))
+    return TemplateFeatures(tools="tools" in variables, tool_calls="tool_calls" in source,
+                            hermes_calls="<tool_call>" in source)
+
+
 def render(template: str, messages: list[dict[str, Any]], add_generation_prompt: bool,
-           variables: dict[str, Any]) -> str:
+           variables: dict[str, Any], continue_final_message: bool = False) -> str:
     """Render validated messages. `variables` are the special token strings plus caller extras
-    (e.g. enable_thinking); a template's raise_exception becomes a ValueError."""
+    (e.g. enable_thinking, tools); a template's raise_exception becomes a ValueError.
+
+    continue_final_message: the text ends right after the last message's content, its turn left
+    open for the model to continue (transformers' rule: cut after the content's last occurrence)."""
+    if continue_final_message and add_generation_prompt:
+        raise ValueError("continue_final_message and add_generation_prompt cannot both be set: one continues "
+                         "the last message, the other opens a new assistant turn")
+    final = messages[-1].get("content") if continue_final_message and messages else None
+    if continue_final_message and (not isinstance(final, str) or not final.strip()):
+        raise ValueError("continue_final_message needs a last message with text content to continue")
     try:
-        return compile_template(template).render(
+        text = compile_template(template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, **variables
         )
     except jinja2.exceptions.TemplateError as e:
         raise ValueError(f"chat template failed: {e}") from None
+    if final is not None:
+        at = text.rfind(final.strip())
+        if at < 0:
+            raise ValueError("continue_final_message: the chat template does not render the last message's "
+                             "content as it is, so the prompt cannot end inside it")
+        keep = len(final.lstrip()) if text[at:at + len(final.lstrip())] == final.lstrip() else len(final.strip())
+        text = text[:at + keep]
+    return text
 
 
 def _common_prefix_len(a: str, b: str) -> int:

@@ -24,15 +24,58 @@ STOP_TOKENS: tuple[str, ...] = (IM_END, EOS_TOKEN, "<|eot_id|>", "<|end_of_text|
 
 # ChatML, the format Qwen and many others use. The trailing newline after <|im_end|> is template
 # text (not trained on); the generation prompt opens the assistant turn the model must complete.
-DEFAULT_CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- endif %}"
-)
+# Tools render as Qwen2.5 / Hermes do: their JSON signatures in the system turn, an assistant's
+# calls as `<tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>`, tool results as
+# `<tool_response>` blocks in a user turn. Without tools, tool calls and tool messages the text is
+# plain ChatML, byte for byte what this template rendered before it knew tools.
+DEFAULT_CHAT_TEMPLATE = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\n\n' }}
+    {%- endif %}
+    {{- '# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>' }}
+    {%- for tool in tools %}
+        {{- '\n' }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- '\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n' }}
+{%- endif %}
+{%- for message in messages %}
+    {%- if message.role == 'system' and loop.first and tools %}
+    {%- elif message.role == 'assistant' and message.tool_calls %}
+        {{- '<|im_start|>assistant' }}
+        {%- if message.content %}
+            {{- '\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\n<tool_call>\n{"name": "' + tool_call.name + '", "arguments": ' }}
+            {%- if tool_call.arguments is string %}
+                {{- tool_call.arguments }}
+            {%- else %}
+                {{- tool_call.arguments | tojson }}
+            {%- endif %}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == 'tool' %}
+        {%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' + message.content + '\n</tool_response>' }}
+        {%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- else %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}"""
 
-# Roles a chat message may have. Tool calls are out of scope for now, so a "tool" message is an
-# error rather than something a template would silently mangle.
-CHAT_ROLES: tuple[str, ...] = ("system", "user", "assistant")
+# Roles a chat message may have. "tool" carries a tool's result back (OpenAI's role "tool"); how
+# it reads is the template's business (the default one wraps it in <tool_response>).
+CHAT_ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")

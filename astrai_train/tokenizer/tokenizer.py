@@ -217,19 +217,33 @@ class Tokenizer:
         return {**names, **extra}
 
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
-                            tokenize: bool = True, **template_kwargs: Any) -> list[int] | str:
-        """Render messages with the chat template; token ids (default) or the text. Extra keyword
-        arguments reach the template as variables (e.g. enable_thinking=False for Qwen3)."""
-        plain = chat.validate_messages(messages)
-        text = chat.render(self.chat_template, plain, add_generation_prompt,
-                           self._template_variables(chat.plain_data(template_kwargs, "template argument")))
-        return self.encode(text) if tokenize else text
-
-    def encode_chat(self, messages: Sequence[dict[str, Any]], **template_kwargs: Any) -> tuple[list[int], list[int]]:
-        """(ids, assistant_mask): ids == apply_chat_template(messages); the mask is 1 on each
-        assistant message's content tokens and its end-of-turn token, 0 elsewhere."""
+                            tokenize: bool = True, *, tools: Sequence[dict[str, Any]] | None = None,
+                            continue_final_message: bool = False, **template_kwargs: Any) -> list[int] | str:
+        """Render messages with the chat template; token ids (default) or the text. As in
+        transformers: `tools` (JSON-schema dicts) reach the template as `tools`, and
+        continue_final_message ends the text inside the last message for the model to continue it.
+        Extra keyword arguments reach the template as variables (e.g. enable_thinking=False for Qwen3)."""
         plain = chat.validate_messages(messages)
         variables = self._template_variables(chat.plain_data(template_kwargs, "template argument"))
+        if tools is not None:
+            variables["tools"] = chat.check_tools(tools)
+        text = chat.render(self.chat_template, plain, add_generation_prompt, variables, continue_final_message)
+        return self.encode(text) if tokenize else text
+
+    @property
+    def template_features(self) -> chat.TemplateFeatures:
+        """Whether the chat template renders tools and tool calls, and in which format."""
+        return chat.template_features(self.chat_template)
+
+    def encode_chat(self, messages: Sequence[dict[str, Any]], *, tools: Sequence[dict[str, Any]] | None = None,
+                    **template_kwargs: Any) -> tuple[list[int], list[int]]:
+        """(ids, assistant_mask): ids == apply_chat_template(messages, tools=tools); the mask is 1 on
+        each assistant message's content tokens (its tool calls included) and its end-of-turn
+        token, 0 elsewhere."""
+        plain = chat.validate_messages(messages)
+        variables = self._template_variables(chat.plain_data(template_kwargs, "template argument"))
+        if tools is not None:
+            variables["tools"] = chat.check_tools(tools)
         text = chat.render(self.chat_template, plain, False, variables)
         encoding = self._backend.encode(text, add_special_tokens=False)
         spans = chat.assistant_char_spans(self.chat_template, plain, text, variables, self._end_of_turn)
