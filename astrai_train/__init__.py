@@ -5,6 +5,7 @@ One folder per layer, each importing only the ones below it:
     cli/          `astrai tokenizer | tasks | prepare | train | export | export-hf | eval`: wiring only
     objectives/   one LightningModule per objective (SEQ, SFT, DPO, GRPO) and the run that drives them
     data/         text/JSONL -> HDF5, datasets, the resumable sampler, the DataModule, the demo's tasks
+    adapters/     LoRA layers wrapped around the model from outside, merged for export, PEFT's file format
     tokenizer/    byte-level BPE, chat templates, incremental detokenizer (no torch)
     model/        ModelConfig, Transformer, model directories, HF interop (no Lightning)
 

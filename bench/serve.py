@@ -3,6 +3,10 @@ random-weight model, same requests, one run. Prints one table and writes JSON.
 
     python bench/serve.py [--preset qwen3-0.6b] [--num-requests 256] [--workloads W1,W2,W3,W4,W5,W6]
                           [--json out.json] [--skip-peer] [--tiny]
+    python bench/serve.py --workloads W7          structured output (not in the default set)
+
+    python bench/serve.py --preset qwen3-moe-small --workloads W1    the mixture-of-experts row
+    python bench/serve.py --tiny --preset moe-tiny --workloads W1    its CPU smoke run
 
 W1 throughput   N requests, prompt and output lengths each uniform in 100-1024 (seed 0, ignore_eos):
                 astrai output tok/s. Like-for-like vs HF: every system generates a FIXED 256 tokens
@@ -20,6 +24,11 @@ W5 long prompts 64 requests, prompts uniform in 4000-8000, 128 output tokens: ou
                 2 x weights x tokens, causal attention 2 x layers x heads x head_dim x L^2 a prompt).
 W6 one long     one 16,384-token prompt, 1 output token: time to first token at the engine's
                 chunking, beside a Hugging Face SDPA forward of the same tokens (last logits only).
+W7 structured   the W1 requests with every 4th under a JSON Schema (an array of objects that cannot
+                close within max_tokens, so each constrained request decodes exactly as long as in
+                W1): output tok/s of the other 75% beside the same requests in W1 with none
+                constrained, same process; and time to first token of a request whose (nested)
+                schema is new, so compiled on the way, vs the same schema again, from the cache.
 
 S startup      `LLM(model_dir)` twice, each in a fresh process over one fresh compile-cache directory:
                 the first start is cold (Triton and torch.compile compile everything), the second
@@ -121,12 +130,21 @@ def long_model_len(s: Sizes) -> int:
     return 1 << (longest - 1).bit_length()
 
 
+def mlp_weights_per_token(config: Any, layer: int) -> int:
+    """Weights one token multiplies in block `layer`'s MLP: a SwiGLU, or the router and the top-k
+    experts of a MoE layer (the others are not touched)."""
+    if config.is_moe_layer(layer):
+        return config.dim * config.n_experts + config.n_experts_per_token * 3 * config.dim * config.resolved_moe_dim_ffn
+    return 3 * config.dim * config.dim_ffn
+
+
 def prefill_flops(config: Any, lengths: list[int]) -> float:
     """FLOPs of prefilling prompts of these lengths: 2 x matmul weights a token (the LM head on the
-    last token only, as the engine computes it) + causal attention, QK^T and PV over L(L+1)/2 pairs."""
+    last token only, as the engine computes it; a MoE layer's active experts only) + causal
+    attention, QK^T and PV over L(L+1)/2 pairs."""
     hd = config.resolved_head_dim
-    per_layer = config.dim * hd * (2 * config.n_heads + 2 * config.n_kv_heads) + 3 * config.dim * config.dim_ffn
-    linear = 2 * config.n_layers * per_layer
+    attn = config.dim * hd * (2 * config.n_heads + 2 * config.n_kv_heads)
+    linear = 2 * sum(attn + mlp_weights_per_token(config, i) for i in range(config.n_layers))
     head = 2 * config.dim * config.vocab_size
     attention = sum(4 * config.n_layers * config.n_heads * hd * n * (n + 1) / 2 for n in lengths)
     return linear * sum(lengths) + head * len(lengths) + attention
@@ -146,6 +164,25 @@ HF_CB, HF_GEN, HF_SDPA = "hf generate_batch", "hf generate", "hf sdpa forward"
 EAGER = "astrai --enforce-eager"
 COLD, WARM = "astrai cold start", "astrai warm start"
 TTFT = "time to first token ms"
+W7_FREE, W7_MIXED = "astrai (none constrained)", "astrai (25% JSON schema)"
+W7_METRIC = "unconstrained output tok/s"
+W7_NEW, W7_CACHED = "astrai (new schema)", "astrai (cached schema)"
+# W7's constrained requests: a log of objects that needs 100,000 entries, so it never closes (nor
+# allows eos) inside any max_tokens here; every token is masked. W7_TTFT_SCHEMA: the request whose
+# first token waits for its compile (a fresh "title" each time makes it a new grammar).
+W7_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["log"],
+             "properties": {"log": {"type": "array", "minItems": 100000, "items": {
+                 "type": "object", "additionalProperties": False, "required": ["word", "n"],
+                 "properties": {"word": {"enum": ["alpha", "beta", "gamma"]},
+                                "n": {"type": "integer", "minimum": 0, "maximum": 9}}}}}}
+W7_TTFT_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["id", "owner", "tags", "status"],
+                  "properties": {
+                      "id": {"type": "integer", "minimum": 0},
+                      "owner": {"type": "object", "required": ["name", "zip"], "additionalProperties": False,
+                                "properties": {"name": {"type": "string", "maxLength": 40},
+                                               "zip": {"type": "string", "pattern": "^[0-9]{5}$"}}},
+                      "tags": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 5},
+                      "status": {"enum": ["open", "closed", "pending"]}}}
 
 
 def repeated(fn: Any, repeats: int, budget_s: float) -> list[Any]:
@@ -178,13 +215,16 @@ def copy_bandwidth(device: str) -> tuple[float, int]:
 
 def weight_read_bytes(model_dir: str) -> tuple[int, Any]:
     """(bytes of weights one decode step reads, the config): the safetensors payload, less an
-    untied input embedding (a row lookup, not a full read)."""
+    untied input embedding (a row lookup, not a full read) and, at batch 1, the experts a token
+    is not routed to (n_experts - top-k of every MoE layer)."""
     from astrai_train.model import ModelConfig
 
     config = ModelConfig.from_json(model_dir)
     total = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
     if not config.tie_weight:
         total -= config.vocab_size * config.dim * 2
+    sparse = sum(config.is_moe_layer(i) for i in range(config.n_layers))
+    total -= sparse * (config.n_experts - config.n_experts_per_token) * 3 * config.dim * config.resolved_moe_dim_ffn * 2
     return total, config
 
 
@@ -431,8 +471,60 @@ def phase_hf_sdpa(spec: dict[str, Any], out: common.Sink) -> None:
                 note=f"one forward of {s.w6_prompt} tokens, no KV cache kept; median of {len(runs)}"))
 
 
+def phase_astrai_structured(spec: dict[str, Any], out: common.Sink) -> None:
+    """W7: the cost of structured output to its unconstrained neighbours, and a new schema's TTFT."""
+    from astrai_serve import LLM, SamplingParams
+    from astrai_serve.engine.structured_spec import StructuredOutput
+
+    s, vocab, device, temp = sizes_from(spec["sizes"]), spec["vocab"], spec["device"], spec["temperature"]
+    llm = LLM(spec["model_dir"], **spec["engine"])
+    reqs = w1_requests(s, vocab)
+    prompts = [p for p, _ in reqs]
+    constrained = set(range(0, len(reqs), 4))
+    schema = StructuredOutput(json=json.dumps(W7_SCHEMA))
+    plain = [SamplingParams(max_tokens=n, temperature=temp, ignore_eos=True) for _, n in reqs]
+    mixed = [SamplingParams(max_tokens=n, temperature=temp, structured=schema) if i in constrained else plain[i]
+             for i, (_, n) in enumerate(reqs)]
+
+    def run(params: list[Any]) -> dict[str, Any]:
+        llm.engine.reset_prefix_cache()
+        secs, res = common.timed(lambda: llm.generate(prompts, params), device)
+        if sum(len(r.token_ids) for r in res) != sum(n for _, n in reqs):
+            raise RuntimeError("W7: a request ended before max_tokens")
+        free = sum(len(r.token_ids) for i, r in enumerate(res) if i not in constrained)
+        return {"tps": free / secs, "secs": secs}
+
+    llm.generate(prompts[:8], [replace(p, max_tokens=min(p.max_tokens, 16)) for p in mixed[:8]])  # warm-up
+    reps, budget = spec["repeats"], spec["budget_s"]
+    base = repeated(lambda: run(plain), reps, budget)
+    with_schema = repeated(lambda: run(mixed), reps, budget)
+    note = f"the W1 requests; {len(constrained)}/{len(reqs)} under a JSON schema in the second; median of "
+    out.add(Row("W7", W7_FREE, W7_METRIC, common.median([r["tps"] for r in base]), note=note + str(len(base))),
+            Row("W7", W7_MIXED, W7_METRIC, common.median([r["tps"] for r in with_schema]),
+                peers=[key("W7", W7_FREE, W7_METRIC)],
+                note=note + f"{len(with_schema)}; ratio < 1 = the constrained neighbours cost that much"))
+    prompt = prompts[0][:64]
+
+    def first_token(title: str) -> float:
+        structured = StructuredOutput(json=json.dumps({"title": title, **W7_TTFT_SCHEMA}))
+        secs, _ = common.timed(lambda: llm.generate([prompt], SamplingParams(max_tokens=1, structured=structured)),
+                               device)
+        return secs
+
+    fresh, cached = [], []
+    for i in range(max(reps, 3)):
+        fresh.append(first_token(f"w7-{i}"))      # compiled for this request
+        cached.append(first_token(f"w7-{i}"))     # the same schema: from the cache
+    compiler = llm.engine._structured.compiler
+    out.add(Row("W7", W7_NEW, TTFT, common.median(fresh) * 1e3, peers=[key("W7", W7_CACHED, TTFT)],
+                note=f"a {len(prompt)}-token prompt, 1 token, a nested schema never seen; median of {len(fresh)}; "
+                     f"{compiler.num_compiled} grammars compiled in this process"),
+            Row("W7", W7_CACHED, TTFT, common.median(cached) * 1e3, note="the same request again"))
+
+
 PHASES = {"astrai": phase_astrai, "astrai-nocache": phase_astrai_nocache, "astrai-long": phase_astrai_long,
           "astrai-eager": phase_astrai_eager, "astrai-startup": phase_astrai_startup,
+          "astrai-structured": phase_astrai_structured,
           "hf-cb": phase_hf_cb, "hf-generate": phase_hf_generate, "hf-sdpa": phase_hf_sdpa}
 
 
@@ -443,6 +535,7 @@ def expected_rows(phase: str, s: Sizes, wl: list[str]) -> list[Row]:
             "astrai-nocache": [Row("W2", CACHE_OFF, "output tok/s", None)],
             "astrai-eager": [Row("W1", EAGER, var_metric(s), None)],
             "astrai-startup": [Row("S", "astrai", "startup s", None)],
+            "astrai-structured": [Row("W7", W7_MIXED, W7_METRIC, None), Row("W7", W7_NEW, TTFT, None)],
             "astrai-long": ([Row("W5", "astrai", "prefill TFLOP/s", None), Row("W5", "astrai", "output tok/s", None)]
                             if "W5" in wl else []) + ([Row("W6", "astrai", TTFT, None)] if "W6" in wl else []),
             "hf-cb": [Row("W1", HF_CB, fixed_metric(s), None)],
@@ -523,7 +616,8 @@ def run_online(spec: dict[str, Any], rate: float, client_procs: int, daemon: Any
 
 # ---- command line -----------------------------------------------------------------------------
 
-WORKLOADS = ("S", "W1", "W2", "W3", "W4", "W5", "W6")
+WORKLOADS = ("S", "W1", "W2", "W3", "W4", "W5", "W6", "W7")
+DEFAULT_WORKLOADS = ("S", "W1", "W2", "W3", "W4", "W5", "W6")   # W7 on request: it runs the W1 requests twice more
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -531,7 +625,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default=None, help="model preset, random bf16 weights (default qwen3-0.6b; tiny with --tiny)")
     p.add_argument("--num-requests", type=int, default=None, help="requests in W1/W2/W4 (default 256)")
-    p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated subset of {','.join(WORKLOADS)}")
+    p.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS),
+                   help=f"comma-separated subset of {','.join(WORKLOADS)} (default {','.join(DEFAULT_WORKLOADS)})")
     p.add_argument("--json", default="bench-serve.json", help="where to write the JSON results ('' for none)")
     p.add_argument("--skip-peer", action="store_true", help="do not run the Hugging Face peers")
     p.add_argument("--skip-eager", action="store_true", help="do not run W1 again with enforce_eager=True")
@@ -639,6 +734,7 @@ def _main(args: argparse.Namespace) -> int:
         phases += (["astrai"] if set(wl) & {"W1", "W2", "W3"} else []) + (["astrai-nocache"] if "W2" in wl else [])
         phases += ["astrai-eager"] if "W1" in wl and not args.skip_eager else []
         phases += ["astrai-long"] if set(wl) & {"W5", "W6"} else []
+        phases += ["astrai-structured"] if "W7" in wl else []
         phases += ["hf-cb", "hf-generate"] if peers and "W1" in wl else []
         phases += ["hf-sdpa"] if peers and "W6" in wl else []
         rows: list[Row] = []

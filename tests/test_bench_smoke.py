@@ -78,6 +78,39 @@ def test_serve_bench_tiny(tmp_path, capsys):
     assert rows["W6|astrai|time to first token ms"]["ratios"]["hf sdpa forward"] == pytest.approx(ttft / sdpa)
 
 
+def test_serve_bench_tiny_moe_w1(tmp_path, capsys):
+    """The MoE row's CPU smoke: `--tiny --preset moe-tiny --workloads W1`, astrai beside both HF peers
+    (the exported Qwen3MoeForCausalLM) in the same run."""
+    serve = _load("serve")
+    out = tmp_path / "serve-moe.json"
+    assert serve.main(["--tiny", "--preset", "moe-tiny", "--workloads", "W1", "--skip-eager", "--repeats", "1",
+                       "--json", str(out)]) == 0
+    assert "hf generate_batch" in capsys.readouterr().out
+    rows = _rows(out)
+    assert json.loads(out.read_text())["settings"]["preset"] == "moe-tiny"
+    fixed = f"output tok/s ({serve.TINY.fixed_output} out)"
+    astrai = _positive(rows, f"W1|astrai|{fixed}")
+    for peer in ("hf generate_batch", "hf generate"):
+        assert rows[f"W1|astrai|{fixed}"]["ratios"][peer] == pytest.approx(astrai / _positive(rows, f"W1|{peer}|{fixed}"))
+
+
+def test_serve_bench_structured_tiny(tmp_path, capsys):
+    """W7 (not in the default workloads): unconstrained tok/s beside and without JSON-schema
+    neighbours, and a new schema's time to first token beside a cached one's."""
+    serve = _load("serve")
+    assert "W7" not in serve.DEFAULT_WORKLOADS
+    out = tmp_path / "w7.json"
+    assert serve.main(["--tiny", "--workloads", "W7", "--repeats", "1", "--json", str(out)]) == 0
+    assert "unconstrained output tok/s" in capsys.readouterr().out
+    rows = _rows(out)
+    free = _positive(rows, f"W7|{serve.W7_FREE}|{serve.W7_METRIC}")
+    mixed = _positive(rows, f"W7|{serve.W7_MIXED}|{serve.W7_METRIC}")
+    assert rows[f"W7|{serve.W7_MIXED}|{serve.W7_METRIC}"]["ratios"][serve.W7_FREE] == pytest.approx(mixed / free)
+    new = _positive(rows, f"W7|{serve.W7_NEW}|{serve.TTFT}")
+    cached = _positive(rows, f"W7|{serve.W7_CACHED}|{serve.TTFT}")
+    assert rows[f"W7|{serve.W7_NEW}|{serve.TTFT}"]["ratios"][serve.W7_CACHED] == pytest.approx(new / cached)
+
+
 def test_prefill_flops_count_every_matmul_weight_and_the_causal_pairs():
     # The matmul term from the model's own weights, not from the formula's config arithmetic.
     import torch
@@ -95,6 +128,15 @@ def test_prefill_flops_count_every_matmul_weight_and_the_causal_pairs():
     want = (2 * layer_weights * sum(lengths) + 2 * config.dim * config.vocab_size * len(lengths)
             + config.n_layers * config.n_heads * pairs * 2 * 2 * hd)
     assert serve.prefill_flops(config, lengths) == pytest.approx(want)
+    # MoE: the router and the top-k experts of a sparse layer (here layer 1 of 2), not all experts
+    moe = config.replace(n_experts=4, n_experts_per_token=2, moe_dim_ffn=32, moe_dense_layers=(0,))
+    with torch.device("meta"):
+        params = dict(Transformer(moe).named_parameters())
+    experts = sum(p.numel() for n, p in params.items() if ".experts." in n)    # [E, ., .]: a token reads k of E
+    active = sum(p.numel() for n, p in params.items() if n.startswith("layers.") and p.dim() == 2) + experts * 2 // 4
+    want = (2 * active * sum(lengths) + 2 * config.dim * config.vocab_size * len(lengths)
+            + config.n_layers * config.n_heads * pairs * 2 * 2 * hd)
+    assert serve.prefill_flops(moe, lengths) == pytest.approx(want)
 
 
 def test_train_bench_tiny(tmp_path, capsys):

@@ -156,6 +156,8 @@ FORBIDDEN = [
     ("astrai_train.model", ("lightning", "astrai_serve", "astrai_train.objectives", "astrai_train.data")),
     ("astrai_train.tokenizer", ("lightning", "torch", "astrai_serve", "astrai_train.model", "astrai_train.objectives")),
     ("astrai_train.data", ("astrai_serve", "astrai_train.objectives")),
+    ("astrai_train.adapters", ("lightning", "astrai_serve", "astrai_train.objectives", "astrai_train.data",
+                               "astrai_train.tokenizer")),
     ("astrai_serve.kernels", ("astrai_serve.engine", "astrai_serve.core", "astrai_serve.facade", "astrai_serve.cli",
                               "lightning")),
     ("astrai_serve.engine", ("astrai_serve.core", "astrai_serve.facade", "astrai_serve.cli", "lightning",

@@ -1,4 +1,5 @@
-"""`astrai export CKPT OUT`: a Lightning checkpoint from `astrai train` -> a model directory."""
+"""`astrai export CKPT OUT [--merge]`: a Lightning checkpoint from `astrai train` -> a model directory
+(and, for a LoRA run without --merge, the adapter in PEFT's format beside the base weights)."""
 from __future__ import annotations
 
 import argparse
@@ -15,12 +16,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokenizer directory to copy in (default: the one the run trained with)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="cast the weights before saving (default: as trained, float32)")
+    parser.add_argument("--merge", action="store_true",
+                        help="a LoRA run's checkpoint: write the merged weights (base + adapters) to OUT. Without it "
+                             "OUT gets the base weights and OUT/adapter the adapters in PEFT's format")
 
 
 def run(args: argparse.Namespace) -> int:
     from astrai_train.objectives.export import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.out, tokenizer_dir=args.tokenizer,
-                            dtype=DTYPES[args.dtype] if args.dtype else None)
-    print(f"model directory written to {out}")
+                            dtype=DTYPES[args.dtype] if args.dtype else None, merge=args.merge)
+    adapter = out / "adapter"
+    print(f"model directory written to {out}" + (f", LoRA adapter (PEFT) to {adapter}"
+                                                 if not args.merge and (adapter / "adapter_config.json").is_file()
+                                                 else ""))
     return 0

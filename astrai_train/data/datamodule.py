@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from .datasets import build_dataset, collate_for
@@ -92,11 +93,19 @@ class AstraiDataModule(L.LightningDataModule):
         trainer = self.trainer
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
+    def _generator(self) -> torch.Generator:
+        # Each iterator a DataLoader starts draws its workers' base seed from this generator; without
+        # one it draws from the global generator, which dropout (LoRA's) also draws from: a run
+        # resumed mid-epoch starts its iterator after the RNG was restored, the uninterrupted run at
+        # the epoch's start, and the two would drop different units.
+        return torch.Generator().manual_seed(self.config.seed)
+
     def _loader(self, dataset, sampler: ResumableDistributedSampler, cls: type = DataLoader) -> DataLoader:
         c = self.config
         return cls(dataset, batch_size=c.batch_size, sampler=sampler, num_workers=c.num_workers,
                    pin_memory=c.pin_memory, persistent_workers=c.persistent_workers,
-                   drop_last=c.drop_last, collate_fn=collate_for(c.objective, dataset.store.attrs["pad_id"]))
+                   drop_last=c.drop_last, collate_fn=collate_for(c.objective, dataset.store.attrs["pad_id"]),
+                   generator=self._generator())
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
@@ -124,7 +133,8 @@ class AstraiDataModule(L.LightningDataModule):
         c = self.config
         return DataLoader(self.val_dataset, batch_size=c.batch_size, sampler=sampler, num_workers=c.num_workers,
                           pin_memory=c.pin_memory, persistent_workers=c.persistent_workers,
-                          collate_fn=collate_for(c.objective, self.val_dataset.store.attrs["pad_id"]))
+                          collate_fn=collate_for(c.objective, self.val_dataset.store.attrs["pad_id"]),
+                          generator=self._generator())
 
     @property
     def pad_id(self) -> int:

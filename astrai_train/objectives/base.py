@@ -7,6 +7,7 @@ of what went through the model (for tokens/s and MFU); this class logs the rest.
 from __future__ import annotations
 
 import random
+import sys
 from typing import Any
 
 import lightning as L
@@ -14,10 +15,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.distributed as dist
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch import nn
 
+from astrai_train.adapters import AdapterSpec, apply_lora
 from astrai_train.model import ModelConfig, Transformer
-from astrai_train.objectives.config import ModelSection, Recipe, RecipeError
+from astrai_train.objectives.config import LoRASection, ModelSection, Recipe, RecipeError
 from astrai_train.objectives.schedules import make_schedule
 from astrai_train.objectives.token_loss import next_token_loss
 
@@ -52,6 +55,11 @@ def build_model(section: ModelSection, config: ModelConfig) -> Transformer:
     if section.init_from is not None:
         return Transformer.from_pretrained(section.init_from)
     return Transformer(config)
+
+
+def lora_spec(section: LoRASection) -> AdapterSpec:
+    """The recipe's lora section as the adapters package spells it."""
+    return AdapterSpec(section.rank, section.alpha, section.dropout, tuple(section.target_modules))
 
 
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -103,6 +111,13 @@ class ObjectiveModule(L.LightningModule):
         # The whole recipe as hyperparameters: shown by TensorBoard, stored in every checkpoint.
         self.save_hyperparameters(recipe.to_dict())
         self.model = model if model is not None else build_model(recipe.model, model_config)
+        if recipe.lora.rank:
+            # Before activation checkpointing and compile wrap the blocks: names stay the model's.
+            layers = apply_lora(self.model, lora_spec(recipe.lora))
+            unmatched = sorted(set(recipe.lora.target_modules) - {n.rpartition(".")[2] for n in layers})
+            if unmatched and rank_zero_only.rank == 0:   # the trainer (and so global_rank) comes later
+                print(f"[astrai] lora.target_modules: {', '.join(unmatched)} match no Linear layer of this model "
+                      "(left frozen; a mixture of experts keeps its experts as stacked tensors)", file=sys.stderr)
         if recipe.model.activation_checkpointing:
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 

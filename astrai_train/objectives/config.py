@@ -104,6 +104,20 @@ class GRPOSection:
     engine_args: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments for LLM.from_model
 
 
+# Linear layers of the model LoRA can adapt, by the names HF and PEFT give them (astrai_train.adapters).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                "g_proj", "kv_a_proj", "kv_b_proj")
+
+
+@dataclass(frozen=True)
+class LoRASection:
+    rank: int = 0                        # adapter rank r (PEFT's r); 0: no LoRA, every weight trains
+    alpha: float = 16.0                  # PEFT's lora_alpha: the low-rank update is scaled by alpha / rank
+    dropout: float = 0.0                 # dropout on the adapters' input while training (PEFT's lora_dropout)
+    target_modules: list[str] = field(default_factory=lambda: [  # Linear layers that get adapters, by PEFT's names (g_proj, kv_a_proj, kv_b_proj too)
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
 SECTIONS = {"seq": SeqSection, "sft": SFTSection, "dpo": DPOSection, "grpo": GRPOSection}
 
 
@@ -122,6 +136,7 @@ class Recipe:
     sft: SFTSection = field(default_factory=SFTSection)
     dpo: DPOSection = field(default_factory=DPOSection)
     grpo: GRPOSection = field(default_factory=GRPOSection)
+    lora: LoRASection = field(default_factory=LoRASection)  # LoRA adapters on a frozen base (off by default)
 
     @property
     def run_dir(self) -> Path:
@@ -288,3 +303,16 @@ def validate(r: Recipe, source: str) -> None:
         raise bad("grpo.rewards", g.rewards, "name at least one reward function")
     if g.reward_weights is not None and len(g.reward_weights) != len(g.rewards):
         raise bad("grpo.reward_weights", g.reward_weights, f"needs one weight per reward ({len(g.rewards)})")
+    lo = r.lora
+    if lo.rank < 0:
+        raise bad("lora.rank", lo.rank, "must be >= 0 (0 turns LoRA off)")
+    if lo.alpha <= 0:
+        raise bad("lora.alpha", lo.alpha, "must be > 0")
+    if not 0 <= lo.dropout < 1:
+        raise bad("lora.dropout", lo.dropout, "must be in [0, 1)")
+    if lo.rank and not lo.target_modules:
+        raise bad("lora.target_modules", lo.target_modules, "name at least one Linear layer")
+    for name in lo.target_modules:
+        if name not in LORA_TARGETS:
+            raise bad("lora.target_modules", name,
+                      f"not a Linear layer of the model; choose from {', '.join(LORA_TARGETS)}")

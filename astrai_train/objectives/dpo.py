@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from astrai_train.objectives.base import ObjectiveModule
 from astrai_train.objectives.logprobs import masked_mean, masked_sum, shifted_logprobs
 from astrai_train.objectives.preference_loss import preference_loss
-from astrai_train.objectives.reference import FrozenReference
+from astrai_train.objectives.reference import AdaptersOff, FrozenReference, reference_of
 
 
 # Lightning warns that a module's on_before_batch_transfer takes precedence over the data module's:
@@ -68,8 +68,9 @@ class DPOModule(ObjectiveModule):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         d = self.recipe.dpo
-        self.reference: FrozenReference | None = (FrozenReference.from_dir(d.reference_dir) if d.reference_dir
-                                                  else FrozenReference.copy_of(self.model))
+        # Under LoRA the reference is the policy with its adapters off: no second copy of the weights.
+        self.reference: FrozenReference | AdaptersOff | None = (
+            FrozenReference.from_dir(d.reference_dir) if d.reference_dir else reference_of(self.model))
         self.ref_table: dict[bytes, tuple[float, float]] | None = None  # pair digest -> reference log-probs
 
     @property

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from astrai_train.objectives.base import ObjectiveModule
 from astrai_train.objectives.logprobs import shifted_logprobs
 from astrai_train.objectives.policy_loss import clipped_policy_loss, group_advantages
-from astrai_train.objectives.reference import FrozenReference
+from astrai_train.objectives.reference import reference_of
 from astrai_train.objectives.rewards import combined_reward
 from astrai_train.objectives.rollout import RolloutSampler, rollout_seed
 
@@ -74,8 +74,8 @@ class GRPOModule(ObjectiveModule):
         g = self.recipe.grpo
         self.tokenizer = tokenizer
         self.reward_fn = combined_reward(g.rewards, g.reward_weights)
-        # kl_coef 0: no reference at all (no memory, no extra forward).
-        self.reference = FrozenReference.copy_of(self.model) if g.kl_coef > 0 else None
+        # kl_coef 0: no reference at all (no memory, no extra forward). Under LoRA: adapters off.
+        self.reference = reference_of(self.model) if g.kl_coef > 0 else None
         self.sampler = RolloutSampler(self.model, tokenizer, g.group_size, g.max_new_tokens, g.temperature,
                                       backend=g.rollout, engine_args=g.engine_args)
         self._draw = 0

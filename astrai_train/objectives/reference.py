@@ -4,6 +4,9 @@ Held outside the LightningModule's submodules on purpose: it is not trained, so 
 the optimizer, in DDP's gradient buckets, or (at full size again) in every checkpoint. It is
 rebuilt deterministically on resume: from its model directory, or as a copy of the policy taken
 at construction, which the seeded build makes identical run after run.
+
+A policy trained with LoRA needs no copy: its base weights are frozen, so the reference is the
+policy itself with the adapters switched off for the forward (`AdaptersOff`).
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import copy
 import torch
 from torch import nn
 
+from astrai_train.adapters import disable_adapters, has_lora
 from astrai_train.model import Transformer
 
 
@@ -37,3 +41,23 @@ class FrozenReference:
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
+
+
+class AdaptersOff:
+    """The reference of a LoRA policy: the policy's own frozen base weights, adapters off."""
+
+    def __init__(self, policy: nn.Module) -> None:
+        self.model = policy
+
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "AdaptersOff":
+        return self  # it is the policy: it lives where the policy lives
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        with disable_adapters(self.model):
+            return self.model(input_ids)
+
+
+def reference_of(policy: nn.Module) -> FrozenReference | AdaptersOff:
+    """The policy's starting point: its base with adapters off under LoRA, else a frozen copy."""
+    return AdaptersOff(policy) if has_lora(policy) else FrozenReference.copy_of(policy)

@@ -69,6 +69,9 @@ def prepare_run(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
     recipe = replace(recipe, trainer=trainer)
     if recipe.objective == "grpo" and str(trainer.strategy).startswith("fsdp"):
         raise RecipeError("GRPO rollouts read the full weights in-process; use trainer.strategy=ddp, not fsdp")
+    if recipe.lora.rank and str(trainer.strategy).startswith("fsdp"):
+        raise RecipeError(f"lora.rank={recipe.lora.rank} with trainer.strategy={trainer.strategy}: LoRA layers are "
+                          "not sharded yet; use trainer.strategy=ddp (adapters keep optimizer state small anyway)")
     tokenizer, tokenizer_dir = load_tokenizer(recipe)
     if recipe.objective == "grpo" and tokenizer is None:
         raise RecipeError("GRPO decodes completions to score them: set model.tokenizer (or model.init_from)")
@@ -198,15 +201,18 @@ def finish(trainer: Any, recipe: Recipe, export: bool = True, resumed_from: str 
         from astrai_train.objectives.checkpointing import CheckpointError
         from astrai_train.objectives.export import export_checkpoint
 
+        # LoRA: model/ holds the merged weights (served as is), adapter/ the adapters in PEFT's format.
+        lora = {"merge": True, "adapter_dir": recipe.run_dir / "adapter"} if recipe.lora.rank else {}
         try:
-            out = export_checkpoint(last, recipe.run_dir / "model")
+            out = export_checkpoint(last, recipe.run_dir / "model", **lora)
         except CheckpointError:
             if resumed_from is None or Path(resumed_from) == last:
                 raise
-            out = export_checkpoint(resumed_from, recipe.run_dir / "model")
+            out = export_checkpoint(resumed_from, recipe.run_dir / "model", **lora)
     print(f"[astrai] {recipe.objective} run finished at step {trainer.global_step}: checkpoints in "
           f"{last.parent}, logs in {recipe.run_dir / 'logs'}" + (f", loss curve {png}" if png else "")
-          + (f", model directory {out}" if out else ""), file=sys.stderr)
+          + (f", model directory {out}" if out else "")
+          + (f", LoRA adapter {recipe.run_dir / 'adapter'}" if out and recipe.lora.rank else ""), file=sys.stderr)
     return out
 
 
