@@ -257,3 +257,27 @@ def test_checkpoints_load_weights_only_and_resume_falls_back_past_a_broken_last(
     with pytest.raises(CheckpointError, match="no intact checkpoint") as info:
         resolve_resume("last", run_dir)
     assert "is empty (0 bytes)" in str(info.value)
+
+
+def test_sft_starts_from_an_imported_hugging_face_directory(data, tokenizer_dir, tmp_path) -> None:
+    """model.init_from takes a transformers directory (here a Qwen2 shape: q/k/v biases), not only
+    astrai's own: the run trains those weights and writes an astrai model directory."""
+    transformers = pytest.importorskip("transformers")
+    from astrai_train.model import Transformer
+    from astrai_train.tokenizer import Tokenizer
+
+    vocab = Tokenizer.from_pretrained(tokenizer_dir).vocab_size
+    config = transformers.Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    torch.manual_seed(0)
+    hf_dir = tmp_path / "qwen2"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(hf_dir)
+    before = Transformer.from_pretrained(hf_dir)
+    assert before.config.qkv_bias
+    model_dir = run("sft", data, tokenizer_dir, tmp_path, "from-hf", 4, "model.preset=null", "model.overrides={}",
+                    f"model.init_from={hf_dir}", "data.window_size=128", batch_size=8)
+    after = Transformer.from_pretrained(model_dir)
+    assert after.config == before.config
+    moved = {k for k, v in after.state_dict().items() if not torch.equal(v, before.state_dict()[k])}
+    assert any(k.endswith("q_proj.bias") for k in moved) and any(k.endswith("down_proj.weight") for k in moved)

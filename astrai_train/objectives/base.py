@@ -20,6 +20,7 @@ from torch import nn
 
 from astrai_train.adapters import AdapterSpec, apply_lora
 from astrai_train.model import ModelConfig, Transformer
+from astrai_train.model.io import load_config
 from astrai_train.objectives.config import LoRASection, ModelSection, Recipe, RecipeError
 from astrai_train.objectives.schedules import make_schedule
 from astrai_train.objectives.token_loss import next_token_loss
@@ -38,7 +39,7 @@ def model_config_for(section: ModelSection, vocab_size: int | None) -> ModelConf
     if vocab_size is not None:
         extra.setdefault("vocab_size", vocab_size)
     if section.init_from is not None:
-        config = ModelConfig.from_json(section.init_from)
+        config = load_config(section.init_from)[0]    # astrai's own directory or an imported HF one
         if section.overrides:
             raise RecipeError(f"model.overrides={section.overrides} cannot change a pretrained model "
                               f"(model.init_from={section.init_from}); drop the overrides")
