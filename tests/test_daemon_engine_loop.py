@@ -161,3 +161,24 @@ def test_engine_failure_reaches_every_client(tiny_model_dir, tmp_path):
     finally:
         stack.stop()
         engine_loop.stop(5)
+
+
+def test_a_grammar_that_fails_after_admission_is_rejected_with_its_reason(tiny_model_dir):
+    """structured_compile_wait_s=0: the grammar compiles after add_request returned and then fails;
+    the request's sink gets a Rejected naming the problem (a 400 / INVALID_ARGUMENT upstream), not
+    an empty abort, and the loop keeps serving."""
+    from astrai_serve.engine.structured_spec import StructuredOutput
+
+    engine_loop = EngineLoop(LLMEngine(tiny_model_dir, num_pages=128, structured_compile_wait_s=0.0))
+    engine_loop.start()
+    try:
+        bad, good = Collector(), Collector()
+        params = SamplingParams(max_tokens=8, n=2, structured=StructuredOutput(grammar='start: "a" <|no_such_token|>\n'))
+        engine_loop.submit("bad", [5, 6, 7], params, bad)
+        engine_loop.submit("good", [5, 6, 7], greedy(4), good)
+        assert bad.done.wait(30) and good.done.wait(30)
+        assert len(bad.items) == 1 and isinstance(bad.items[0], Rejected)
+        assert "no_such_token" in str(bad.items[0].error)
+        assert len(good.tokens()) == 4
+    finally:
+        engine_loop.stop(10)

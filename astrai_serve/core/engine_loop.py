@@ -244,6 +244,14 @@ class EngineLoop(EngineHandle):
             entry = self._entries.get(out.request_id)
             if entry is None:
                 continue  # aborted while this step ran
+            if getattr(out, "error", None) is not None:
+                # Failed inside the engine before producing anything (a grammar that compiled
+                # after admission and turned out invalid): the client gets the reason as a
+                # rejection (REST 400 / INVALID_ARGUMENT), not an empty "abort".
+                del self._entries[out.request_id]
+                self.engine.abort_request(out.request_id)   # its other samples, if any
+                deliver(entry.sink, Rejected(out.request_id, ValueError(out.error)))
+                continue
             deliver(entry.sink, out)
             if entry.ends_with(out):
                 del self._entries[out.request_id]

@@ -78,6 +78,7 @@ def tool_call_schema(name: str, parameters: Any) -> dict[str, Any]:
     """The JSON Schema of one call of function `name` (what StructuredOutput.tool_calls holds per
     function): {"name": that name, "arguments": its parameters}. No parameters: any object."""
     arguments = parameters if parameters not in (None, {}) else {"type": "object"}
+    # additionalProperties false: a call is exactly these two keys (the parser reads no others)
     return {"type": "object",
             "properties": {"name": {"const": name}, "arguments": arguments},
-            "required": ["name", "arguments"]}
+            "required": ["name", "arguments"], "additionalProperties": False}
