@@ -4,6 +4,7 @@
                  [--api-server-count N] [--http-in-process] [--engine-in-process]
                  [--api-key KEY | env ASTRAI_API_KEY]
                  [--served-model-name NAME] [--shutdown-timeout S] [--tool-call-parser auto|hermes|none]
+                 [--generation-config auto|none|DIR]
                  [engine options]
 
 The daemon's process runs only I/O: the gRPC core on the main thread's event loop. The engine
@@ -64,6 +65,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", default=None, help="model name clients send and see (default: the directory's name)")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="seconds in-flight requests may keep running after SIGTERM before they are aborted (default 30)")
+    parser.add_argument("--generation-config", default="auto", metavar="auto|none|DIR",
+                        help="sampling defaults for requests that leave a field unset (temperature, top_p, top_k, "
+                             "min_p, repetition_penalty, max_tokens): 'auto' (default) the model directory's "
+                             "generation_config.json, as vLLM does; 'none' the API's own defaults (vLLM's "
+                             "--generation-config vllm); or a directory holding such a file")
     parser.add_argument("--tool-call-parser", default="auto", choices=["auto", "hermes", "none"],
                         help="how the model writes tool calls, for OpenAI tool calling (as vLLM's flag): 'hermes' is "
                              "Qwen's and Hermes' <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>; 'none' "
@@ -92,6 +98,9 @@ def _is_loopback(host: str) -> bool:
 def _check_args(args: argparse.Namespace) -> None:
     if not args.model.is_dir():
         raise FileNotFoundError(f"--model {args.model}: no such model directory")
+    from astrai_serve.engine.generation_defaults import generation_defaults
+
+    generation_defaults(args.model, args.generation_config)   # a bad --generation-config fails before startup
     for name in ("grpc_port", "http_port"):
         port = getattr(args, name)
         if not 0 <= port <= 65535:
@@ -180,7 +189,13 @@ def _facade(args: argparse.Namespace, grpc_target: str, api_key: str | None) -> 
 async def _serve(args: argparse.Namespace, engine_loop: Any, name: str, api_key: str | None) -> int:
     from astrai_serve.core.server import CoreServer, GenerationServicer
 
-    core = CoreServer(GenerationServicer(engine_loop, name, tool_call_parser=args.tool_call_parser),
+    from astrai_serve.engine.generation_defaults import generation_defaults
+
+    defaults = generation_defaults(args.model, args.generation_config)
+    if defaults:
+        log.info("sampling defaults from %s: %s", args.generation_config, defaults)
+    core = CoreServer(GenerationServicer(engine_loop, name, tool_call_parser=args.tool_call_parser,
+                                         sampling_defaults=defaults),
                       args.host, args.grpc_port, api_key)
     grpc_target = f"{_connect_host(args.host)}:{core.port}"
     facade = None if args.no_http else _facade(args, grpc_target, api_key)

@@ -50,8 +50,12 @@ def resolve_tool_call_parser(choice: str, tokenizer: Any) -> str:
 
 
 class RequestChecker:
-    def __init__(self, tokenizer: Any, max_len: int, vocab_size: int, tool_call_parser: str = ""):
+    def __init__(self, tokenizer: Any, max_len: int, vocab_size: int, tool_call_parser: str = "",
+                 defaults: dict[str, Any] | None = None):
         self.tokenizer = tokenizer
+        # The model's generation_config.json values (engine/generation_defaults.py) for the
+        # sampling fields a request leaves unset, as vLLM applies them.
+        self.defaults = dict(defaults or {})
         self.max_len = max_len        # longest prompt + completion the engine runs
         self.vocab_size = vocab_size  # token ids must be below this
         self.tool_call_parser = tool_call_parser  # "hermes" or "" (resolve_tool_call_parser)
@@ -227,6 +231,9 @@ class RequestChecker:
         from astrai_serve import SamplingParams  # the engine package (torch): imported only when serving
 
         kwargs: dict[str, Any] = {name: getattr(p, name) for name in _OPTIONAL_PARAMS if p.HasField(name)}
+        for name, value in self.defaults.items():
+            if name != "max_tokens":          # (that one is bounded by the room left, below)
+                kwargs.setdefault(name, value)
         if request is not None:
             structured = structured_output(request, self.tool_call_parser)
             if structured is not None:
@@ -249,7 +256,7 @@ class RequestChecker:
                                      f"[0, {self.vocab_size})", "logit_bias")
             kwargs["logit_bias"] = dict(p.logit_bias)
         room = self.max_len - prompt_len
-        max_tokens = kwargs.setdefault("max_tokens", room)
+        max_tokens = kwargs.setdefault("max_tokens", min(room, self.defaults.get("max_tokens", room)))
         if max_tokens > room:
             raise InvalidRequest(
                 f"the model's context length is {self.max_len} tokens, but {prompt_len + max_tokens} were "

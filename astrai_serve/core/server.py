@@ -79,7 +79,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     """Create inside the running event loop that will serve it (it batches deliveries to it)."""
 
     def __init__(self, engine_loop: EngineHandle, model_name: str, metrics: ServerMetrics | None = None,
-                 prompt_logprobs_per_message: int = PROMPT_LOGPROBS_PER_MESSAGE, tool_call_parser: str = "auto"):
+                 prompt_logprobs_per_message: int = PROMPT_LOGPROBS_PER_MESSAGE, tool_call_parser: str = "auto",
+                 sampling_defaults: dict[str, Any] | None = None):
         if prompt_logprobs_per_message < 1:
             raise ValueError(f"prompt_logprobs_per_message must be >= 1, got {prompt_logprobs_per_message}")
         self.loop = engine_loop
@@ -89,7 +90,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self.max_len = engine_loop.max_seq_len  # the model's context, or less when the KV pool is smaller
         self.vocab_size = engine_loop.vocab_size
         self.tool_call_parser = resolve_tool_call_parser(tool_call_parser, self.tokenizer)  # "hermes" or ""
-        self.checker = RequestChecker(self.tokenizer, self.max_len, self.vocab_size, self.tool_call_parser)
+        self.checker = RequestChecker(self.tokenizer, self.max_len, self.vocab_size, self.tool_call_parser,
+                                      sampling_defaults)
         self.batcher = StepBatcher(asyncio.get_running_loop())
         engine_loop.add_flush_hook(self.batcher.flush)
         self.accepting = True  # False once shutdown began: new Generate calls get UNAVAILABLE

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .generation_defaults import generation_defaults
 from .llm_engine import LLMEngine, Prompt
 from .sampler import Logprob
 from .sampling_params import SamplingParams
@@ -73,14 +74,24 @@ def _as_prompt_list(prompts: Any) -> list[Prompt]:
 
 
 class LLM:
-    def __init__(self, model_dir: str | Path, **engine_args: Any) -> None:
+    def __init__(self, model_dir: str | Path, generation_config: str = "auto", **engine_args: Any) -> None:
+        """generation_config: where `generate(prompts)` without params takes its sampling defaults
+        (generation_defaults.py): "auto" the model directory's generation_config.json, "none"
+        SamplingParams' own, or a directory; see default_sampling_params()."""
+        self._defaults = generation_defaults(model_dir, generation_config)
         self.engine = LLMEngine(model_dir, **engine_args)
 
     @classmethod
     def from_model(cls, model: Any, tokenizer: Any = None, **engine_args: Any) -> "LLM":
         llm = cls.__new__(cls)
+        llm._defaults = {}
         llm.engine = LLMEngine.from_model(model, tokenizer, **engine_args)
         return llm
+
+    def default_sampling_params(self) -> SamplingParams:
+        """What generate() uses when given no params: the model's generation_config.json values
+        over SamplingParams' defaults (vLLM's LLM.get_default_sampling_params)."""
+        return SamplingParams(**self._defaults)
 
     @property
     def tokenizer(self) -> Any:
@@ -92,7 +103,7 @@ class LLM:
         (a bad parameter, a structured-output schema that does not compile) raises ValueError."""
         prompts = _as_prompt_list(prompts)
         if params is None or isinstance(params, SamplingParams):
-            params = [params or SamplingParams()] * len(prompts)
+            params = [params or self.default_sampling_params()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
         engine = self.engine

@@ -46,4 +46,17 @@ def export_hf(src: str | Path, out: str | Path, dtype: torch.dtype | None = None
     for name in TOKENIZER_FILES:
         if (src / name).is_file() and src.resolve() != out.resolve():
             shutil.copy2(src / name, out / name)
+    if not (src / "generation_config.json").is_file() and special:
+        (out / "generation_config.json").write_text(json.dumps(_generation_config(src), indent=2) + "\n")
     return out
+
+
+def _generation_config(src: Path) -> dict:
+    """HF's generation_config.json for a model without one: every id astrai stops at (eos and the
+    chat template's end-of-turn token), so `generate` there stops where astrai stops."""
+    from astrai_train.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(src)
+    stops = sorted(set(tok.stop_ids))
+    return {"bos_token_id": tok.bos_id, "eos_token_id": stops[0] if len(stops) == 1 else stops,
+            "pad_token_id": tok.pad_id}
