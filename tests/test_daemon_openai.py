@@ -385,6 +385,17 @@ def test_models_health_metrics(client, http, daemon):
     assert [m.id for m in client.models.list()] == [MODEL]
     assert http.get(f"/v1/models/{MODEL}").json()["max_model_len"] == 512
     assert http.get("/health").json() == {"status": "ok"}
+    assert http.get("/ping").json() == {"status": "ok"} and http.post("/ping").status_code == 200
+    import importlib.metadata
+
+    assert http.get("/version").json() == {"version": importlib.metadata.version("astrai")}
+    client.completions.create(model=MODEL, prompt="To be", max_tokens=3, temperature=0)
+    stats = http.get("/stats").json()
+    pages = stats["kv_pages"]
+    assert pages["total"] == pages["in_use"] + pages["cached"] + pages["free"] and pages["in_use"] == 0
+    assert stats["tokens"]["generation_total"] >= 3 and stats["generation_tokens_per_s"] > 0
+    assert 0 <= stats["prefix_cache_hit_rate"] <= 1 and stats["requests"] == {"running": 0, "waiting": 0}
+    assert http.get("/stats").json()["generation_tokens_per_s"] == 0     # the rate since the previous call
     r = http.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     text = r.text

@@ -11,8 +11,10 @@ call cancelled, which aborts the request in the engine and frees its pages.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import logging
+import time
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, TypeVar
@@ -137,11 +139,12 @@ def _sse(data: Any) -> str:
 
 
 def create_app(config: FacadeConfig) -> FastAPI:
-    state: dict[str, CoreClient] = {}
+    state: dict[str, Any] = {}   # the core client, the start time, the last /stats mark
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state["core"] = CoreClient(config.grpc_target, config.core_api_key)
+        state["started"] = time.monotonic()
         try:
             yield
         finally:
@@ -289,6 +292,25 @@ def create_app(config: FacadeConfig) -> FastAPI:
                            param="model", code="model_not_found")
         return _model_card(info)
 
+    @app.get("/version")
+    async def version() -> Response:
+        return JSONResponse({"version": package_version()})
+
+    @app.get("/stats")
+    async def stats_json() -> Response:
+        try:
+            stats = await state["core"].stats()
+        except grpc.aio.AioRpcError as err:
+            return JSONResponse({"status": "unavailable", "reason": f"gRPC core: {err.code().name}"}, status_code=503)
+        now = time.monotonic()
+        since, before = state.setdefault("stats_mark", (state["started"], 0))
+        state["stats_mark"] = (now, stats.generation_tokens_total)
+        return JSONResponse(stats_body(stats, (stats.generation_tokens_total - before) / max(now - since, 1e-9)))
+
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping() -> Response:       # vLLM's (and SageMaker's) liveness route: /health's answer
+        return await health()
+
     @app.get("/health")
     async def health() -> Response:
         try:
@@ -312,6 +334,29 @@ def create_app(config: FacadeConfig) -> FastAPI:
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("astrai")
+    except importlib.metadata.PackageNotFoundError:   # run from a checkout that was never installed
+        return "unknown"
+
+
+def stats_body(stats: Any, tokens_per_s: float) -> dict[str, Any]:
+    """/stats: the engine's state as plain JSON (what /metrics says for Prometheus, for a person
+    or a script); tokens/s is the generation rate since the previous /stats call (or since start)."""
+    return {"requests": {"running": stats.num_requests_running, "waiting": stats.num_requests_waiting},
+            "kv_pages": {"total": stats.kv_pages_total, "in_use": stats.kv_pages_in_use,
+                         "cached": stats.kv_pages_cached,
+                         "free": stats.kv_pages_total - stats.kv_pages_in_use - stats.kv_pages_cached},
+            "prefix_cache_hit_rate": stats.prefix_cache_hit_tokens_total / max(stats.prompt_tokens_total, 1),
+            "tokens": {"prompt_total": stats.prompt_tokens_total, "generation_total": stats.generation_tokens_total,
+                       "prefix_cache_hit_total": stats.prefix_cache_hit_tokens_total},
+            "generation_tokens_per_s": tokens_per_s,
+            "preemptions_total": stats.num_preemptions_total,
+            "requests_finished_total": dict(stats.requests_finished_total),
+            "engine_alive": stats.engine_alive, "accepting": stats.accepting}
 
 
 def _model_card(info: Any) -> dict[str, Any]:
