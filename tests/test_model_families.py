@@ -18,11 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from astrai_serve.engine import LLMEngine, SamplingParams
 from astrai_train.model import ConfigError, ModelConfig, Transformer, fuse_projections
 from astrai_train.model.hf import SUPPORTED_MODEL_TYPES, config_from_hf
 from astrai_train.model.hf_export import export_hf
 from astrai_train.model.layers import rope_tables
+
+from hf_parity_support import assert_engine_matches_hf_generate  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -107,22 +108,8 @@ def test_logits_match_hf(family):
 def test_engine_greedy_matches_hf_generate(family):
     """Paged KV + prefix cache + chunked prefill + fused q/k/v(+bias) == HF generate, past ORIGINAL."""
     _, hf, directory, _ = family
-    model = Transformer.from_pretrained(directory)
-    fuse_projections(model)     # what LLMEngine(model_dir) does: the fused bias path is the one served
-    engine = LLMEngine.from_model(model, None, num_pages=160, page_size=4, max_num_batched_tokens=48)
-    prefix = _ids(130, seed=1)[0].tolist()
-    prompts = [prefix + _ids(n, seed=2 + n)[0].tolist() for n in (9, 14)]
-    params = SamplingParams(max_tokens=12, temperature=0.0)
-    outs = []
-    for i, prompt in enumerate(prompts):       # one after the other: the second hits the cache
-        engine.add_request(f"r{i}", prompt, params)
-        while engine.has_unfinished_requests():
-            outs += [o for o in engine.step() if o.finished]
-    assert outs[0].cached_tokens == 0 and outs[1].cached_tokens == 128   # 32 full pages of the prefix
-    with torch.no_grad():
-        for prompt, out in zip(prompts, outs):
-            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):]
-            assert out.token_ids == ref.tolist()
+    assert_engine_matches_hf_generate(hf, directory, VOCAB, prefix_len=130, max_tokens=12, num_pages=160,
+                                      max_num_batched_tokens=48)
 
 
 def test_export_round_trips_to_identical_logits(family, tmp_path):

@@ -28,6 +28,8 @@ from astrai_train.model.hf_export import export_hf
 from astrai_train.model.inference_ops import TORCH_OPS
 from astrai_train.model.moe import MoE, experts_dense, experts_reference, route
 
+from hf_parity_support import assert_engine_matches_hf_generate  # noqa: E402
+
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -108,23 +110,8 @@ def test_training_gradients_match_hf(family):
 def test_engine_greedy_matches_hf_generate(family, ops):
     """Paged KV + prefix cache + chunked prefill through the model's MoE forward_flat == HF generate."""
     _, hf, directory, _ = family
-    model = Transformer.from_pretrained(directory)
-    fuse_projections(model)
-    engine = LLMEngine.from_model(model, None, num_pages=96, page_size=4, max_num_batched_tokens=32,
-                                  fused_kernels=ops == "fused")
-    prefix = _ids(70, seed=1)[0].tolist()
-    prompts = [prefix + _ids(n, seed=2 + n)[0].tolist() for n in (9, 14)]
-    params = SamplingParams(max_tokens=10, temperature=0.0)
-    outs = []
-    for i, prompt in enumerate(prompts):       # one after the other: the second hits the cache
-        engine.add_request(f"r{i}", prompt, params)
-        while engine.has_unfinished_requests():
-            outs += [o for o in engine.step() if o.finished]
-    assert outs[0].cached_tokens == 0 and outs[1].cached_tokens == 68   # 17 full pages of the prefix
-    with torch.no_grad():
-        for prompt, out in zip(prompts, outs):
-            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)[0, len(prompt):]
-            assert out.token_ids == ref.tolist()
+    assert_engine_matches_hf_generate(hf, directory, VOCAB, prefix_len=70, max_tokens=10, num_pages=96,
+                                      max_num_batched_tokens=32, fused_kernels=ops == "fused")
 
 
 def test_export_round_trips_to_identical_logits(family, tmp_path):
