@@ -6,6 +6,9 @@ tool_choice and template options; structured.py: response_format / structured_ou
 errors.py: OpenAI's error shape) and responses.py turns GenerateResponses back into OpenAI JSON
 and SSE chunks, reading tool calls out of the text with tool_parser.py; core_client.py is the
 async gRPC client;
+messages_protocol.py and messages_api.py are Anthropic's /v1/messages (request, reply, stream);
+responses_api.py is OpenAI's Responses API, /v1/responses (a Responses body as a chat request;
+the Response object and its SSE events);
 prometheus.py renders GetStats for /metrics; server.py runs the app under uvicorn (`astrai gateway`
 is that whole process) and process.py is how `astrai serve` starts it as a child.
 

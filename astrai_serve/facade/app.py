@@ -30,6 +30,8 @@ from astrai_serve.facade.prometheus import render_prometheus
 from astrai_serve.facade.errors import ApiError
 from astrai_serve.facade.protocol import ParsedRequest, parse_request
 from astrai_serve.facade.responses import Assembler
+from astrai_serve.facade import responses_api
+from astrai_serve.facade.messages_api import messages_route
 from astrai_serve.facade.tokenize_protocol import parse_detokenize, parse_tokenize
 
 log = logging.getLogger("astrai.serve.openai")
@@ -259,6 +261,16 @@ def create_app(config: FacadeConfig) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await generate(request, "completion")
+
+    @app.post("/v1/responses")
+    async def responses_create(request: Request) -> Response:
+        check_auth(request)
+        body = await read_json(request)
+        return await responses_api.create(request, body, state["core"], await model_info())
+
+    @app.post("/v1/messages")
+    async def messages(request: Request) -> Response:   # Anthropic's Messages API: its own auth and error shape
+        return await messages_route(request, state["core"], read_json, config.api_key)
 
     # vLLM's paths: at the root, not under /v1 (they are not OpenAI's)
     @app.post("/tokenize")
