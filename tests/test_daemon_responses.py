@@ -8,37 +8,17 @@ from __future__ import annotations
 import json
 import re
 
-import httpx
 import openai
 import pytest
 
-from daemon_support import start_serve
-from tool_support import ANSWER, ASK, ASK_TWO, CALL_ID, PARIS_ARGS, ROUND_TRIP, TOOLS, train_tool_model
+from tool_support import SERVED_NAME, client, daemon, http  # noqa: F401 (fixtures)
+from tool_support import ANSWER, ASK, ASK_TWO, CALL_ID, PARIS_ARGS, ROUND_TRIP, TOOLS
 
 pytestmark = pytest.mark.timeout(180)
-MODEL = "tiny-tools"
+MODEL = SERVED_NAME
 # Responses' function tools are flat: {type, name, description, parameters}
 FLAT_TOOLS = [{"type": "function", **t["function"]} for t in TOOLS]
 GREEDY = dict(model=MODEL, temperature=0)
-
-
-@pytest.fixture(scope="module")
-def daemon(tokenizer_dir, tmp_path_factory):
-    model = train_tool_model(tokenizer_dir, tmp_path_factory.mktemp("tool_model"))
-    proc = start_serve(model, tmp_path_factory.mktemp("logs") / "serve.log", "--served-model-name", MODEL)
-    yield proc
-    assert proc.terminate() == 0, proc.stderr()
-
-
-@pytest.fixture(scope="module")
-def client(daemon):
-    return openai.OpenAI(base_url=daemon.ready["http"] + "/v1", api_key="none", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def http(daemon):
-    with httpx.Client(base_url=daemon.ready["http"], timeout=60) as c:
-        yield c
 
 
 def _chat_text(client, messages, **kwargs) -> str:

@@ -3,47 +3,22 @@ the `openai` package (create, streams, the `stream` helper), LangChain's bind_to
 gRPC stubs compiled from the .proto. The model is tiny and trained in seconds (tool_support.py)
 to call get_weather for its prompts, so the tool calls are the model's own output.
 
-Tests marked `enforced` need the engine to enforce SamplingParams.structured (grammar-constrained
-decoding, astrai_serve.engine.structured): every constrained output then parses and validates."""
+The constrained cases (tool_choice required or named, response_format) are enforced by the
+engine's grammar-constrained decoding: every such output must parse and validate."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 
 import grpc
-import httpx
-import openai
 import pytest
 
-from daemon_support import proto_stubs, start_serve
-from tool_support import ANSWER, ASK, ASK_TWO, ROUND_TRIP, TIME, TOOLS, WEATHER, train_tool_model
+from daemon_support import proto_stubs
+from tool_support import SERVED_NAME, client, daemon, http  # noqa: F401 (fixtures)
+from tool_support import ANSWER, ASK, ASK_TWO, ROUND_TRIP, TIME, TOOLS, WEATHER
 
 pytestmark = pytest.mark.timeout(180)
-MODEL = "tiny-tools"
-enforced = pytest.mark.skipif(
-    importlib.util.find_spec("astrai_serve.engine.structured") is None,
-    reason="the engine does not enforce SamplingParams.structured yet (no astrai_serve.engine.structured): "
-           "these run once grammar-constrained decoding is in")
-
-
-@pytest.fixture(scope="module")
-def daemon(tokenizer_dir, tmp_path_factory):
-    model = train_tool_model(tokenizer_dir, tmp_path_factory.mktemp("tool_model"))
-    proc = start_serve(model, tmp_path_factory.mktemp("logs") / "serve.log", "--served-model-name", MODEL)
-    yield proc
-    assert proc.terminate() == 0, proc.stderr()
-
-
-@pytest.fixture(scope="module")
-def client(daemon):
-    return openai.OpenAI(base_url=daemon.ready["http"] + "/v1", api_key="none", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def http(daemon):
-    with httpx.Client(base_url=daemon.ready["http"], timeout=60) as c:
-        yield c
+MODEL = SERVED_NAME
 
 
 GREEDY = dict(model=MODEL, temperature=0, max_tokens=120)
@@ -298,7 +273,6 @@ CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength":
 BOUNDED = [{"type": "function", "function": {**t["function"], "parameters": CITY}} for t in (WEATHER, TIME)]
 
 
-@enforced
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_time"}}],
                          ids=["required", "named"])
 def test_required_and_named_tool_choice_always_parse(client, tool_choice):
@@ -317,7 +291,6 @@ def test_required_and_named_tool_choice_always_parse(client, tool_choice):
             jsonschema.validate(arguments, schemas[name])
 
 
-@enforced
 def test_json_schema_regex_and_choice_outputs_validate(client):
     """At temperature 1 over seeds. Bounded schemas: a sample cut off by max_tokens could not parse."""
     import jsonschema
@@ -354,7 +327,6 @@ def test_json_schema_regex_and_choice_outputs_validate(client):
     assert isinstance(parsed.choices[0].message.parsed, Trip)
 
 
-@enforced
 def test_langchain_structured_output(daemon):
     langchain_openai = pytest.importorskip("langchain_openai")
     llm = langchain_openai.ChatOpenAI(base_url=daemon.ready["http"] + "/v1", api_key="none", model=MODEL,

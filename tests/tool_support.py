@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 WEATHER = {"type": "function", "function": {
@@ -91,3 +92,33 @@ def train_tool_model(tokenizer_dir: Path, out: Path, steps: int = 200) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+# ---- one daemon serving the trained tool model, for a test module --------------------------------
+# Import the three fixtures into a test module (`from tool_support import client, daemon, http`).
+SERVED_NAME = "tiny-tools"
+
+
+@pytest.fixture(scope="module")
+def daemon(tokenizer_dir, tmp_path_factory):
+    from daemon_support import start_serve
+
+    model = train_tool_model(tokenizer_dir, tmp_path_factory.mktemp("tool_model"))
+    proc = start_serve(model, tmp_path_factory.mktemp("logs") / "serve.log", "--served-model-name", SERVED_NAME)
+    yield proc
+    assert proc.terminate() == 0, proc.stderr()
+
+
+@pytest.fixture(scope="module")
+def client(daemon):
+    import openai
+
+    return openai.OpenAI(base_url=daemon.ready["http"] + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def http(daemon):
+    import httpx
+
+    with httpx.Client(base_url=daemon.ready["http"], timeout=60) as c:
+        yield c

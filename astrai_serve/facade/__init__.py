@@ -5,7 +5,7 @@ protocol.py turns OpenAI request bodies into GenerateRequests (chat.py: messages
 tool_choice and template options; structured.py: response_format / structured_outputs / guided_*;
 errors.py: OpenAI's error shape) and responses.py turns GenerateResponses back into OpenAI JSON
 and SSE chunks, reading tool calls out of the text with tool_parser.py; core_client.py is the
-async gRPC client;
+async gRPC client; disconnect.py races each wait on the core against the client hanging up;
 messages_protocol.py and messages_api.py are Anthropic's /v1/messages (request, reply, stream);
 responses_api.py is OpenAI's Responses API, /v1/responses (a Responses body as a chat request;
 the Response object and its SSE events);

@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from astrai_serve.auth import bearer_matches
 from astrai_serve.facade.core_client import CoreClient, api_error
+from astrai_serve.facade.disconnect import ClientGone, until_disconnect
 from astrai_serve.facade.prometheus import render_prometheus
 from astrai_serve.facade.errors import ApiError
 from astrai_serve.facade.protocol import ParsedRequest, parse_request
@@ -50,29 +51,6 @@ class FacadeConfig:
             raise ValueError(f"grpc_target must be HOST:PORT, got {self.grpc_target!r}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
-
-
-class ClientGone(Exception):
-    """The HTTP client disconnected while we waited for the core."""
-
-
-async def _wait_disconnect(request: Request) -> None:
-    # After the body is read, the next ASGI receive() only returns on disconnect.
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _until_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
-    work = asyncio.ensure_future(awaitable)
-    watch = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-    if work.done():
-        return work.result()
-    work.cancel()
-    raise ClientGone()
 
 
 def _call_error(parsed: ParsedRequest, i: int, err: grpc.aio.AioRpcError) -> ApiError:
@@ -218,13 +196,13 @@ def create_app(config: FacadeConfig) -> FastAPI:
         try:
             # Errors surface at each call's first read, before any byte is sent: a prompt of a batch
             # that the core refuses is a 400 naming it, not an error in the middle of a stream.
-            firsts = await _until_disconnect(request, asyncio.gather(
+            firsts = await until_disconnect(request, asyncio.gather(
                 *(_first(parsed, i, call) for i, call in enumerate(calls))))
             if parsed.stream:
                 streaming = True  # from here stream() owns the calls
                 return StreamingResponse(stream(parsed, assembler, calls, firsts), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            await _until_disconnect(request, collect(parsed, assembler, calls, firsts))
+            await until_disconnect(request, collect(parsed, assembler, calls, firsts))
             return JSONResponse(assembler.result())
         except ClientGone:
             return Response(status_code=499)

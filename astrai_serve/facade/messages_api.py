@@ -22,7 +22,6 @@ there, as it does for Anthropic's own streams).
 """
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 from typing import Any, AsyncIterator
@@ -32,6 +31,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from astrai_serve.auth import bearer_matches
+from astrai_serve.facade.disconnect import ClientGone, until_disconnect
 from astrai_serve.facade.core_client import CoreClient, api_error
 from astrai_serve.facade.errors import ApiError
 from astrai_serve.facade.messages_protocol import MessagesRequest
@@ -184,19 +184,10 @@ async def _read_all(call: Any, first: Any) -> list[pb.GenerateResponse]:
 
 async def _or_disconnect(request: Request, work: Any) -> Any:
     """`work`'s result, or None when the client disconnects first (then work is cancelled)."""
-    async def gone() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(gone())
     try:
-        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    return None
+        return await until_disconnect(request, work)
+    except ClientGone:
+        return None
 
 
 async def messages_route(request: Request, core: CoreClient, read_json: Any, api_key: str | None) -> Response:

@@ -29,7 +29,6 @@ output_item.done, and last response.completed (or response.incomplete); no `[DON
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import time
@@ -40,6 +39,7 @@ import grpc
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from astrai_serve.facade.disconnect import ClientGone, until_disconnect
 from astrai_serve.facade.core_client import api_error
 from astrai_serve.facade.errors import ApiError, bad, get_str, type_name
 from astrai_serve.facade.protocol import ParsedRequest, parse_request
@@ -427,11 +427,6 @@ class ResponseBuilder:
 
 
 # ---- the route -----------------------------------------------------------------------------
-async def _wait_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 async def create(request: Request, body: Any, core: Any, info: Any) -> Response:
     """POST /v1/responses (auth checked and the body read by the caller)."""
     parsed, where = parse(body, info.name, info.context_length, info.tool_call_parser)
@@ -477,16 +472,10 @@ def _structured_param(error: ApiError, parsed: ParsedRequest) -> ApiError:
 
 async def _race(request: Request, awaitable: Any) -> Any:
     """The awaitable's result, or None when the client disconnects first."""
-    work = asyncio.ensure_future(awaitable)
-    watch = asyncio.ensure_future(_wait_disconnect(request))
     try:
-        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-    if work.done():
-        return work.result()
-    work.cancel()
-    return None
+        return await until_disconnect(request, awaitable)
+    except ClientGone:
+        return None
 
 
 async def _stream(builder: ResponseBuilder, call: Any, first: Any, read: Any) -> AsyncIterator[str]:
