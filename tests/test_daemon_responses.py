@@ -11,7 +11,7 @@ import re
 import openai
 import pytest
 
-from tool_support import SERVED_NAME, client, daemon, http  # noqa: F401 (fixtures)
+from tool_support import SERVED_NAME, client, daemon, http, spec_validator  # noqa: F401 (fixtures)
 from tool_support import ANSWER, ASK, ASK_TWO, CALL_ID, PARIS_ARGS, ROUND_TRIP, TOOLS
 
 pytestmark = pytest.mark.timeout(180)
@@ -196,36 +196,6 @@ def test_sdk_raises_on_refusals(client):
         client.responses.create(input="hi", previous_response_id="resp_abc", model=MODEL)
     ok = client.responses.create(input="hi", store=False, metadata={"k": "v"}, max_output_tokens=4, **GREEDY)
     assert ok.metadata == {"k": "v"}
-
-
-@pytest.fixture(scope="module")
-def spec_validator():
-    """Validates a body against a schema of the official OpenAI OpenAPI specification."""
-    import jsonschema
-    import yaml
-    from referencing import Registry, Resource
-    from referencing.jsonschema import DRAFT202012
-
-    path = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "specs" / "openai-openapi.yaml"
-    if not path.exists():
-        pytest.skip(f"no OpenAI specification at {path}")
-    spec = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    registry = Registry().with_resource("urn:openai", Resource(contents=spec, specification=DRAFT202012))
-
-    events = {}   # event type -> the name of its schema among ResponseStreamEvent's
-    for option in spec["components"]["schemas"]["ResponseStreamEvent"]["anyOf"]:
-        name = option["$ref"].rsplit("/", 1)[1]
-        for kind in spec["components"]["schemas"][name].get("properties", {}).get("type", {}).get("enum", ()):
-            events[kind] = name
-
-    def validate(body: dict, schema: str) -> None:
-        if schema == "ResponseStreamEvent":
-            schema = events[body["type"]]
-        ref = {"$ref": f"urn:openai#/components/schemas/{schema}"}
-        errors = [f"{list(e.absolute_path)}: {e.message:.300}"
-                  for e in jsonschema.Draft202012Validator(ref, registry=registry).iter_errors(body)]
-        assert not errors, f"{schema} {body.get('type', '')}: " + "\n".join(errors)
-    return validate
 
 
 def test_bodies_validate_against_the_openai_spec(http, spec_validator):

@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from daemon_support import proto_stubs
-from tool_support import SERVED_NAME, client, daemon, http  # noqa: F401 (fixtures)
+from tool_support import SERVED_NAME, client, daemon, http, spec_validator  # noqa: F401 (fixtures)
 from tool_support import ANSWER, ASK, ASK_TWO, ROUND_TRIP, TIME, TOOLS, WEATHER
 
 pytestmark = pytest.mark.timeout(180)
@@ -333,3 +333,25 @@ def test_langchain_structured_output(daemon):
                                       max_tokens=200, max_retries=0, timeout=60)
     message = llm.bind_tools(BOUNDED[1:], tool_choice="required").invoke("Hello there")
     assert [c["name"] for c in message.tool_calls] == ["get_time"]
+
+
+def test_chat_and_completions_bodies_validate_against_the_openai_spec(http, spec_validator):
+    """Whole responses (with log-probs and a tool call) against the official schemas: no null
+    where the spec types a string, the chat logprobs object whole. Stream chunks are not checked
+    this way: the spec's chunk schema refuses the nulls OpenAI's own streams send
+    (finish_reason and logprobs on every chunk but the last), which the SDK tests cover."""
+    chat = {"model": MODEL, "temperature": 0, "max_tokens": 60, "logprobs": True, "top_logprobs": 2}
+    for messages, extra in (([{"role": "user", "content": "Hello"}], {}), (ASK, {"tools": TOOLS})):
+        whole = http.post("/v1/chat/completions", json={**chat, "messages": messages, **extra}).json()
+        spec_validator(whole, "CreateChatCompletionResponse")
+        assert "system_fingerprint" not in whole and whole["choices"][0]["logprobs"]["refusal"] is None
+    text = {"model": MODEL, "temperature": 0, "max_tokens": 6, "prompt": "To be", "logprobs": 2}
+    spec_validator(http.post("/v1/completions", json=text).json(), "CreateCompletionResponse")
+    chunks = _sse(http, "/v1/completions", {**text, "stream": True, "stream_options": {"include_usage": True}})
+    assert chunks and all("usage" not in c for c in chunks[:-1]) and chunks[-1]["usage"]["completion_tokens"] > 0
+
+
+def _sse(http, path, body):
+    with http.stream("POST", path, json=body) as reply:
+        lines = [line for line in reply.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"]
+    return [json.loads(line[len("data: "):]) for line in lines]

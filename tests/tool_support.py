@@ -122,3 +122,33 @@ def http(daemon):
 
     with httpx.Client(base_url=daemon.ready["http"], timeout=60) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def spec_validator():
+    """Validates a body against a schema of the official OpenAI OpenAPI specification."""
+    import jsonschema
+    import yaml
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT202012
+
+    path = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "specs" / "openai-openapi.yaml"
+    if not path.exists():
+        pytest.skip(f"no OpenAI specification at {path}")
+    spec = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    registry = Registry().with_resource("urn:openai", Resource(contents=spec, specification=DRAFT202012))
+
+    events = {}   # event type -> the name of its schema among ResponseStreamEvent's
+    for option in spec["components"]["schemas"]["ResponseStreamEvent"]["anyOf"]:
+        name = option["$ref"].rsplit("/", 1)[1]
+        for kind in spec["components"]["schemas"][name].get("properties", {}).get("type", {}).get("enum", ()):
+            events[kind] = name
+
+    def validate(body: dict, schema: str) -> None:
+        if schema == "ResponseStreamEvent":
+            schema = events[body["type"]]
+        ref = {"$ref": f"urn:openai#/components/schemas/{schema}"}
+        errors = [f"{list(e.absolute_path)}: {e.message:.300}"
+                  for e in jsonschema.Draft202012Validator(ref, registry=registry).iter_errors(body)]
+        assert not errors, f"{schema} {body.get('type', '')}: " + "\n".join(errors)
+    return validate

@@ -150,9 +150,10 @@ class Assembler:
         obj = "chat.completion.chunk" if self.parsed.kind == "chat" else "text_completion"
         chunk: dict[str, Any] = {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                                  "choices": choices}
-        if self.parsed.kind == "chat":
-            chunk["system_fingerprint"] = None
-        if self.parsed.include_usage:
+        # No system_fingerprint: the spec types it as a string, and there is no fingerprint to give.
+        # usage: null on every chunk but the last is the chat stream's documented shape; a
+        # completions chunk's usage is not nullable in the spec, so it is left out there.
+        if self.parsed.include_usage and self.parsed.kind == "chat":
             chunk["usage"] = None
         return chunk
 
@@ -164,7 +165,7 @@ class Assembler:
                 self.started.add(i)
                 out.append(self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                                          "logprobs": None, "finish_reason": None}]))
-            lp = {"content": chat_lp} if chat_lp is not None else None
+            lp = {"content": chat_lp, "refusal": None} if chat_lp is not None else None
             parser = self.tool_parsers.get(i)
             if parser is None:
                 deltas = [{"content": r.text}] if r.text or chat_lp else []
@@ -210,18 +211,16 @@ class Assembler:
                         message["tool_calls"] = calls
                         finish = self._finish_reason(finish, True)
                 choices.append({"index": i, "message": message,
-                                "logprobs": {"content": self.chat_logprobs[i]} if self.parsed.logprobs else None,
+                                "logprobs": ({"content": self.chat_logprobs[i], "refusal": None}
+                                             if self.parsed.logprobs else None),
                                 "finish_reason": finish})
             else:
                 choices.append({"index": i, "text": text,
                                 "logprobs": self.legacy_logprobs[i] if self.parsed.logprobs else None,
                                 "finish_reason": self.finish[i]})
         obj = "chat.completion" if self.parsed.kind == "chat" else "text_completion"
-        result = {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                  "choices": choices, "usage": self.usage_or_empty()}
-        if self.parsed.kind == "chat":
-            result["system_fingerprint"] = None
-        return result
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "choices": choices, "usage": self.usage_or_empty()}
 
 
 def _deltas(events: list[Event]) -> list[dict[str, Any]]:
