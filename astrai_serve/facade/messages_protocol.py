@@ -47,14 +47,20 @@ def _text_block(block: dict, at: str) -> str:
     return get_str(block, "text", f"{at}.text", required=True) or ""
 
 
-def _user(m: dict, i: int, out: pb.ChatMessages) -> None:
+def _content(m: dict, i: int) -> str | list:
+    """A message's content: a string or a list of blocks, else a 400 naming it."""
     content = m.get("content")
+    if not isinstance(content, (str, list)):
+        raise bad(f"messages[{i}].content", f"'messages[{i}].content' must be a string or an array of content "
+                                            f"blocks, got {type_name(content)}")
+    return content
+
+
+def _user(m: dict, i: int, out: pb.ChatMessages) -> None:
+    content = _content(m, i)
     if isinstance(content, str):
         out.messages.add(role="user", content=content)
         return
-    if not isinstance(content, list):
-        raise bad(f"messages[{i}].content", f"'messages[{i}].content' must be a string or an array of content "
-                                            f"blocks, got {type_name(content)}")
     texts = []
     for j, block in enumerate(content):
         at = f"messages[{i}].content[{j}]"
@@ -76,13 +82,10 @@ def _user(m: dict, i: int, out: pb.ChatMessages) -> None:
 
 
 def _assistant(m: dict, i: int, out: pb.ChatMessages) -> None:
-    content = m.get("content")
+    content = _content(m, i)
     if isinstance(content, str):
         out.messages.add(role="assistant", content=content)
         return
-    if not isinstance(content, list):
-        raise bad(f"messages[{i}].content", f"'messages[{i}].content' must be a string or an array of content "
-                                            f"blocks, got {type_name(content)}")
     message = out.messages.add(role="assistant")
     texts = []
     for j, block in enumerate(content):
